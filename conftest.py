@@ -1,0 +1,13 @@
+"""Test-session setup shared by tests/ and the doctests in ema_momentum/.
+
+Eight simulated CPU devices let CI exercise sharding and data parallelism on
+one machine. XLA reads the flag once, when jax initializes its backends, so it
+is set here, before anything imports jax.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -1,0 +1,310 @@
+"""Momentum gradient descent in its exponential-moving-average (EMA) form."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.experimental.shard_alike import shard_alike
+
+Rounding = Literal["nearest", "stochastic"]
+
+
+class EmaMomentumState(NamedTuple):
+    """State of :func:`ema_momentum`; a plain pytree of arrays."""
+
+    count: jax.Array  # shape=(), dtype=int32: updates so far, saturating.
+    beta_product: jax.Array  # shape=(), float32 (float64 under x64): prod of betas used.
+    velocity: optax.Updates  # like params; dtype `accumulator_dtype` or the params'.
+
+
+def _concrete_float(value: Any) -> float | None:
+    """Returns `value` as a Python float if it is a concrete scalar, else None.
+
+    Traced values (under `jit`, `vmap`, `grad`) and schedules are not concrete:
+    they are not validated, so the transform still works over hyperparameters.
+    """
+    if callable(value):
+        return None
+    try:
+        return float(value)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _check_beta(beta: Any) -> None:
+    b = _concrete_float(beta)
+    if b is not None and not (math.isfinite(b) and 0.0 <= b < 1.0):
+        raise ValueError(f"beta must be a finite number in [0, 1), got beta={beta!r}.")
+
+
+def _check_nu(nu: Any) -> None:
+    n = _concrete_float(nu)
+    if n is not None and not (math.isfinite(n) and 0.0 <= n <= 1.0):
+        raise ValueError(f"nu must be a finite number in [0, 1], got nu={nu!r}.")
+
+
+def _check_learning_rate(learning_rate: Any) -> None:
+    lr = _concrete_float(learning_rate)
+    if lr is not None and not (math.isfinite(lr) and lr >= 0.0):
+        raise ValueError(
+            f"learning_rate must be a finite number >= 0, got learning_rate={learning_rate!r}."
+        )
+
+
+def _canonical_accumulator_dtype(accumulator_dtype: Any) -> jnp.dtype | None:
+    if accumulator_dtype is None:
+        return None
+    try:
+        dtype = jnp.dtype(accumulator_dtype)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+        raise ValueError(
+            "accumulator_dtype must be None or a floating or complex dtype, "
+            f"got accumulator_dtype={accumulator_dtype!r}."
+        )
+    return jax.dtypes.canonicalize_dtype(dtype)
+
+
+def _zeros_like(param: jax.Array, dtype: jnp.dtype | None) -> jax.Array:
+    """Zeros shaped, typed and *sharded* like `param`, eagerly or under `jit`.
+
+    `jnp.zeros_like` keeps the sharding of a concrete array but not of a tracer:
+    under a jitted `init` its output would be left to the compiler, which puts
+    it on one device. `shard_alike` ties the output's sharding to `param`'s.
+    """
+    zeros = jnp.zeros_like(param, dtype=dtype)
+    return shard_alike(zeros, jnp.asarray(param))[0]
+
+
+def _stochastic_round_to_bfloat16(x: jax.Array, key: jax.Array) -> jax.Array:
+    """Rounds `x` to bfloat16 up or down with probability given by the remainder.
+
+    `E[round(x)] = x`, so an EMA stored in bfloat16 stays unbiased instead of
+    stalling once its increments fall below half a bfloat16 ulp.
+    """
+    x32 = x.astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(x32, jnp.uint32)
+    noise = jax.random.bits(key, x32.shape, jnp.uint16).astype(jnp.uint32)
+    rounded = (bits + noise) & jnp.uint32(0xFFFF0000)
+    result = jax.lax.bitcast_convert_type(rounded, jnp.float32)
+    # A NaN whose payload lives in the dropped bits would otherwise become inf.
+    return jnp.where(jnp.isnan(x32), x32, result).astype(jnp.bfloat16)
+
+
+def ema_momentum(
+    beta: optax.ScalarOrSchedule = 0.9,
+    *,
+    nesterov: bool = False,
+    nu: jax.typing.ArrayLike | None = None,
+    debias: bool = False,
+    accumulator_dtype: Any | None = None,
+    rounding: Rounding = "nearest",
+    seed: int = 0,
+) -> optax.GradientTransformation:
+    r"""Momentum as an exponential moving average of the gradients.
+
+  At step :math:`t = 1, 2, \dots`, with gradient :math:`g_t` and :math:`v_0 = 0`:
+
+  .. math::
+
+    v_t &= \beta_t v_{t-1} + (1 - \beta_t) g_t, \\
+    \hat v_t &= v_t / (1 - \textstyle\prod_{i \le t} \beta_i)
+      \quad \text{if debias, else } v_t, \\
+    u_t &= \nu \hat v_t + (1 - \nu) g_t.
+
+  :math:`\nu = 1` by default (plain EMA momentum); ``nesterov=True`` means
+  :math:`\nu = \beta_t`; an explicit ``nu`` gives quasi-hyperbolic momentum
+  (Ma & Yarats, 2019). ``beta=0`` is the identity (plain SGD once scaled).
+
+  With zero initialization :math:`v_t = (1-\beta) m_t` where :math:`m_t` is the
+  heavy-ball buffer of :func:`optax.trace`, so ``ema_sgd(lr, beta)`` takes the
+  same steps as ``optax.sgd(lr * (1 - beta), momentum=beta)``.
+
+  The stored velocity is never debiased. Debiasing divides by
+  :math:`1 - \prod_i \beta_i`, tracked in the state, so it is exact when
+  ``beta`` follows a schedule (``1 - beta_t ** t``, as in :func:`optax.ema`,
+  is not). Arithmetic runs in at least float32 whatever the storage dtype;
+  the returned update has the dtype of the incoming gradient.
+
+  Args:
+    beta: Decay of the moving average, in ``[0, 1)``, or a schedule mapping
+      the step count (0 at the first update) to it.
+    nesterov: Use Nesterov momentum in EMA form (``nu = beta_t``).
+    nu: Quasi-hyperbolic weight in ``[0, 1]`` of the velocity against the
+      raw gradient. ``nu=1`` is EMA momentum, ``nu=0`` is SGD. Exclusive with
+      ``nesterov``.
+    debias: Divide the velocity by ``1 - prod(beta)`` in the output (Adam-style).
+    accumulator_dtype: dtype in which the velocity is stored; ``None`` keeps
+      the dtype of the parameters.
+    rounding: How the float32 result is rounded into a ``bfloat16`` velocity:
+      ``"nearest"`` (round to nearest even) or ``"stochastic"`` (unbiased; the
+      EMA does not stall). Leaves stored in another dtype are not affected.
+    seed: Seeds the stochastic rounding; the random bits are derived from it
+      and the step count, so runs are reproducible and need no key.
+
+  Returns:
+    An :class:`optax.GradientTransformation` with state :class:`EmaMomentumState`.
+
+  Raises:
+    ValueError: for a concrete ``beta`` outside ``[0, 1)``, ``nu`` outside
+      ``[0, 1]``, ``nesterov`` together with ``nu``, an unknown
+      ``accumulator_dtype`` or ``rounding``, or a non-integer ``seed``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import ema_momentum as emm
+    >>> tx = optax.chain(optax.clip_by_global_norm(1.0), emm.ema_momentum(0.5))
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> updates, state = tx.update({"w": jnp.array([0.2, -0.4])}, state)
+    >>> updates["w"]
+    Array([ 0.1, -0.2], dtype=float32)
+    >>> updates, state = tx.update({"w": jnp.array([0.2, -0.4])}, state)
+    >>> updates["w"]
+    Array([ 0.15, -0.3 ], dtype=float32)
+
+  References:
+    Polyak, 1964 (heavy ball); Ma & Yarats, `Quasi-hyperbolic momentum and Adam
+    for deep learning <https://arxiv.org/abs/1810.06801>`_, 2019.
+  """
+    _check_beta(beta)
+    if nesterov and nu is not None:
+        raise ValueError(f"nesterov=True and nu={nu!r} are exclusive: nesterov means nu=beta.")
+    if nu is not None:
+        _check_nu(nu)
+    accumulator_dtype = _canonical_accumulator_dtype(accumulator_dtype)
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got rounding={rounding!r}.")
+    if rounding == "stochastic" and accumulator_dtype not in (None, jnp.dtype(jnp.bfloat16)):
+        raise ValueError(
+            "rounding='stochastic' is for bfloat16 velocities, got "
+            f"accumulator_dtype={accumulator_dtype!r}."
+        )
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got seed={seed!r}.")
+
+    def init_fn(params: optax.Params) -> EmaMomentumState:
+        return EmaMomentumState(
+            count=jnp.zeros([], jnp.int32),
+            beta_product=jnp.ones([], jax.dtypes.canonicalize_dtype(jnp.float64)),
+            velocity=jax.tree.map(lambda p: _zeros_like(p, accumulator_dtype), params),
+        )
+
+    def update_fn(
+        updates: optax.Updates, state: EmaMomentumState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, EmaMomentumState]:
+        del params
+        beta_t = beta(state.count) if callable(beta) else beta
+        beta_product = (state.beta_product * beta_t).astype(state.beta_product.dtype)
+        weight = beta_t if nesterov else nu
+
+        if rounding == "stochastic":
+            step_key = jax.random.fold_in(jax.random.key(seed), state.count)
+
+        def leaf(index, g, v):
+            compute = jnp.promote_types(jnp.promote_types(g.dtype, v.dtype), jnp.float32)
+            g_c = g.astype(compute)
+            v_new = optax.tree.update_moment(g_c, v.astype(compute), beta_t, order=1)
+            if rounding == "stochastic" and v.dtype == jnp.bfloat16:
+                stored = _stochastic_round_to_bfloat16(v_new, jax.random.fold_in(step_key, index))
+            else:
+                stored = v_new.astype(v.dtype)
+            u = v_new / (1 - beta_product).astype(compute) if debias else v_new
+            if weight is not None:
+                u = weight * u + (1 - weight) * g_c
+            return u.astype(g.dtype), stored
+
+        leaves_g, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
+        leaves_v = treedef.flatten_up_to(state.velocity)
+        results = [
+            (None, v) if g is None else leaf(i, g, v)
+            for i, (g, v) in enumerate(zip(leaves_g, leaves_v, strict=True))
+        ]
+        new_updates = treedef.unflatten([u for u, _ in results])
+        velocity = treedef.unflatten([v for _, v in results])
+        return new_updates, EmaMomentumState(
+            count=optax.safe_increment(state.count),
+            beta_product=beta_product,
+            velocity=velocity,
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def ema_sgd(
+    learning_rate: optax.ScalarOrSchedule,
+    beta: optax.ScalarOrSchedule = 0.9,
+    *,
+    nesterov: bool = False,
+    nu: jax.typing.ArrayLike | None = None,
+    debias: bool = False,
+    accumulator_dtype: Any | None = None,
+    rounding: Rounding = "nearest",
+    seed: int = 0,
+) -> optax.GradientTransformation:
+    r"""Stochastic gradient descent with EMA momentum.
+
+    .. math::
+
+      v_t = \beta v_{t-1} + (1 - \beta) g_t, \qquad \theta_t = \theta_{t-1} - \eta v_t.
+
+    This is :func:`ema_momentum` chained with
+    :func:`optax.scale_by_learning_rate`. It takes the same steps as heavy-ball
+    momentum ``optax.sgd(eta * (1 - beta), momentum=beta)`` (and
+    ``torch.optim.SGD(lr=eta * (1 - beta), momentum=beta)``): the learning rate
+    here is the *effective* learning rate ``a / (1 - beta)`` of Shallue et al.
+    ``beta=0`` is plain SGD through the same code path.
+
+    Args:
+      learning_rate: The step size :math:`\eta` (>= 0), or a schedule.
+      beta: See :func:`ema_momentum`.
+      nesterov: See :func:`ema_momentum`.
+      nu: See :func:`ema_momentum`.
+      debias: See :func:`ema_momentum`.
+      accumulator_dtype: See :func:`ema_momentum`.
+      rounding: See :func:`ema_momentum`.
+      seed: See :func:`ema_momentum`.
+
+    Returns:
+      An :class:`optax.GradientTransformation`.
+
+    Raises:
+      ValueError: for a concrete ``learning_rate`` that is negative or not
+        finite, and for every bad input of :func:`ema_momentum`.
+
+    Examples:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import ema_momentum as emm
+      >>> loss = lambda w: jnp.sum((w - 3.0) ** 2)
+      >>> tx = emm.ema_sgd(learning_rate=0.1, beta=0.9)
+      >>> w = jnp.zeros(3)
+      >>> state = tx.init(w)
+      >>> @jax.jit
+      ... def step(w, state):
+      ...   updates, state = tx.update(jax.grad(loss)(w), state, w)
+      ...   return optax.apply_updates(w, updates), state
+      >>> for _ in range(300):
+      ...   w, state = step(w, state)
+      >>> w.round(4)
+      Array([3., 3., 3.], dtype=float32)
+    """
+    _check_learning_rate(learning_rate)
+    return optax.chain(
+        ema_momentum(
+            beta,
+            nesterov=nesterov,
+            nu=nu,
+            debias=debias,
+            accumulator_dtype=accumulator_dtype,
+            rounding=rounding,
+            seed=seed,
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+    )
