@@ -1,0 +1,120 @@
+"""Flax NNX classifiers: ``linear``, ``mlp`` and ``cnn``, sized from the data.
+
+The MLP and CNN follow the MNIST-1D paper (Greydanus, 2020): MLP 40-100-100-10 with ReLU; CNN of
+three stride-2 convolutions with 25 channels (kernels 5, 3, 3; padding 1), ReLU, then a linear
+layer. The CNN convolves in 1-D over signals of shape ``(length,)`` and in 2-D over images of shape
+``(height, width)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+MODELS = ("linear", "mlp", "cnn")
+MLP_WIDTH = 100
+CNN_CHANNELS = 25
+CNN_KERNELS = (5, 3, 3)
+
+
+class DatasetSpec(Protocol):
+    """What a model needs to know about its data (a :class:`experiments.data.Dataset` fits)."""
+
+    @property
+    def input_shape(self) -> tuple[int, ...]: ...
+
+    num_classes: int
+
+
+class Linear(nnx.Module):
+    """Multinomial logistic regression on the flattened input."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, *, rngs: nnx.Rngs):
+        self.out = nnx.Linear(math.prod(input_shape), num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.out(x.reshape(x.shape[0], -1))
+
+
+class MLP(nnx.Module):
+    """Two hidden ReLU layers of :data:`MLP_WIDTH` units on the flattened input."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, *, rngs: nnx.Rngs):
+        self.hidden1 = nnx.Linear(math.prod(input_shape), MLP_WIDTH, rngs=rngs)
+        self.hidden2 = nnx.Linear(MLP_WIDTH, MLP_WIDTH, rngs=rngs)
+        self.out = nnx.Linear(MLP_WIDTH, num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.reshape(x.shape[0], -1)
+        x = jax.nn.relu(self.hidden1(x))
+        x = jax.nn.relu(self.hidden2(x))
+        return self.out(x)
+
+
+class CNN(nnx.Module):
+    """Three stride-2 ReLU convolutions (1-D or 2-D by the input's rank), then a linear layer."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, *, rngs: nnx.Rngs):
+        if len(input_shape) not in (1, 2):
+            raise ValueError(
+                f"input_shape must be (length,) or (height, width), got input_shape={input_shape}."
+            )
+        ndim = len(input_shape)
+        convs = []
+        in_channels, spatial = 1, list(input_shape)
+        for k in CNN_KERNELS:
+            convs.append(
+                nnx.Conv(
+                    in_channels,
+                    CNN_CHANNELS,
+                    kernel_size=(k,) * ndim,
+                    strides=(2,) * ndim,
+                    padding=((1, 1),) * ndim,
+                    rngs=rngs,
+                )
+            )
+            in_channels = CNN_CHANNELS
+            spatial = [(s + 2 - k) // 2 + 1 for s in spatial]
+            if min(spatial) < 1:
+                raise ValueError(f"input_shape={input_shape} is too small for the CNN.")
+        self.convs = nnx.List(convs)
+        self.out = nnx.Linear(CNN_CHANNELS * math.prod(spatial), num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x[..., None]  # a single input channel, channels last
+        for conv in self.convs:
+            x = jax.nn.relu(conv(x))
+        return self.out(x.reshape(x.shape[0], -1))
+
+
+_CLASSES = {"linear": Linear, "mlp": MLP, "cnn": CNN}
+
+
+def make_model(name: str, dataset_spec: DatasetSpec, rngs: nnx.Rngs) -> nnx.Module:
+    """Builds a freshly initialized model for a dataset.
+
+    Args:
+      name: ``"linear"``, ``"mlp"`` or ``"cnn"``.
+      dataset_spec: Gives ``input_shape`` (one example, without the batch axis) and ``num_classes``.
+      rngs: Randomness for the initialization.
+
+    Returns:
+      The model; it maps ``[batch, *input_shape]`` to logits ``[batch, num_classes]``.
+
+    Raises:
+      ValueError: for an unknown name or an input shape the model cannot take.
+    """
+    if name not in _CLASSES:
+        raise ValueError(f"name must be one of {', '.join(MODELS)}, got name={name!r}.")
+    return _CLASSES[name](tuple(dataset_spec.input_shape), dataset_spec.num_classes, rngs=rngs)
+
+
+def loss_fn(model: nnx.Module, x: jax.Array, y: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy of ``model`` on inputs ``x`` with integer labels ``y``."""
+    logits = model(x)
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
