@@ -6,7 +6,7 @@ The whole public API::
         -> optax.GradientTransformation   # v = beta*v + (1-beta)*g; update = v
     ema_sgd(learning_rate, beta, ...)
         -> optax.GradientTransformation   # chain(ema_momentum(...), scale_by_learning_rate)
-    EmaMomentumState                      # (count, beta_product, velocity)
+    EmaMomentumState                      # (count, weight_sum, velocity)
 """
 
 from ema_momentum._transform import EmaMomentumState, ema_momentum, ema_sgd

@@ -17,7 +17,7 @@ class EmaMomentumState(NamedTuple):
     """State of :func:`ema_momentum`; a plain pytree of arrays."""
 
     count: jax.Array  # shape=(), dtype=int32: updates so far, saturating.
-    beta_product: jax.Array  # shape=(), float32 (float64 under x64): prod of betas used.
+    weight_sum: jax.Array  # shape=(), float32 (float64 under x64): 1 - prod(beta_i).
     velocity: optax.Updates  # like params; dtype `accumulator_dtype` or the params'.
 
 
@@ -55,6 +55,16 @@ def _check_learning_rate(learning_rate: Any) -> None:
         )
 
 
+def _check_seed(seed: Any) -> None:
+    # `optax.inject_hyperparams` passes every numeric argument as an array, so
+    # integer arrays (concrete or traced) are accepted alongside Python ints.
+    dtype = getattr(seed, "dtype", None)
+    if isinstance(seed, bool) or not (
+        isinstance(seed, int) or (dtype is not None and jnp.issubdtype(dtype, jnp.integer))
+    ):
+        raise ValueError(f"seed must be an integer, got seed={seed!r}.")
+
+
 def _canonical_accumulator_dtype(accumulator_dtype: Any) -> jnp.dtype | None:
     if accumulator_dtype is None:
         return None
@@ -70,6 +80,13 @@ def _canonical_accumulator_dtype(accumulator_dtype: Any) -> jnp.dtype | None:
     return jax.dtypes.canonicalize_dtype(dtype)
 
 
+def _compute_dtype(*dtypes: jnp.dtype) -> jnp.dtype:
+    """The dtype the EMA is computed in: the inputs' common dtype, at least float32."""
+    # Promotion here is deliberate, so it must not trip a user's strict mode.
+    with jax.numpy_dtype_promotion("standard"):
+        return jnp.result_type(*dtypes, jnp.float32)
+
+
 def _zeros_like(param: jax.Array, dtype: jnp.dtype | None) -> jax.Array:
     """Zeros shaped, typed and *sharded* like `param`, eagerly or under `jit`.
 
@@ -77,8 +94,18 @@ def _zeros_like(param: jax.Array, dtype: jnp.dtype | None) -> jax.Array:
     under a jitted `init` its output would be left to the compiler, which puts
     it on one device. `shard_alike` ties the output's sharding to `param`'s.
     """
+    param = jnp.asarray(param)
+    if (
+        dtype is not None
+        and jnp.issubdtype(param.dtype, jnp.complexfloating)
+        and not jnp.issubdtype(dtype, jnp.complexfloating)
+    ):
+        raise ValueError(
+            f"accumulator_dtype={dtype} cannot hold {param.dtype} parameters without "
+            "dropping their imaginary part; use a complex accumulator_dtype."
+        )
     zeros = jnp.zeros_like(param, dtype=dtype)
-    return shard_alike(zeros, jnp.asarray(param))[0]
+    return shard_alike(zeros, param)[0]
 
 
 def _stochastic_round_to_bfloat16(x: jax.Array, key: jax.Array) -> jax.Array:
@@ -108,69 +135,70 @@ def ema_momentum(
 ) -> optax.GradientTransformation:
     r"""Momentum as an exponential moving average of the gradients.
 
-  At step :math:`t = 1, 2, \dots`, with gradient :math:`g_t` and :math:`v_0 = 0`:
+    At step :math:`t = 1, 2, \dots`, with gradient :math:`g_t` and :math:`v_0 = 0`:
 
-  .. math::
+    .. math::
 
-    v_t &= \beta_t v_{t-1} + (1 - \beta_t) g_t, \\
-    \hat v_t &= v_t / (1 - \textstyle\prod_{i \le t} \beta_i)
-      \quad \text{if debias, else } v_t, \\
-    u_t &= \nu \hat v_t + (1 - \nu) g_t.
+      v_t &= \beta_t v_{t-1} + (1 - \beta_t) g_t, \\
+      \hat v_t &= v_t / (1 - \textstyle\prod_{i \le t} \beta_i)
+        \quad \text{if debias, else } v_t, \\
+      u_t &= \nu \hat v_t + (1 - \nu) g_t.
 
-  :math:`\nu = 1` by default (plain EMA momentum); ``nesterov=True`` means
-  :math:`\nu = \beta_t`; an explicit ``nu`` gives quasi-hyperbolic momentum
-  (Ma & Yarats, 2019). ``beta=0`` is the identity (plain SGD once scaled).
+    :math:`\nu = 1` by default (plain EMA momentum); ``nesterov=True`` means
+    :math:`\nu = \beta_t`; an explicit ``nu`` gives quasi-hyperbolic momentum
+    (Ma & Yarats, 2019). ``beta=0`` is the identity (plain SGD once scaled).
 
-  With zero initialization :math:`v_t = (1-\beta) m_t` where :math:`m_t` is the
-  heavy-ball buffer of :func:`optax.trace`, so ``ema_sgd(lr, beta)`` takes the
-  same steps as ``optax.sgd(lr * (1 - beta), momentum=beta)``.
+    With zero initialization :math:`v_t = (1-\beta) m_t` where :math:`m_t` is the
+    heavy-ball buffer of :func:`optax.trace`, so ``ema_sgd(lr, beta)`` takes the
+    same steps as ``optax.sgd(lr * (1 - beta), momentum=beta)``.
 
-  The stored velocity is never debiased. Debiasing divides by
-  :math:`1 - \prod_i \beta_i`, tracked in the state, so it is exact when
-  ``beta`` follows a schedule (``1 - beta_t ** t``, as in :func:`optax.ema`,
-  is not). Arithmetic runs in at least float32 whatever the storage dtype;
-  the returned update has the dtype of the incoming gradient.
+    The stored velocity is never debiased. Debiasing divides by
+    :math:`1 - \prod_i \beta_i`, kept in the state as the EMA of a constant 1,
+    so it is exact when ``beta`` follows a schedule (``1 - beta_t ** t``, as in
+    :func:`optax.ema`, is not) and free of cancellation when ``beta`` is near 1.
+    Arithmetic runs in at least float32 whatever the storage dtype;
+    the returned update has the dtype of the incoming gradient.
 
-  Args:
-    beta: Decay of the moving average, in ``[0, 1)``, or a schedule mapping
-      the step count (0 at the first update) to it.
-    nesterov: Use Nesterov momentum in EMA form (``nu = beta_t``).
-    nu: Quasi-hyperbolic weight in ``[0, 1]`` of the velocity against the
-      raw gradient. ``nu=1`` is EMA momentum, ``nu=0`` is SGD. Exclusive with
-      ``nesterov``.
-    debias: Divide the velocity by ``1 - prod(beta)`` in the output (Adam-style).
-    accumulator_dtype: dtype in which the velocity is stored; ``None`` keeps
-      the dtype of the parameters.
-    rounding: How the float32 result is rounded into a ``bfloat16`` velocity:
-      ``"nearest"`` (round to nearest even) or ``"stochastic"`` (unbiased; the
-      EMA does not stall). Leaves stored in another dtype are not affected.
-    seed: Seeds the stochastic rounding; the random bits are derived from it
-      and the step count, so runs are reproducible and need no key.
+    Args:
+      beta: Decay of the moving average, in ``[0, 1)``, or a schedule mapping
+        the step count (0 at the first update) to it.
+      nesterov: Use Nesterov momentum in EMA form (``nu = beta_t``).
+      nu: Quasi-hyperbolic weight in ``[0, 1]`` of the velocity against the
+        raw gradient. ``nu=1`` is EMA momentum, ``nu=0`` is SGD. Exclusive with
+        ``nesterov``.
+      debias: Divide the velocity by ``1 - prod(beta)`` in the output (Adam-style).
+      accumulator_dtype: dtype in which the velocity is stored; ``None`` keeps
+        the dtype of the parameters.
+      rounding: How the float32 result is rounded into a ``bfloat16`` velocity:
+        ``"nearest"`` (round to nearest even) or ``"stochastic"`` (unbiased; the
+        EMA does not stall). Leaves stored in another dtype are not affected.
+      seed: Seeds the stochastic rounding; the random bits are derived from it
+        and the step count, so runs are reproducible and need no key.
 
-  Returns:
-    An :class:`optax.GradientTransformation` with state :class:`EmaMomentumState`.
+    Returns:
+      An :class:`optax.GradientTransformation` with state :class:`EmaMomentumState`.
 
-  Raises:
-    ValueError: for a concrete ``beta`` outside ``[0, 1)``, ``nu`` outside
-      ``[0, 1]``, ``nesterov`` together with ``nu``, an unknown
-      ``accumulator_dtype`` or ``rounding``, or a non-integer ``seed``.
+    Raises:
+      ValueError: for a concrete ``beta`` outside ``[0, 1)``, ``nu`` outside
+        ``[0, 1]``, ``nesterov`` together with ``nu``, an unknown
+        ``accumulator_dtype`` or ``rounding``, or a non-integer ``seed``.
 
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import optax
-    >>> import ema_momentum as emm
-    >>> tx = optax.chain(optax.clip_by_global_norm(1.0), emm.ema_momentum(0.5))
-    >>> state = tx.init({"w": jnp.zeros(2)})
-    >>> updates, state = tx.update({"w": jnp.array([0.2, -0.4])}, state)
-    >>> updates["w"]
-    Array([ 0.1, -0.2], dtype=float32)
-    >>> updates, state = tx.update({"w": jnp.array([0.2, -0.4])}, state)
-    >>> updates["w"]
-    Array([ 0.15, -0.3 ], dtype=float32)
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import ema_momentum as emm
+      >>> tx = optax.chain(optax.clip_by_global_norm(1.0), emm.ema_momentum(0.5))
+      >>> state = tx.init({"w": jnp.zeros(2)})
+      >>> updates, state = tx.update({"w": jnp.array([0.2, -0.4])}, state)
+      >>> updates["w"]
+      Array([ 0.1, -0.2], dtype=float32)
+      >>> updates, state = tx.update({"w": jnp.array([0.2, -0.4])}, state)
+      >>> updates["w"]
+      Array([ 0.15, -0.3 ], dtype=float32)
 
-  References:
-    Polyak, 1964 (heavy ball); Ma & Yarats, `Quasi-hyperbolic momentum and Adam
-    for deep learning <https://arxiv.org/abs/1810.06801>`_, 2019.
+    References:
+      Polyak, 1964 (heavy ball); Ma & Yarats, `Quasi-hyperbolic momentum and Adam
+      for deep learning <https://arxiv.org/abs/1810.06801>`_, 2019.
   """
     _check_beta(beta)
     if nesterov and nu is not None:
@@ -185,13 +213,12 @@ def ema_momentum(
             "rounding='stochastic' is for bfloat16 velocities, got "
             f"accumulator_dtype={accumulator_dtype!r}."
         )
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got seed={seed!r}.")
+    _check_seed(seed)
 
     def init_fn(params: optax.Params) -> EmaMomentumState:
         return EmaMomentumState(
             count=jnp.zeros([], jnp.int32),
-            beta_product=jnp.ones([], jax.dtypes.canonicalize_dtype(jnp.float64)),
+            weight_sum=jnp.zeros([], jax.dtypes.canonicalize_dtype(jnp.float64)),
             velocity=jax.tree.map(lambda p: _zeros_like(p, accumulator_dtype), params),
         )
 
@@ -200,21 +227,26 @@ def ema_momentum(
     ) -> tuple[optax.Updates, EmaMomentumState]:
         del params
         beta_t = beta(state.count) if callable(beta) else beta
-        beta_product = (state.beta_product * beta_t).astype(state.beta_product.dtype)
+        # The EMA of a constant 1 is 1 - prod(beta_i), the weight the velocity
+        # gives the gradients. Kept as its own EMA, it is exact under a beta
+        # schedule and, unlike 1 - prod, free of cancellation when beta ~ 1.
+        weight_sum = optax.tree.update_moment(
+            jnp.ones_like(state.weight_sum), state.weight_sum, beta_t, order=1
+        ).astype(state.weight_sum.dtype)
         weight = beta_t if nesterov else nu
 
         if rounding == "stochastic":
             step_key = jax.random.fold_in(jax.random.key(seed), state.count)
 
         def leaf(index, g, v):
-            compute = jnp.promote_types(jnp.promote_types(g.dtype, v.dtype), jnp.float32)
+            compute = _compute_dtype(g.dtype, v.dtype)
             g_c = g.astype(compute)
             v_new = optax.tree.update_moment(g_c, v.astype(compute), beta_t, order=1)
             if rounding == "stochastic" and v.dtype == jnp.bfloat16:
                 stored = _stochastic_round_to_bfloat16(v_new, jax.random.fold_in(step_key, index))
             else:
                 stored = v_new.astype(v.dtype)
-            u = v_new / (1 - beta_product).astype(compute) if debias else v_new
+            u = v_new / weight_sum.astype(compute) if debias else v_new
             if weight is not None:
                 u = weight * u + (1 - weight) * g_c
             return u.astype(g.dtype), stored
@@ -229,7 +261,7 @@ def ema_momentum(
         velocity = treedef.unflatten([v for _, v in results])
         return new_updates, EmaMomentumState(
             count=optax.safe_increment(state.count),
-            beta_product=beta_product,
+            weight_sum=weight_sum,
             velocity=velocity,
         )
 

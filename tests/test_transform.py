@@ -1,0 +1,533 @@
+"""Tests of `ema_momentum` and `ema_sgd`: values, equivalences, properties, composition."""
+
+import functools
+
+import chex
+import hypothesis
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import strategies as st
+
+import ema_momentum as emm
+
+
+def _grads(num_steps, tree, seed=0, dtype=jnp.float32):
+    key = jax.random.key(seed)
+    return [
+        jax.tree.map(
+            lambda p, k=k: jax.random.normal(jax.random.fold_in(key, k), p.shape, dtype), tree
+        )
+        for k in range(num_steps)
+    ]
+
+
+def _run(tx, grads, params):
+    """Applies `tx` to a gradient sequence; returns per-step updates and the final state."""
+    state = tx.init(params)
+    outs = []
+    for g in grads:
+        u, state = tx.update(g, state, params)
+        outs.append(u)
+    return outs, state
+
+
+def _descend(tx, grads, params):
+    """Takes optimizer steps with a fixed gradient sequence; returns the parameter path."""
+    state = tx.init(params)
+    path = []
+    for g in grads:
+        u, state = tx.update(g, state, params)
+        params = optax.apply_updates(params, u)
+        path.append(params)
+    return path
+
+
+PARAMS = {"w": jnp.zeros((3, 4)), "b": jnp.zeros(5)}
+
+
+# ---------------------------------------------------------------------------
+# Closed forms.
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.9])
+def test_closed_form_first_three_steps(beta):
+    g1, g2, g3 = jnp.array([1.0, -2.0]), jnp.array([3.0, 0.5]), jnp.array([-1.0, 4.0])
+    v1 = (1 - beta) * g1
+    v2 = beta * v1 + (1 - beta) * g2
+    v3 = beta * v2 + (1 - beta) * g3
+    outs, state = _run(emm.ema_momentum(beta), [g1, g2, g3], jnp.zeros(2))
+    chex.assert_trees_all_close(outs, [v1, v2, v3], rtol=1e-6)
+    chex.assert_trees_all_close(state.velocity, v3, rtol=1e-6)
+    assert state.count == 3
+
+
+def test_closed_form_debias_nesterov_qhm_two_steps():
+    b, nu = 0.8, 0.3
+    g1, g2 = jnp.array([2.0]), jnp.array([-1.0])
+    v1, v2 = (1 - b) * g1, b * (1 - b) * g1 + (1 - b) * g2
+    (d1, d2), _ = _run(emm.ema_momentum(b, debias=True), [g1, g2], jnp.zeros(1))
+    chex.assert_trees_all_close((d1, d2), (v1 / (1 - b), v2 / (1 - b**2)), rtol=1e-6)
+    (n1, n2), _ = _run(emm.ema_momentum(b, nesterov=True), [g1, g2], jnp.zeros(1))
+    chex.assert_trees_all_close((n1, n2), (b * v1 + (1 - b) * g1, b * v2 + (1 - b) * g2), rtol=1e-6)
+    (q1, q2), _ = _run(emm.ema_momentum(b, nu=nu), [g1, g2], jnp.zeros(1))
+    chex.assert_trees_all_close(
+        (q1, q2), (nu * v1 + (1 - nu) * g1, nu * v2 + (1 - nu) * g2), rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("beta", [0.5, 0.9, 0.99])
+def test_constant_gradient(beta):
+    g = jnp.array([1.5, -0.25])
+    outs, _ = _run(emm.ema_momentum(beta), [g] * 30, jnp.zeros(2))
+    expected = [(1 - beta ** (t + 1)) * g for t in range(30)]
+    chex.assert_trees_all_close(outs, expected, rtol=1e-5)
+    debiased, state = _run(emm.ema_momentum(beta, debias=True), [g] * 30, jnp.zeros(2))
+    chex.assert_trees_all_close(debiased, [g] * 30, rtol=1e-6)
+    # The stored velocity is never debiased.
+    chex.assert_trees_all_close(state.velocity, expected[-1], rtol=1e-5)
+
+
+def test_debias_is_exact_under_a_beta_schedule():
+    schedule = optax.linear_schedule(0.5, 0.99, transition_steps=5)
+    ones = [jnp.ones(())] * 6
+    ours, _ = _run(emm.ema_momentum(schedule, debias=True), ones, jnp.zeros(()))
+    chex.assert_trees_all_close(ours, [jnp.ones(())] * 6, rtol=1e-6)
+    # optax.ema divides by 1 - beta_t**t, which is wrong under a schedule
+    # (REFERENCES.md 1): the sequence drifts up to ~14.6.
+    theirs, _ = _run(
+        optax.inject_hyperparams(optax.ema)(schedule, debias=True), ones, jnp.zeros(())
+    )
+    assert float(theirs[-1]) > 10.0
+
+
+def test_beta_schedule_uses_the_step_count():
+    schedule = lambda count: jnp.where(count < 1, 0.5, 0.25)
+    (u1, u2), state = _run(emm.ema_momentum(schedule), [jnp.ones(())] * 2, jnp.zeros(()))
+    chex.assert_trees_all_close((u1, u2), (0.5, 0.25 * 0.5 + 0.75), rtol=1e-6)
+    chex.assert_trees_all_close(state.weight_sum, 1 - 0.125)
+
+
+def test_count_saturates():
+    tx = emm.ema_momentum(0.9)
+    state = tx.init(jnp.zeros(2))._replace(count=jnp.asarray(jnp.iinfo(jnp.int32).max, jnp.int32))
+    _, state = tx.update(jnp.ones(2), state)
+    assert state.count == jnp.iinfo(jnp.int32).max
+    assert state.count.dtype == jnp.int32
+
+
+# ---------------------------------------------------------------------------
+# Equivalences with optax (many random steps). Float32 runs are checked where
+# the arithmetic is the same operation for operation; the others in float64.
+
+
+def test_equals_optax_ema_bitwise_float32():
+    grads = _grads(100, PARAMS)
+    ours, s1 = _run(emm.ema_momentum(0.9), grads, PARAMS)
+    theirs, s2 = _run(optax.ema(0.9, debias=False), grads, PARAMS)
+    chex.assert_trees_all_equal(ours, theirs)
+    chex.assert_trees_all_equal(s1.velocity, s2.ema)
+
+
+@pytest.mark.parametrize("beta", [0.5, 0.9, 0.999])
+def test_debiased_equals_optax_ema_debiased(beta):
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda p: p.astype(jnp.float64), PARAMS)
+        grads = _grads(100, params, dtype=jnp.float64)
+        ours, _ = _run(emm.ema_momentum(beta, debias=True), grads, params)
+        theirs, _ = _run(optax.ema(beta, debias=True), grads, params)
+        chex.assert_trees_all_close(ours, theirs, rtol=1e-12, atol=1e-14)
+    grads = _grads(100, PARAMS)
+    ours, _ = _run(emm.ema_momentum(beta, debias=True), grads, PARAMS)
+    theirs, _ = _run(optax.ema(beta, debias=True), grads, PARAMS)
+    chex.assert_trees_all_close(ours, theirs, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("beta", [0.0, 0.9, 0.99])
+def test_ema_sgd_equals_heavy_ball_sgd(beta, nesterov):
+    lr = 0.3
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda p: p.astype(jnp.float64), PARAMS)
+        grads = _grads(200, params, dtype=jnp.float64)
+        ours = _descend(emm.ema_sgd(lr, beta, nesterov=nesterov), grads, params)
+        heavy_ball = optax.sgd(lr * (1 - beta), momentum=beta, nesterov=nesterov)
+        theirs = _descend(heavy_ball, grads, params)
+        chex.assert_trees_all_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    grads = _grads(200, PARAMS)
+    ours = _descend(emm.ema_sgd(lr, beta, nesterov=nesterov), grads, PARAMS)
+    theirs = _descend(optax.sgd(lr * (1 - beta), momentum=beta, nesterov=nesterov), grads, PARAMS)
+    chex.assert_trees_all_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_nu_beta_is_nesterov_and_nu_one_is_default():
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda p: p.astype(jnp.float64), PARAMS)
+        grads = _grads(50, params, dtype=jnp.float64)
+        nesterov, _ = _run(emm.ema_momentum(0.9, nesterov=True), grads, params)
+        qhm, _ = _run(emm.ema_momentum(0.9, nu=0.9), grads, params)
+        chex.assert_trees_all_close(nesterov, qhm, rtol=1e-14, atol=1e-15)
+    grads = _grads(50, PARAMS)
+    chex.assert_trees_all_equal(
+        _run(emm.ema_momentum(0.9, nu=1.0), grads, PARAMS)[0],
+        _run(emm.ema_momentum(0.9), grads, PARAMS)[0],
+    )
+
+
+def test_nu_zero_is_sgd():
+    grads = _grads(30, PARAMS)
+    ours = _descend(emm.ema_sgd(0.1, 0.9, nu=0.0), grads, PARAMS)
+    chex.assert_trees_all_equal(ours, _descend(optax.sgd(0.1), grads, PARAMS))
+
+
+def test_beta_zero_is_sgd_through_the_same_path():
+    grads = _grads(30, PARAMS)
+    ours = _descend(emm.ema_sgd(0.1, 0.0), grads, PARAMS)
+    chex.assert_trees_all_equal(ours, _descend(optax.sgd(0.1), grads, PARAMS))
+
+
+# ---------------------------------------------------------------------------
+# Properties.
+
+_floats = st.floats(-100, 100, allow_nan=False, allow_subnormal=False, width=32)
+_sequences = hnp.arrays(np.float64, st.tuples(st.integers(1, 12), st.just(3)), elements=_floats)
+_betas = st.floats(0.0, 0.999)
+
+
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(_sequences, _sequences, _betas, st.floats(-3, 3), st.floats(-3, 3))
+def test_linear_in_the_gradient_sequence(gs1, gs2, beta, a, c):
+    n = min(len(gs1), len(gs2))
+    gs1, gs2 = gs1[:n], gs2[:n]
+    with jax.enable_x64(True):
+        tx = emm.ema_momentum(beta)
+        u1, _ = _run(tx, list(jnp.asarray(gs1)), jnp.zeros(3, jnp.float64))
+        u2, _ = _run(tx, list(jnp.asarray(gs2)), jnp.zeros(3, jnp.float64))
+        mix, _ = _run(tx, list(jnp.asarray(a * gs1 + c * gs2)), jnp.zeros(3, jnp.float64))
+        expected = [a * x + c * y for x, y in zip(u1, u2, strict=True)]
+        chex.assert_trees_all_close(mix, expected, rtol=1e-9, atol=1e-9)
+
+
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(_sequences)
+def test_beta_zero_is_the_identity(gs):
+    grads = list(jnp.asarray(gs, jnp.float32))
+    outs, _ = _run(emm.ema_momentum(0.0), grads, jnp.zeros(3))
+    chex.assert_trees_all_equal(outs, grads)
+
+
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(_sequences, _betas)
+def test_velocity_stays_in_the_range_of_the_gradients(gs, beta):
+    with jax.enable_x64(True):
+        grads = list(jnp.asarray(gs))
+        outs, _ = _run(emm.ema_momentum(beta), grads, jnp.zeros(3, jnp.float64))
+        debiased, _ = _run(emm.ema_momentum(beta, debias=True), grads, jnp.zeros(3, jnp.float64))
+    eps = 1e-9
+    for t in range(len(grads)):
+        seen = gs[: t + 1]
+        # v_t is a convex combination of 0 (the init) and the gradients seen;
+        # the debiased one of the gradients alone.
+        lo, hi = seen.min(axis=0), seen.max(axis=0)
+        v, d = np.asarray(outs[t]), np.asarray(debiased[t])
+        assert np.all(v >= np.minimum(lo, 0) - eps) and np.all(v <= np.maximum(hi, 0) + eps)
+        tol = eps * (1 + np.abs(seen).max())
+        assert np.all(d >= lo - tol) and np.all(d <= hi + tol)
+
+
+# ---------------------------------------------------------------------------
+# Composition with optax, all under jit.
+
+
+def _jit_steps(tx, params, grads):
+    state = jax.jit(tx.init)(params)
+    step = jax.jit(tx.update)
+    for g in grads:
+        updates, state = step(g, state, params)
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
+def test_chain_with_clipping_weight_decay_and_schedule():
+    schedule = optax.cosine_decay_schedule(0.1, 20)
+    tx = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.add_decayed_weights(1e-4),
+        emm.ema_sgd(schedule, 0.9),
+    )
+    reference = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.add_decayed_weights(1e-4),
+        emm.ema_momentum(0.9),
+        optax.scale_by_learning_rate(schedule),
+    )
+    grads = _grads(20, PARAMS)
+    ours, _ = _jit_steps(tx, PARAMS, grads)
+    theirs, _ = _jit_steps(reference, PARAMS, grads)
+    chex.assert_trees_all_equal(ours, theirs)
+
+
+def test_inject_hyperparams():
+    tx = optax.inject_hyperparams(emm.ema_sgd)(learning_rate=0.1, beta=0.9)
+    grads = _grads(10, PARAMS)
+    ours, state = _jit_steps(tx, PARAMS, grads)
+    reference, _ = _jit_steps(emm.ema_sgd(0.1, 0.9), PARAMS, grads)
+    chex.assert_trees_all_close(ours, reference, rtol=1e-5)
+    state.hyperparams["beta"] = jnp.asarray(0.5)
+    _, state = jax.jit(tx.update)(grads[0], state, PARAMS)
+    assert state.hyperparams["beta"] == 0.5
+
+
+def test_tree_get_count():
+    _, state = _jit_steps(emm.ema_sgd(0.1, 0.9), PARAMS, _grads(3, PARAMS))
+    assert optax.tree.get(state, "count") == 3
+
+
+def test_masked():
+    mask = {"w": True, "b": False}
+    grads = _grads(5, PARAMS)
+    ours, _ = _jit_steps(optax.masked(emm.ema_momentum(0.9), mask), PARAMS, grads)
+    # Masked-out leaves pass through untouched: the raw gradients are applied.
+    chex.assert_trees_all_close(ours["b"], sum(g["b"] for g in grads), rtol=1e-6)
+    reference, _ = _jit_steps(emm.ema_momentum(0.9), PARAMS, grads)
+    chex.assert_trees_all_equal(ours["w"], reference["w"])
+
+
+def test_multi_steps():
+    grads = _grads(8, PARAMS)
+    ours, _ = _jit_steps(optax.MultiSteps(emm.ema_sgd(0.1, 0.9), 2), PARAMS, grads)
+    averaged = [jax.tree.map(lambda a, b: (a + b) / 2, *grads[i : i + 2]) for i in range(0, 8, 2)]
+    theirs, _ = _jit_steps(emm.ema_sgd(0.1, 0.9), PARAMS, averaged)
+    chex.assert_trees_all_close(ours, theirs, rtol=1e-5)
+
+
+def test_nan_gradients_propagate_and_apply_if_finite_guards():
+    grads = _grads(3, PARAMS)
+    bad = jax.tree.map(lambda g: g.at[0].set(jnp.nan), grads[1])
+    plain, _ = _jit_steps(emm.ema_sgd(0.1, 0.9), PARAMS, [grads[0], bad])
+    assert bool(jnp.isnan(plain["b"][0]))
+    guarded_tx = optax.apply_if_finite(emm.ema_sgd(0.1, 0.9), max_consecutive_errors=3)
+    guarded, state = _jit_steps(guarded_tx, PARAMS, [grads[0], bad, grads[2]])
+    expected, _ = _jit_steps(emm.ema_sgd(0.1, 0.9), PARAMS, [grads[0], grads[2]])
+    chex.assert_trees_all_equal(guarded, expected)
+    assert state.total_notfinite == 1
+
+
+def test_none_leaves():
+    params = {"a": jnp.ones(2), "frozen": None}
+    tx = emm.ema_sgd(0.1, 0.5)
+    state = tx.init(params)
+    updates, state = jax.jit(tx.update)({"a": jnp.ones(2), "frozen": None}, state)
+    assert updates["frozen"] is None
+    chex.assert_trees_all_close(updates["a"], -0.05 * jnp.ones(2))
+
+
+def test_compiles_once():
+    traces = []
+    tx = emm.ema_sgd(0.1, 0.9, debias=True)
+
+    @jax.jit
+    def step(params, state, grads):
+        traces.append(1)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    params, state = PARAMS, tx.init(PARAMS)
+    for g in _grads(3, PARAMS):
+        params, state = step(params, state, g)
+    assert len(traces) == 1
+
+
+def test_vmap_and_grad_over_hyperparameters():
+    g = _grads(5, {"x": jnp.zeros(3)})
+
+    def final_update(beta, nu):
+        tx = emm.ema_momentum(beta, nu=nu, debias=True)
+        outs, _ = _run(tx, g, {"x": jnp.zeros(3)})
+        return jnp.sum(outs[-1]["x"])
+
+    betas = jnp.array([0.0, 0.5, 0.9])
+    batched = jax.jit(jax.vmap(final_update, in_axes=(0, None)))(betas, jnp.asarray(0.7))
+    single = jnp.stack([final_update(b, 0.7) for b in betas])
+    chex.assert_trees_all_close(batched, single, rtol=1e-6)
+    d_beta = jax.grad(final_update)(jnp.asarray(0.5), jnp.asarray(0.7))
+    eps = 1e-3
+    fd = (final_update(0.5 + eps, 0.7) - final_update(0.5 - eps, 0.7)) / (2 * eps)
+    chex.assert_trees_all_close(d_beta, fd, rtol=1e-2)
+    # A traced out-of-range value is not checked (it cannot be), so tracing works.
+    jax.jit(final_update)(jnp.asarray(1.5), jnp.asarray(0.5))
+
+
+# ---------------------------------------------------------------------------
+# Dtypes.
+
+
+def test_state_structure_and_dtypes_are_stable():
+    tx = emm.ema_sgd(0.1, 0.9, debias=True)
+    state0 = tx.init(PARAMS)
+    _, state1 = jax.jit(tx.update)(_grads(1, PARAMS)[0], state0, PARAMS)
+    chex.assert_trees_all_equal_shapes_and_dtypes(state0, state1)
+    chex.assert_trees_all_equal_shapes_and_dtypes(state0[0].velocity, PARAMS)
+
+
+@pytest.mark.parametrize(
+    ("param_dtype", "accumulator_dtype", "velocity_dtype"),
+    [
+        (jnp.bfloat16, None, jnp.bfloat16),
+        (jnp.bfloat16, jnp.float32, jnp.float32),
+        (jnp.float32, jnp.bfloat16, jnp.bfloat16),
+        (jnp.complex64, None, jnp.complex64),
+    ],
+)
+def test_dtype_preservation(param_dtype, accumulator_dtype, velocity_dtype):
+    params = jnp.ones(4, param_dtype)
+    tx = emm.ema_sgd(0.1, 0.9, accumulator_dtype=accumulator_dtype)
+    state = tx.init(params)
+    assert state[0].velocity.dtype == velocity_dtype
+    updates, state = jax.jit(tx.update)(params, state, params)
+    assert updates.dtype == param_dtype
+    assert state[0].velocity.dtype == velocity_dtype
+    assert optax.apply_updates(params, updates).dtype == param_dtype
+
+
+_REAL_OPTIONS = [
+    {"nu": 0.5, "accumulator_dtype": jnp.float32},
+    {"accumulator_dtype": jnp.bfloat16, "rounding": "stochastic"},
+]
+_ANY_OPTIONS = [{}, {"debias": True, "nesterov": True}]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "kwargs"),
+    [(d, k) for d in (jnp.float32, jnp.bfloat16) for k in _ANY_OPTIONS + _REAL_OPTIONS]
+    + [(jnp.complex64, k) for k in [*_ANY_OPTIONS, {"accumulator_dtype": jnp.complex64}]],
+)
+def test_no_implicit_dtype_promotion(dtype, kwargs):
+    # Implicit mixed-dtype arithmetic inside the transform would be a bug: it
+    # could silently upcast user state or downcast the compute.
+    tx = emm.ema_momentum(optax.constant_schedule(0.9), **kwargs)
+    params = {"a": jnp.ones(3, dtype), "b": jnp.ones((2, 2), dtype)}
+    with jax.numpy_dtype_promotion("strict"):
+        state = tx.init(params)
+        for _ in range(2):
+            updates, state = jax.jit(tx.update)(params, state)
+    chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
+
+
+def test_bfloat16_arithmetic_runs_in_float32():
+    # With bf16 everywhere, the EMA is computed in float32 and rounded once.
+    v = jnp.asarray([1.0, -3.0, 7.0], jnp.bfloat16)
+    g = jnp.asarray([0.3, 0.7, -0.1], jnp.bfloat16)
+    tx = emm.ema_momentum(0.99)
+    state = tx.init(v)._replace(velocity=v)
+    u, state = tx.update(g, state)
+    f32 = 0.01 * g.astype(jnp.float32) + 0.99 * v.astype(jnp.float32)
+    chex.assert_trees_all_equal(state.velocity, f32.astype(jnp.bfloat16))
+    chex.assert_trees_all_equal(u, f32.astype(jnp.bfloat16))
+
+
+# ---------------------------------------------------------------------------
+# Convergence.
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.complex64])
+@pytest.mark.parametrize("kwargs", [{}, {"nesterov": True}, {"debias": True}, {"nu": 0.7}])
+def test_converges_on_a_parabola(dtype, kwargs):
+    target = jnp.asarray([1.0, -2.0, 0.5], dtype) * (1 + 1j if dtype == jnp.complex64 else 1)
+    loss = lambda x: jnp.sum(jnp.abs(x - target) ** 2)
+    tx = emm.ema_sgd(0.1, 0.9, **kwargs)
+    params = jnp.zeros(3, dtype)
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state):
+        # Conjugate of the Wirtinger derivative: the descent direction for complex parameters.
+        grads = (
+            jnp.conj(jax.grad(loss, holomorphic=False)(params))
+            if dtype == jnp.complex64
+            else jax.grad(loss)(params)
+        )
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(300):
+        params, state = step(params, state)
+    chex.assert_trees_all_close(params, target, atol=1e-4)
+
+
+def test_converges_on_rosenbrock():
+    def rosenbrock(xy):
+        x, y = xy
+        return (1 - x) ** 2 + 100 * (y - x**2) ** 2
+
+    tx = emm.ema_sgd(2e-3, 0.9)
+    params = jnp.asarray([-1.0, 1.0])
+
+    def body(carry, _):
+        params, state = carry
+        updates, state = tx.update(jax.grad(rosenbrock)(params), state, params)
+        return (optax.apply_updates(params, updates), state), None
+
+    (params, _), _ = jax.jit(functools.partial(jax.lax.scan, body, length=20_000))(
+        (params, tx.init(params))
+    )
+    chex.assert_trees_all_close(params, jnp.ones(2), atol=1e-3)
+
+
+# ---------------------------------------------------------------------------
+# Bad input.
+
+
+@pytest.mark.parametrize("beta", [1.0, -0.1, 1.5, float("nan"), float("inf"), np.float32(1.0)])
+def test_bad_beta(beta):
+    with pytest.raises(ValueError, match=r"beta must be .* got beta="):
+        emm.ema_momentum(beta)
+    with pytest.raises(ValueError, match=r"beta must be"):
+        emm.ema_sgd(0.1, beta)
+
+
+@pytest.mark.parametrize("nu", [-0.1, 1.01, float("nan")])
+def test_bad_nu(nu):
+    with pytest.raises(ValueError, match=r"nu must be .* got nu="):
+        emm.ema_momentum(0.9, nu=nu)
+
+
+def test_nesterov_with_nu():
+    with pytest.raises(ValueError, match=r"nesterov=True and nu=0.5 are exclusive"):
+        emm.ema_sgd(0.1, 0.9, nesterov=True, nu=0.5)
+
+
+@pytest.mark.parametrize("lr", [-0.1, float("nan"), float("inf"), -float("inf")])
+def test_bad_learning_rate(lr):
+    with pytest.raises(ValueError, match=r"learning_rate must be .* got learning_rate="):
+        emm.ema_sgd(lr, 0.9)
+
+
+@pytest.mark.parametrize("dtype", ["float17", jnp.int32, "not a dtype", bool])
+def test_bad_accumulator_dtype(dtype):
+    with pytest.raises(ValueError, match=r"accumulator_dtype must be .* got accumulator_dtype="):
+        emm.ema_momentum(0.9, accumulator_dtype=dtype)
+
+
+def test_bad_rounding_and_seed():
+    with pytest.raises(ValueError, match=r"rounding must be .* got rounding='up'"):
+        emm.ema_momentum(0.9, rounding="up")
+    with pytest.raises(ValueError, match=r"rounding='stochastic' is for bfloat16"):
+        emm.ema_momentum(0.9, accumulator_dtype=jnp.float32, rounding="stochastic")
+    with pytest.raises(ValueError, match=r"seed must be an integer, got seed=1.5"):
+        emm.ema_momentum(0.9, seed=1.5)
+
+
+def test_real_accumulator_for_complex_params():
+    tx = emm.ema_momentum(0.9, accumulator_dtype=jnp.float32)
+    with pytest.raises(ValueError, match=r"accumulator_dtype=float32 cannot hold complex64"):
+        tx.init({"z": jnp.ones(2, jnp.complex64)})
+
+
+def test_good_edge_values_are_accepted():
+    emm.ema_sgd(0.0, 0.0)
+    emm.ema_sgd(jnp.asarray(0.1), jnp.asarray(0.999), nu=1.0)
+    emm.ema_sgd(optax.constant_schedule(0.1), optax.constant_schedule(0.9))
