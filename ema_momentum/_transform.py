@@ -108,15 +108,37 @@ def _zeros_like(param: jax.Array, dtype: jnp.dtype | None) -> jax.Array:
     return shard_alike(zeros, param)[0]
 
 
-def _stochastic_round_to_bfloat16(x: jax.Array, key: jax.Array) -> jax.Array:
+def _mix32(h: jax.Array) -> jax.Array:
+    """lowbias32 (C. Wellons): a bijective uint32 hash with strong avalanche."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x7FEB352D)
+    h = h ^ (h >> 15)
+    h = h * jnp.uint32(0x846CA68B)
+    return h ^ (h >> 16)
+
+
+def _rounding_salt(seed: Any, count: jax.Array, index: int) -> jax.Array:
+    """A uint32 naming (seed, step, leaf): it selects the random bits of one leaf at one step."""
+    if isinstance(seed, int):
+        seed = jnp.uint32((seed ^ (seed >> 32)) & 0xFFFFFFFF)
+    h = _mix32(jnp.asarray(seed).astype(jnp.uint32) + jnp.uint32(0x9E3779B9))
+    h = _mix32(h ^ count.astype(jnp.uint32))
+    return _mix32(h ^ jnp.uint32(index))
+
+
+def _stochastic_round_to_bfloat16(x: jax.Array, salt: jax.Array) -> jax.Array:
     """Rounds `x` to bfloat16 up or down with probability given by the remainder.
 
     `E[round(x)] = x`, so an EMA stored in bfloat16 stays unbiased instead of
-    stalling once its increments fall below half a bfloat16 ulp.
+    stalling once its increments fall below half a bfloat16 ulp. The 16 random
+    bits of an element hash its position with `salt`: counter-based noise that
+    fuses into the update (`jax.random.bits` made the step ~10x slower on CPU)
+    and follows any sharding of `x`.
     """
     x32 = x.astype(jnp.float32)
     bits = jax.lax.bitcast_convert_type(x32, jnp.uint32)
-    noise = jax.random.bits(key, x32.shape, jnp.uint16).astype(jnp.uint32)
+    position = jax.lax.iota(jnp.uint32, x32.size).reshape(x32.shape)
+    noise = _mix32(position ^ salt) >> 16
     rounded = (bits + noise) & jnp.uint32(0xFFFF0000)
     result = jax.lax.bitcast_convert_type(rounded, jnp.float32)
     # A NaN whose payload lives in the dropped bits would otherwise become inf.
@@ -235,15 +257,14 @@ def ema_momentum(
         ).astype(state.weight_sum.dtype)
         weight = beta_t if nesterov else nu
 
-        if rounding == "stochastic":
-            step_key = jax.random.fold_in(jax.random.key(seed), state.count)
-
         def leaf(index, g, v):
             compute = _compute_dtype(g.dtype, v.dtype)
             g_c = g.astype(compute)
             v_new = optax.tree.update_moment(g_c, v.astype(compute), beta_t, order=1)
             if rounding == "stochastic" and v.dtype == jnp.bfloat16:
-                stored = _stochastic_round_to_bfloat16(v_new, jax.random.fold_in(step_key, index))
+                stored = _stochastic_round_to_bfloat16(
+                    v_new, _rounding_salt(seed, state.count, index)
+                )
             else:
                 stored = v_new.astype(v.dtype)
             u = v_new / weight_sum.astype(compute) if debias else v_new

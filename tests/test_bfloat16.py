@@ -1,0 +1,157 @@
+"""A bfloat16 velocity: nearest rounding stalls, stochastic rounding does not."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ema_momentum as emm
+
+BETA = 0.999
+STEPS = 5000
+TARGET = 1 - BETA**STEPS  # The velocity after STEPS constant unit gradients: 0.99328...
+
+
+def bf16_velocity_after_constant_gradient(rounding: str, seed: int = 0) -> jax.Array:
+    """Velocity of 256 entries after STEPS updates with gradient 1, in one jitted scan."""
+    tx = emm.ema_momentum(BETA, accumulator_dtype=jnp.bfloat16, rounding=rounding, seed=seed)
+    grad = jnp.ones((256,), jnp.float32)
+
+    @jax.jit
+    def train(state):
+        def step(state, _):
+            _, state = tx.update(grad, state)
+            return state, None
+
+        return jax.lax.scan(step, state, length=STEPS)[0]
+
+    state = train(tx.init(grad))
+    assert int(state.count) == STEPS
+    assert state.velocity.dtype == jnp.bfloat16
+    return state.velocity
+
+
+def bf16_neighbours(x: float) -> tuple[float, float]:
+    """The bfloat16 values just below and just above a positive, non-representable `x`."""
+    low = np.array(x, np.float32).view(np.uint32) & np.uint32(0xFFFF0000)
+    high = low + np.uint32(0x10000)
+    return float(low.view(np.float32)), float(high.view(np.float32))
+
+
+def test_nearest_rounding_stalls_far_below_the_target():
+    velocity = np.asarray(bf16_velocity_after_constant_gradient("nearest"), np.float32)
+    # Once (1 - BETA) * (1 - v) drops below half a bfloat16 ulp of v, round-to-nearest
+    # returns v unchanged. That happens at v = 0.25: half an ulp there is 2**-10 ~ 0.00098,
+    # the increment 0.001 * 0.75. Every entry is stuck at exactly that value.
+    np.testing.assert_array_equal(velocity, 0.25)
+    assert velocity.max() < 0.9 < TARGET
+
+
+def test_stochastic_rounding_reaches_the_target():
+    velocity = np.asarray(bf16_velocity_after_constant_gradient("stochastic"), np.float32)
+    assert abs(velocity.mean() - TARGET) < 0.01 * TARGET
+    # Each entry is a random walk on the bfloat16 grid (ulp 2**-8 near 1) around the target.
+    assert np.all(np.abs(velocity - TARGET) < 0.05)
+
+
+def test_stochastic_rounding_is_reproducible_and_seeded():
+    first = bf16_velocity_after_constant_gradient("stochastic", seed=0)
+    again = bf16_velocity_after_constant_gradient("stochastic", seed=0)
+    other = bf16_velocity_after_constant_gradient("stochastic", seed=1)
+    np.testing.assert_array_equal(
+        jax.lax.bitcast_convert_type(first, jnp.uint16),
+        jax.lax.bitcast_convert_type(again, jnp.uint16),
+    )
+    assert np.any(np.asarray(first != other))
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_bfloat16_velocity_takes_half_the_state_bytes(rounding):
+    params = {"w": jnp.zeros((300, 100), jnp.float32), "b": jnp.zeros((100,), jnp.float32)}
+    params_bytes = sum(p.nbytes for p in jax.tree.leaves(params))
+    full = emm.ema_sgd(0.1, BETA).init(params)
+    half = emm.ema_sgd(0.1, BETA, accumulator_dtype=jnp.bfloat16, rounding=rounding).init(params)
+
+    def array_bytes(state):  # Scalars (count and friends) are a few bytes whatever the dtype.
+        return sum(leaf.nbytes for leaf in jax.tree.leaves(state) if leaf.ndim > 0)
+
+    def scalar_bytes(state):
+        return sum(leaf.nbytes for leaf in jax.tree.leaves(state) if leaf.ndim == 0)
+
+    assert array_bytes(full) == params_bytes == 120_400
+    assert array_bytes(half) == params_bytes // 2
+    assert scalar_bytes(half) == scalar_bytes(full) <= 16
+    total = sum(leaf.nbytes for leaf in jax.tree.leaves(half))
+    assert total == params_bytes // 2 + scalar_bytes(half)
+
+
+def stochastic_roundings(value: float, shape: tuple[int, ...], steps: int) -> np.ndarray:
+    """bfloat16 roundings of `value`: the velocity of beta=0 is the gradient, rounded.
+
+    Returns an array of shape `(steps, *shape)`: one rounding per entry and step.
+    """
+    tx = emm.ema_momentum(0.0, accumulator_dtype=jnp.bfloat16, rounding="stochastic")
+    grad = jnp.full(shape, value, jnp.float32)
+
+    @jax.jit
+    def roundings(state):
+        def step(state, _):
+            _, state = tx.update(grad, state)
+            return state, state.velocity
+
+        return jax.lax.scan(step, state, length=steps)[1]
+
+    return np.asarray(roundings(tx.init(grad)), np.float32)
+
+
+@pytest.mark.parametrize("value", [1 + 2**-7 / 3, np.pi, 1e-3 * (1 + 2**-9), 7e-20])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_stochastic_rounding_is_unbiased_across_entries(value, sign):
+    value = float(np.float32(value))
+    low, high = bf16_neighbours(value)
+    assert low < value < high
+    samples = sign * stochastic_roundings(sign * value, (65_536,), steps=1)
+    # Only the two neighbours occur, the upper one with probability (value - low) / ulp.
+    assert set(np.unique(samples)) <= {low, high}
+    p_up = (value - low) / (high - low)
+    # 0.01 is over 4 binomial standard deviations at 65536 draws (at most 0.002).
+    assert abs(np.mean(samples == high) - p_up) < 0.01
+    assert abs(samples.mean() - value) < 0.01 * (high - low)
+
+
+def test_stochastic_rounding_is_unbiased_across_steps():
+    """One entry, many steps: the noise of a position changes with the step count."""
+    value = 1 + 2**-7 / 3
+    low, high = bf16_neighbours(value)
+    samples = stochastic_roundings(value, (1,), steps=4000)[:, 0]
+    assert set(np.unique(samples)) == {low, high}
+    # The binomial standard deviation at 4000 draws is 0.0075.
+    assert abs(np.mean(samples == high) - 1 / 3) < 0.03
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_non_finite_gradients_propagate(rounding):
+    tx = emm.ema_momentum(0.5, accumulator_dtype=jnp.bfloat16, rounding=rounding)
+    grad = jnp.array([jnp.nan, jnp.inf, -jnp.inf, 1.0], jnp.float32)
+    state = tx.init(grad)
+    updates, state = jax.jit(tx.update)(grad, state)
+    velocity = np.asarray(state.velocity, np.float32)
+    assert updates.dtype == jnp.float32
+    np.testing.assert_array_equal(velocity, [np.nan, np.inf, -np.inf, 0.5])
+    np.testing.assert_array_equal(updates, [np.nan, np.inf, -np.inf, 0.5])
+    # NaN and inf are sticky in the velocity, as in optax: guard with optax.apply_if_finite.
+    updates, state = jax.jit(tx.update)(jnp.ones(4), state)
+    np.testing.assert_array_equal(
+        np.asarray(state.velocity, np.float32), [np.nan, np.inf, -np.inf, 0.75]
+    )
+
+
+def test_stochastic_rounding_keeps_float32_leaves_exact():
+    """Only bfloat16 leaves are rounded stochastically; float32 state is untouched."""
+    tx = emm.ema_momentum(0.9, rounding="stochastic")
+    params = {"half": jnp.zeros(3, jnp.bfloat16), "full": jnp.zeros(3, jnp.float32)}
+    grads = {"half": jnp.ones(3, jnp.bfloat16), "full": jnp.full(3, 0.3, jnp.float32)}
+    _, state = tx.update(grads, tx.init(params))
+    assert state.velocity["half"].dtype == jnp.bfloat16
+    assert state.velocity["full"].dtype == jnp.float32
+    np.testing.assert_allclose(state.velocity["full"], 0.03, rtol=1e-6)
