@@ -1,0 +1,161 @@
+r"""The simple gradient noise scale of McCandlish et al. (2018), from two batch sizes.
+
+McCandlish, Kaplan, Amodei & OpenAI Dota Team, "An Empirical Model of
+Large-Batch Training", arXiv 1812.06162, appendix A.1.
+
+A mini-batch gradient of ``B`` examples drawn independently from the data has
+
+.. math::
+
+  E\,|G_B|^2 = |G|^2 + \operatorname{tr}(\Sigma) / B,
+
+with :math:`G` the full-data gradient and :math:`\Sigma` the covariance of one
+example's gradient. Two batch sizes :math:`B_s < B_b` give the unbiased estimates
+
+.. math::
+
+  |G|^2 \approx \frac{B_b |G_{B_b}|^2 - B_s |G_{B_s}|^2}{B_b - B_s}, \qquad
+  \operatorname{tr}(\Sigma) \approx \frac{|G_{B_s}|^2 - |G_{B_b}|^2}{1/B_s - 1/B_b},
+
+and :math:`B_\text{simple} = \operatorname{tr}(\Sigma) / |G|^2`. Both estimates
+are noisy and :math:`|G|^2` can come out negative for one pair, so (as the
+paper recommends) they are averaged over many pairs of batches before the
+ratio is taken.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+ArrayLike = jax.typing.ArrayLike
+# Pairs evaluated at once (vmapped); the rest run sequentially to bound memory.
+_PAIRS_PER_CHUNK = 32
+
+
+class NoiseScale(NamedTuple):
+    """Estimates averaged over ``num_pairs`` pairs of independent batches."""
+
+    b_simple: float  # tr(Sigma) / |G|^2 (ratio of the two means); nan if |G|^2 <= 0
+    grad_sq: float  # mean unbiased estimate of |G|^2
+    trace: float  # mean unbiased estimate of tr(Sigma)
+    grad_sq_stderr: float  # standard error of grad_sq over the pairs
+    trace_stderr: float  # standard error of trace over the pairs
+    small_sq: float  # mean |G_small|^2
+    big_sq: float  # mean |G_big|^2
+
+
+def unbiased_estimates(
+    small_sq: ArrayLike, big_sq: ArrayLike, b_small: float, b_big: float
+) -> tuple[Any, Any]:
+    """Unbiased ``(|G|^2, tr(Sigma))`` from squared gradient norms at two batch sizes.
+
+    Args:
+      small_sq: ``|G_small|^2``, the squared norm of a mean gradient over ``b_small`` examples.
+      big_sq: ``|G_big|^2`` over ``b_big`` examples (arrays broadcast elementwise).
+      b_small: The small batch size.
+      b_big: The big batch size, ``> b_small``.
+
+    Returns:
+      ``(grad_sq, trace)``.
+
+    Examples:
+      >>> # |G|^2 = 2, tr(Sigma) = 8: E|G_B|^2 = 2 + 8 / B.
+      >>> unbiased_estimates(2 + 8 / 4, 2 + 8 / 64, 4, 64)
+      (2.0, 8.0)
+    """
+    if not 0 < b_small < b_big:
+        raise ValueError(f"need 0 < b_small < b_big, got b_small={b_small}, b_big={b_big}")
+    grad_sq = (b_big * big_sq - b_small * small_sq) / (b_big - b_small)
+    trace = (small_sq - big_sq) / (1.0 / b_small - 1.0 / b_big)
+    return grad_sq, trace
+
+
+def simple_noise_scale(grad_sq: float, trace: float) -> float:
+    """``B_simple = tr(Sigma) / |G|^2``; ``nan`` when the ``|G|^2`` estimate is not positive."""
+    return float(trace / grad_sq) if grad_sq > 0 else float("nan")
+
+
+@functools.partial(jax.jit, static_argnames=("grad_fn", "b_small", "b_big", "num_pairs"))
+def _squared_norms(grad_fn, params, x, y, key, *, b_small, b_big, num_pairs):
+    n = x.shape[0]
+    key_small, key_big = jax.random.split(key)
+    # Sampling with replacement makes the examples of a batch independent, so
+    # E|G_B|^2 = |G|^2 + tr(Sigma)/B holds exactly, with Sigma the covariance of
+    # one example's gradient over the dataset.
+    small = jax.random.randint(key_small, (num_pairs, b_small), 0, n)
+    big = jax.random.randint(key_big, (num_pairs, b_big), 0, n)
+
+    def sq_norm(index):
+        grads = grad_fn(params, x[index], y[index])
+        return optax.tree.norm(grads, squared=True)
+
+    chunk = min(num_pairs, _PAIRS_PER_CHUNK)
+    return (
+        jax.lax.map(sq_norm, small, batch_size=chunk),
+        jax.lax.map(sq_norm, big, batch_size=chunk),
+    )
+
+
+def estimate_noise_scale(
+    grad_fn: Callable[[Any, jax.Array, jax.Array], Any],
+    params: Any,
+    x: ArrayLike,
+    y: ArrayLike,
+    b_small: int,
+    b_big: int,
+    num_pairs: int,
+    key: jax.Array,
+) -> NoiseScale:
+    """Estimates the simple noise scale of ``grad_fn`` at ``params`` on the data ``(x, y)``.
+
+    Args:
+      grad_fn: ``grad_fn(params, x_batch, y_batch)`` returns the gradient (any
+        pytree) of the *mean* loss over the batch, e.g.
+        ``jax.grad(loss_fn)``. Pass the same function object on every call: it
+        is a static argument of the jitted computation, so a new object
+        recompiles.
+      params: The parameters (any pytree).
+      x: Inputs, leading axis = examples.
+      y: Targets, leading axis = examples.
+      b_small: Small batch size (examples drawn with replacement).
+      b_big: Big batch size, ``> b_small``.
+      num_pairs: Number of (small, big) batch pairs to average over (``>= 2``).
+      key: PRNG key for drawing the batches.
+
+    Returns:
+      A :class:`NoiseScale` with the averaged estimates.
+    """
+    if not 0 < b_small < b_big:
+        raise ValueError(f"need 0 < b_small < b_big, got b_small={b_small}, b_big={b_big}")
+    if num_pairs < 2:
+        raise ValueError(f"num_pairs must be >= 2, got {num_pairs}")
+    small_sq, big_sq = _squared_norms(
+        grad_fn,
+        params,
+        jnp.asarray(x),
+        jnp.asarray(y),
+        key,
+        b_small=int(b_small),
+        b_big=int(b_big),
+        num_pairs=int(num_pairs),
+    )
+    small_sq = np.asarray(small_sq, dtype=np.float64)
+    big_sq = np.asarray(big_sq, dtype=np.float64)
+    grad_sq, trace = unbiased_estimates(small_sq, big_sq, b_small, b_big)
+    stderr = lambda values: float(values.std(ddof=1) / np.sqrt(values.size))
+    return NoiseScale(
+        b_simple=simple_noise_scale(float(grad_sq.mean()), float(trace.mean())),
+        grad_sq=float(grad_sq.mean()),
+        trace=float(trace.mean()),
+        grad_sq_stderr=stderr(grad_sq),
+        trace_stderr=stderr(trace),
+        small_sq=float(small_sq.mean()),
+        big_sq=float(big_sq.mean()),
+    )
