@@ -104,7 +104,9 @@ def _zeros_like(param: jax.Array, dtype: jnp.dtype | None) -> jax.Array:
             f"accumulator_dtype={dtype} cannot hold {param.dtype} parameters without "
             "dropping their imaginary part; use a complex accumulator_dtype."
         )
-    zeros = jnp.zeros_like(param, dtype=dtype)
+    # Not `jnp.zeros_like`: zeros computed from `param` stay batched like it under
+    # `vmap`, so with explicit mesh axes a sharded batch dimension keeps its sharding.
+    zeros = jnp.where(False, param, 0).astype(param.dtype if dtype is None else dtype)
     return shard_alike(zeros, param)[0]
 
 
@@ -267,6 +269,10 @@ def ema_momentum(
                 )
             else:
                 stored = v_new.astype(v.dtype)
+            # Pins the new velocity to the old one's sharding. Left to the compiler, it
+            # may pick another layout (e.g. from the gradient's), and the next jitted
+            # step would then reshard or recompile.
+            stored = shard_alike(stored, v)[0]
             u = v_new / weight_sum.astype(compute) if debias else v_new
             if weight is not None:
                 u = weight * u + (1 - weight) * g_c
