@@ -43,8 +43,12 @@ first grid cell that reaches the target (see :func:`steps_to_target`).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import functools
 import json
 import math
+import multiprocessing
+import os
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -367,61 +371,73 @@ def study(
     target: float = TARGET_LOSS,
     max_steps: int = MAX_STEPS,
     refinements: int = 2,
+    workers: int = 1,
 ) -> list[dict]:
     """Steps to target vs batch size for tuned SGD and tuned heavy-ball momentum.
 
     For every batch size, the step ``a`` is tuned for SGD (``b = 0``) and for
     every ``b`` in ``betas``; "momentum" is the best ``(a, b)`` over ``betas``.
+    With ``workers > 1`` the batch sizes are shared among that many (spawned)
+    processes; the results are the same.
 
     Returns:
       One row per batch size with ``batch_size``, ``sgd_steps``,
       ``momentum_steps``, ``sgd_lr`` (``a``), ``momentum_lr`` (heavy-ball ``a``),
       ``momentum_beta``, ``momentum_ema_lr`` (``eta = a / (1 - b)``) and
       ``by_beta``: ``{beta: {"steps", "lr", "ema_lr"}}`` for every beta.
-      Steps that were not reached are ``None``.
+      Steps that were not reached (and their lrs) are ``None``.
     """
+    task = functools.partial(
+        _study_one,
+        betas=tuple(betas),
+        dim=dim,
+        target=target,
+        max_steps=max_steps,
+        refinements=refinements,
+    )
+    if workers <= 1 or len(batch_sizes) <= 1:
+        return [task(batch_size) for batch_size in batch_sizes]
+    # spawn, not fork: the parent may have started JAX's threads.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        return list(pool.map(task, batch_sizes))
+
+
+def _study_one(
+    batch_size: int,
+    *,
+    betas: tuple[float, ...],
+    dim: int,
+    target: float,
+    max_steps: int,
+    refinements: int,
+) -> dict:
     h = curvatures(dim)
-    rows = []
-    for batch_size in batch_sizes:
-        sgd_steps, sgd_lr = tune(
-            batch_size, 0.0, h=h, target=target, max_steps=max_steps, refinements=refinements
-        )
-        by_beta = {}
-        for beta in betas:
-            if beta == 0.0:
-                steps, lr = sgd_steps, sgd_lr
-            else:
-                steps, lr = tune(
-                    batch_size,
-                    beta,
-                    h=h,
-                    target=target,
-                    max_steps=max_steps,
-                    refinements=refinements,
-                )
-            by_beta[beta] = (steps, lr)
-        best_beta = min(by_beta, key=lambda beta: (by_beta[beta][0], beta))
-        best_steps, best_lr = by_beta[best_beta]
-        rows.append(
-            {
-                "batch_size": int(batch_size),
-                "sgd_steps": _int_or_none(sgd_steps),
-                "momentum_steps": _int_or_none(best_steps),
-                "sgd_lr": _float_or_none(sgd_lr),
-                "momentum_lr": _float_or_none(best_lr),
-                "momentum_beta": best_beta,
-                "momentum_ema_lr": _float_or_none(best_lr / (1.0 - best_beta)),
-                "by_beta": {
-                    str(beta): {
-                        "steps": _int_or_none(steps),
-                        "lr": _float_or_none(lr),
-                        "ema_lr": _float_or_none(lr / (1.0 - beta)),
-                    }
-                    for beta, (steps, lr) in by_beta.items()
-                },
+    options = dict(h=h, target=target, max_steps=max_steps, refinements=refinements)
+    sgd_steps, sgd_lr = tune(batch_size, 0.0, **options)
+    by_beta = {
+        beta: (sgd_steps, sgd_lr) if beta == 0.0 else tune(batch_size, beta, **options)
+        for beta in betas
+    }
+    best_beta = min(by_beta, key=lambda beta: (by_beta[beta][0], beta))
+    best_steps, best_lr = by_beta[best_beta]
+    return {
+        "batch_size": int(batch_size),
+        "sgd_steps": _int_or_none(sgd_steps),
+        "momentum_steps": _int_or_none(best_steps),
+        "sgd_lr": _float_or_none(sgd_lr),
+        "momentum_lr": _float_or_none(best_lr),
+        "momentum_beta": best_beta,
+        "momentum_ema_lr": _float_or_none(best_lr / (1.0 - best_beta)),
+        "by_beta": {
+            str(beta): {
+                "steps": _int_or_none(steps),
+                "lr": _float_or_none(lr),
+                "ema_lr": _float_or_none(lr / (1.0 - beta)),
             }
-        )
-    return rows
+            for beta, (steps, lr) in by_beta.items()
+        },
+    }
 
 
 def _int_or_none(steps: float) -> int | None:
@@ -498,19 +514,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of the ``nqm`` subcommand."""
     parser.add_argument("--out", default="results", help="output directory (default: results)")
     parser.add_argument(
-        "--max-log2-batch",
-        type=int,
-        default=16,
-        help="batch sizes 1, 2, 4, ..., 2^N (default: 16)",
-    )
-    parser.add_argument(
-        "--dim", type=int, default=DIMENSION, help=f"dimension d (default: {DIMENSION})"
+        "--batch-sizes",
+        default=",".join(str(b) for b in BATCH_SIZES),
+        help="comma-separated batch sizes (default: 1, 2, 4, ..., 65536)",
     )
     parser.add_argument(
         "--betas",
         default=",".join(f"{beta:g}" for beta in BETAS),
         help="comma-separated momentum grid (default: %(default)s)",
     )
+    parser.add_argument(
+        "--dim", type=int, default=DIMENSION, help=f"dimension d (default: {DIMENSION})"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes to share the batch sizes (default: number of CPUs)",
+    )
+
+
+def _numbers(text: str, kind: type) -> list:
+    try:
+        return [kind(item) for item in text.split(",")]
+    except ValueError:
+        return []
 
 
 def run(args: argparse.Namespace) -> int:
@@ -519,21 +547,21 @@ def run(args: argparse.Namespace) -> int:
     Returns:
       The exit code: 0, or 2 after printing one ``error: ...`` line for bad arguments.
     """
-    try:
-        betas = [float(beta) for beta in args.betas.split(",")]
-    except ValueError:
-        betas = []
+    batch_sizes = _numbers(args.batch_sizes, int)
+    betas = _numbers(args.betas, float)
     problem = None
-    if args.max_log2_batch < 0:
-        problem = f"--max-log2-batch must be >= 0, got {args.max_log2_batch}"
-    elif args.dim < 1:
-        problem = f"--dim must be >= 1, got {args.dim}"
+    if not batch_sizes or min(batch_sizes) < 1:
+        problem = f"--batch-sizes must be comma-separated integers >= 1, got {args.batch_sizes!r}"
     elif not betas or not all(0 <= beta < 1 for beta in betas):
         problem = f"--betas must be comma-separated numbers in [0, 1), got {args.betas!r}"
+    elif args.dim < 1:
+        problem = f"--dim must be >= 1, got {args.dim}"
+    elif args.workers < 1:
+        problem = f"--workers must be >= 1, got {args.workers}"
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    rows = study([2**k for k in range(args.max_log2_batch + 1)], betas, dim=args.dim)
+    rows = study(sorted(set(batch_sizes)), betas, dim=args.dim, workers=args.workers)
     write(rows, args.out)
     print(format_table(rows))
     print(f"wrote {pathlib.Path(args.out) / 'nqm.json'} and nqm.png")

@@ -126,8 +126,9 @@ def test_cli_writes_json_and_figure(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     nqm.add_arguments(parser)
     args = parser.parse_args(
-        ["--out", str(tmp_path), "--max-log2-batch", "3", "--dim", "100", "--betas", "0,0.9"]
+        ["--out", str(tmp_path), "--batch-sizes", "1,2,4,8", "--dim", "100", "--betas", "0,0.9"]
     )
+    args.workers = 1
     assert nqm.run(args) == 0
     rows = json.loads((tmp_path / "nqm.json").read_text())
     assert [row["batch_size"] for row in rows] == [1, 2, 4, 8]
@@ -140,11 +141,19 @@ def test_cli_writes_json_and_figure(tmp_path, capsys):
     assert "| 8 |" in capsys.readouterr().out
 
 
-def test_cli_rejects_bad_betas(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--betas", "0,1.5"), ("--batch-sizes", "0,4"), ("--batch-sizes", "x")]
+)
+def test_cli_rejects_bad_arguments(tmp_path, capsys, flag, value):
     parser = argparse.ArgumentParser()
     nqm.add_arguments(parser)
-    args = parser.parse_args(["--out", str(tmp_path / "out"), "--betas", "0,1.5"])
+    args = parser.parse_args(["--out", str(tmp_path / "out"), flag, value])
     assert nqm.run(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --betas") and err.count("\n") == 1
+    assert err.startswith(f"error: {flag}") and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_workers_give_the_same_rows():
+    serial = nqm.study([4, 64], (0.0, 0.9), dim=50)
+    assert nqm.study([4, 64], (0.0, 0.9), dim=50, workers=2) == serial
