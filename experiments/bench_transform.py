@@ -1,0 +1,291 @@
+"""Benchmark of one optimizer step: `ema_sgd` against optax (and PyTorch when importable).
+
+Every JAX contender is timed as the same jitted step with params and optimizer state donated and
+the gradient passed in as a fixed argument::
+
+    step(params, state, grads) -> (params - lr * update(grads, state), new_state)
+
+on (a) one leaf of 20M float32 parameters and (b) 500 leaves of 20k. The contenders run
+interleaved (the order rotates every repeat) so that drifts of the machine hit all of them alike;
+each cell is the median over repeats of the mean time of `--inner` consecutive steps.
+
+Bandwidth counts the bytes a step has to move at the least: params read and written, gradient
+read, state read and written (20 bytes per float32 parameter with a float32 state). The reference
+is a jitted, donated ``x + y`` over the same leaves (12 bytes per element), the fastest an
+elementwise pass over memory goes on this machine.
+
+Run as ``python -m experiments bench-transform`` (or ``python -m experiments.bench_transform``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import ema_momentum as emm
+
+LEARNING_RATE = 0.01
+BETA = 0.9
+SHAPES: dict[str, tuple[int, int]] = {"1 x 20M": (1, 20_000_000), "500 x 20k": (500, 20_000)}
+BASELINE = "optax.sgd(momentum)"
+
+
+@dataclass
+class Contender:
+    """A prepared step: `call()` advances it once; `sync()` waits for the device."""
+
+    name: str
+    call: Callable[[], None]
+    sync: Callable[[], None]
+    bytes_per_step: int
+    state_bytes: int | None
+
+
+def _tree_nbytes(tree: Any) -> int:
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
+
+
+def _jax_contender(
+    name: str, tx: optax.GradientTransformation, n_leaves: int, size: int
+) -> Contender:
+    params = [jnp.full((size,), 1.0, jnp.float32) for _ in range(n_leaves)]
+    # Distinct values per leaf so that no leaf's work can be shared with another's.
+    grads = [jnp.full((size,), 1e-3 * (i + 1), jnp.float32) for i in range(n_leaves)]
+    state = tx.init(params)
+    state_bytes = _tree_nbytes(state)
+    velocity_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state) if leaf.ndim > 0)
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    jitted = jax.jit(step, donate_argnums=(0, 1))
+    carry = [params, state]
+
+    def call() -> None:
+        carry[0], carry[1] = jitted(carry[0], carry[1], grads)
+
+    return Contender(
+        name=name,
+        call=call,
+        sync=lambda: jax.block_until_ready(carry),
+        bytes_per_step=3 * _tree_nbytes(params) + 2 * velocity_bytes,
+        state_bytes=state_bytes,
+    )
+
+
+def _add_contender(n_leaves: int, size: int) -> Contender:
+    xs = [jnp.full((size,), 1.0, jnp.float32) for _ in range(n_leaves)]
+    ys = [jnp.full((size,), 1e-3, jnp.float32) for _ in range(n_leaves)]
+    jitted = jax.jit(lambda xs, ys: [x + y for x, y in zip(xs, ys, strict=True)], donate_argnums=0)
+    carry = [xs]
+
+    def call() -> None:
+        carry[0] = jitted(carry[0], ys)
+
+    return Contender(
+        name="x + y (reference)",
+        call=call,
+        sync=lambda: jax.block_until_ready(carry),
+        bytes_per_step=3 * _tree_nbytes(xs),
+        state_bytes=None,
+    )
+
+
+def _torch_contender(n_leaves: int, size: int) -> Contender | None:
+    try:
+        import torch  # Optional: not a dependency of the project.
+    except ImportError:
+        return None
+    params = [torch.full((size,), 1.0, dtype=torch.float32) for _ in range(n_leaves)]
+    for i, p in enumerate(params):
+        p.grad = torch.full((size,), 1e-3 * (i + 1), dtype=torch.float32)
+    # Same trajectory as ema_sgd(LEARNING_RATE, BETA): heavy ball with lr * (1 - beta).
+    opt = torch.optim.SGD(params, lr=LEARNING_RATE * (1 - BETA), momentum=BETA, foreach=True)
+
+    def call() -> None:
+        opt.step()
+
+    opt.step()  # Creates the momentum buffers, so that their bytes can be counted.
+    state_bytes = sum(
+        t.numel() * t.element_size()
+        for s in opt.state.values()
+        for t in s.values()
+        if isinstance(t, torch.Tensor)
+    )
+    return Contender(
+        name=f"torch.optim.SGD(foreach) {torch.__version__}",
+        call=call,
+        sync=lambda: None,  # CPU tensors: the step has finished when it returns.
+        bytes_per_step=5 * sum(p.numel() * p.element_size() for p in params),
+        state_bytes=state_bytes,
+    )
+
+
+def _contenders(n_leaves: int, size: int, with_torch: bool) -> list[Contender]:
+    txs = {
+        "emm.ema_sgd": emm.ema_sgd(LEARNING_RATE, BETA),
+        "emm.ema_sgd bf16 nearest": emm.ema_sgd(
+            LEARNING_RATE, BETA, accumulator_dtype=jnp.bfloat16
+        ),
+        "emm.ema_sgd bf16 stochastic": emm.ema_sgd(
+            LEARNING_RATE, BETA, accumulator_dtype=jnp.bfloat16, rounding="stochastic"
+        ),
+        BASELINE: optax.sgd(LEARNING_RATE * (1 - BETA), momentum=BETA),
+        "optax.chain(ema, scale)": optax.chain(
+            optax.ema(BETA, debias=False), optax.scale_by_learning_rate(LEARNING_RATE)
+        ),
+    }
+    contenders = [_jax_contender(name, tx, n_leaves, size) for name, tx in txs.items()]
+    contenders.append(_add_contender(n_leaves, size))
+    if with_torch:
+        torch_contender = _torch_contender(n_leaves, size)
+        if torch_contender is not None:
+            contenders.append(torch_contender)
+    return contenders
+
+
+def _time_interleaved(contenders: list[Contender], repeats: int, inner: int) -> list[float]:
+    """Median over `repeats` of seconds per step; contenders alternate within each repeat."""
+    for c in contenders:  # Compile and warm up.
+        for _ in range(2):
+            c.call()
+        c.sync()
+    samples: list[list[float]] = [[] for _ in contenders]
+    for r in range(repeats):
+        for k in range(len(contenders)):
+            i = (k + r) % len(contenders)
+            c = contenders[i]
+            start = time.perf_counter()
+            for _ in range(inner):
+                c.call()
+            c.sync()
+            samples[i].append((time.perf_counter() - start) / inner)
+    return [statistics.median(s) for s in samples]
+
+
+def measure(repeats: int, inner: int, with_torch: bool, scale: float = 1.0) -> dict[str, Any]:
+    """Runs the benchmark on both shapes; returns the machine and one row per contender.
+
+    `scale` multiplies the size of every leaf (a smoke test runs with a tiny one).
+    """
+    rows = []
+    for shape_name, (n_leaves, full_size) in SHAPES.items():
+        size = max(1, round(full_size * scale))
+        contenders = _contenders(n_leaves, size, with_torch)
+        seconds = _time_interleaved(contenders, repeats, inner)
+        times = dict(zip((c.name for c in contenders), seconds, strict=True))
+        add_bandwidth = next(
+            c.bytes_per_step / t
+            for c, t in zip(contenders, seconds, strict=True)
+            if c.state_bytes is None
+        )
+        params_bytes = 4 * n_leaves * size
+        for c, t in zip(contenders, seconds, strict=True):
+            bandwidth = c.bytes_per_step / t
+            rows.append(
+                {
+                    "shape": shape_name,
+                    "contender": c.name,
+                    "ms_per_step": 1e3 * t,
+                    "ratio_to_optax_sgd": t / times[BASELINE],
+                    "bytes_per_step": c.bytes_per_step,
+                    "gb_per_s": bandwidth / 1e9,
+                    "fraction_of_x_plus_y": bandwidth / add_bandwidth,
+                    "state_bytes": c.state_bytes,
+                    "state_bytes_over_params_bytes": (
+                        None if c.state_bytes is None else c.state_bytes / params_bytes
+                    ),
+                }
+            )
+        del contenders
+    return {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "jax": jax.__version__,
+            "optax": optax.__version__,
+            "jax_devices": [str(d) for d in jax.devices()],
+        },
+        "repeats": repeats,
+        "inner": inner,
+        "scale": scale,
+        "rows": rows,
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The rows as a Markdown table."""
+    lines = [
+        "| shape | contender | ms/step | vs optax.sgd | GB/s | of x+y | state bytes / params |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        ratio = row["state_bytes_over_params_bytes"]
+        lines.append(
+            f"| {row['shape']} | {row['contender']} | {row['ms_per_step']:.2f} "
+            f"| {row['ratio_to_optax_sgd']:.3f} | {row['gb_per_s']:.1f} "
+            f"| {row['fraction_of_x_plus_y']:.2f} | {'-' if ratio is None else f'{ratio:.3f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the benchmark's options to `parser`."""
+    parser.add_argument(
+        "--repeats", type=int, default=15, help="timed repeats per contender (default 15)"
+    )
+    parser.add_argument("--inner", type=int, default=3, help="steps per timed repeat (default 3)")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply every leaf size by this (default 1; e.g. 0.001 for a smoke test)",
+    )
+    parser.add_argument(
+        "--no-torch", action="store_true", help="skip torch.optim.SGD even if torch is importable"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the result as JSON instead of a table"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the benchmark with parsed `args`; returns the exit code."""
+    for flag in ("repeats", "inner"):
+        if getattr(args, flag) < 1:
+            print(f"error: --{flag} must be >= 1, got {getattr(args, flag)}", file=sys.stderr)
+            return 2
+    if not 0 < args.scale <= 1:
+        print(f"error: --scale must be in (0, 1], got {args.scale}", file=sys.stderr)
+        return 2
+    result = measure(args.repeats, args.inner, with_torch=not args.no_torch, scale=args.scale)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        machine = result["machine"]
+        print(
+            f"{machine['processor']}, {machine['platform']}, jax {machine['jax']}, "
+            f"optax {machine['optax']}, {len(machine['jax_devices'])} JAX device(s); "
+            f"median of {result['repeats']} repeats x {result['inner']} steps; "
+            f"leaf sizes x {result['scale']:g}"
+        )
+        print(format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(_parser)
+    sys.exit(run(_parser.parse_args()))
