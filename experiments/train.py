@@ -65,11 +65,6 @@ class GroupSpec:
     eval_every: int
 
     @property
-    def group_id(self) -> str:
-        """A stable hash of the spec, used to name the group's curves file."""
-        return _stable_hash(dataclasses.asdict(self))
-
-    @property
     def eval_steps(self) -> tuple[int, ...]:
         """The steps after which the full train and test sets are evaluated."""
         points = list(range(self.eval_every, self.steps + 1, self.eval_every))
@@ -115,6 +110,10 @@ class RunResult:
     diverged_at: int | None
     wall_seconds: float
 
+    def as_record(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class GroupResult:
@@ -141,6 +140,13 @@ class GroupResult:
     test_loss: np.ndarray
     test_accuracy: np.ndarray
     wall_seconds: float
+
+    @property
+    def group_id(self) -> str:
+        """A stable hash of the spec and the run ids: names the group's curves file."""
+        return _stable_hash(
+            {**dataclasses.asdict(self.spec), "run_ids": [r.run_id for r in self.runs]}
+        )
 
     def curves(self) -> dict[str, np.ndarray]:
         """The arrays of the group's ``.npz`` sidecar (see the results schema)."""

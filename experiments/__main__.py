@@ -1,0 +1,7 @@
+"""Entry point for ``python -m experiments``."""
+
+import sys
+
+from experiments import cli
+
+sys.exit(cli.main())

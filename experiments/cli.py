@@ -1,0 +1,67 @@
+"""The command line: ``python -m experiments <command> ...``; ``--help`` works everywhere.
+
+Adding a command is one line in :data:`COMMANDS`: a module with a one-line ``HELP`` string,
+``add_arguments(parser)`` and ``run(args) -> int`` (the exit status). Bad input is reported by
+raising :class:`UsageError` (or through ``parser.error``): the user sees exactly one line
+``error: ...`` on stderr and the exit status is 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+COMMANDS: list[tuple[str, str]] = [
+    ("sweep", "experiments.sweep"),
+]
+
+USAGE_ERROR = 2
+
+
+class UsageError(Exception):
+    """Bad input from the user; reported as one ``error: ...`` line, exit status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line on stderr, without the usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"error: {message}\n")
+        sys.exit(USAGE_ERROR)
+
+
+def build_parser() -> ArgumentParser:
+    """The parser with every registered command."""
+    parser = ArgumentParser(
+        prog="python -m experiments",
+        description="Batch size vs momentum experiments on real data with compiled JAX sweeps.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name in COMMANDS:
+        module = importlib.import_module(module_name)
+        sub = commands.add_parser(
+            name,
+            help=module.HELP,
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub.set_defaults(run=module.run)
+        module.add_arguments(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.run(args)
+    except UsageError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return USAGE_ERROR

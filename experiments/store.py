@@ -1,0 +1,195 @@
+"""The results store: ``DIR/runs.jsonl`` plus one ``DIR/curves/<group_id>.npz`` per group.
+
+Crash safety (``kill -9`` at any moment):
+
+- a group's curves file is written to a temporary file, fsynced and renamed into place *before*
+  any record that points to it is appended, so every record's curves exist;
+- each record is one ``os.write`` of a whole line to a file opened for appending, then fsynced;
+  a crash can only leave a torn last line without its newline, which the next writer removes;
+- a run is done exactly when its record is in ``runs.jsonl``; resuming recomputes a group that
+  lacks any record (training is deterministic) and appends only the missing records.
+
+One process writes a DIR at a time: :class:`ResultStore` holds an exclusive ``flock`` on
+``DIR/.lock`` and refuses to open a DIR that another process holds. Readers
+(:func:`read_runs`, :func:`load_curves`) take no lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from experiments.train import GroupResult
+
+RUNS_FILE = "runs.jsonl"
+CURVES_DIR = "curves"
+LOCK_FILE = ".lock"
+
+
+class StoreLockedError(RuntimeError):
+    """Another process is writing the same results directory."""
+
+
+def _parse_lines(data: bytes, path: Path) -> tuple[list[dict[str, Any]], int]:
+    """Parses the JSON lines of ``runs.jsonl``; returns the records and the valid prefix length.
+
+    Text after the last newline is a torn write and is dropped, and so is a last line that is not
+    valid JSON (what a crash of the file system rather than of the process can leave).
+    """
+    *complete, _torn = data.split(b"\n")
+    records, valid = [], 0
+    for number, line in enumerate(complete, start=1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number == len(complete):
+                break
+            raise ValueError(f"corrupt record on line {number} of {str(path)!r}.") from None
+        valid += len(line) + 1
+    return records, valid
+
+
+def read_runs(root: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Reads every complete record of ``DIR/runs.jsonl`` (a torn last line is ignored).
+
+    Args:
+      root: The results directory.
+
+    Returns:
+      The records in the order they were written; empty if there is no ``runs.jsonl``.
+
+    Raises:
+      ValueError: if a line other than the last is not valid JSON.
+    """
+    path = Path(root) / RUNS_FILE
+    if not path.exists():
+        return []
+    return _parse_lines(path.read_bytes(), path)[0]
+
+
+def load_curves(root: str | os.PathLike[str], record: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Loads one run's curves from its group's ``.npz`` file.
+
+    Args:
+      root: The results directory.
+      record: A record from :func:`read_runs`.
+
+    Returns:
+      ``batch_loss`` and ``grad_norm`` ``[steps]``, ``eval_steps`` ``[E]``, and ``train_loss``,
+      ``test_loss``, ``test_accuracy`` ``[E]`` of that run.
+
+    Raises:
+      ValueError: if the file's row does not belong to this run.
+    """
+    with np.load(Path(root) / record["curves"]) as npz:
+        row = record["curve_index"]
+        if str(npz["run_ids"][row]) != record["run_id"]:
+            raise ValueError(f"curves of run_id={record['run_id']!r} not found at row {row}.")
+        curves = {k: npz[k][row] for k in ("batch_loss", "grad_norm", "train_loss", "test_loss")}
+        curves["test_accuracy"] = npz["test_accuracy"][row]
+        curves["eval_steps"] = npz["eval_steps"]
+    return curves
+
+
+class ResultStore:
+    """The single writer of one results directory; use it as a context manager.
+
+    Args:
+      root: The results directory; created if missing.
+
+    Raises:
+      StoreLockedError: if another process has the directory open.
+      ValueError: if ``runs.jsonl`` has a corrupt line before its last.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root)
+        (self.root / CURVES_DIR).mkdir(parents=True, exist_ok=True)
+        self._lock = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock)
+            raise StoreLockedError(
+                f"{str(self.root)!r} is in use by another process (it holds "
+                f"{str(self.root / LOCK_FILE)!r}); wait for it or use another --out."
+            ) from None
+        path = self.root / RUNS_FILE
+        data = path.read_bytes() if path.exists() else b""
+        self._records, valid = _parse_lines(data, path)
+        self._runs = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        if valid < len(data):
+            os.ftruncate(self._runs, valid)
+            os.fsync(self._runs)
+        self._done = {r["run_id"] for r in self._records}
+        for leftover in (self.root / CURVES_DIR).glob("*.tmp"):
+            leftover.unlink()  # from a crash during a curves write; never referenced
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Closes the files and releases the lock."""
+        os.close(self._runs)
+        os.close(self._lock)  # closing the descriptor releases the flock
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """Every record in the store, in the order written."""
+        return list(self._records)
+
+    def missing(self, run_ids: Iterable[str]) -> list[str]:
+        """The given run ids that have no record yet."""
+        return [run_id for run_id in run_ids if run_id not in self._done]
+
+    def add_group(self, result: GroupResult) -> list[dict[str, Any]]:
+        """Stores a group: writes its curves file, then appends the records not yet stored.
+
+        Args:
+          result: The group from :func:`experiments.train.run_group`.
+
+        Returns:
+          The records appended.
+        """
+        curves = f"{CURVES_DIR}/{result.group_id}.npz"
+        self._write_npz_atomically(self.root / curves, result.curves())
+        added = []
+        for index, run in enumerate(result.runs):
+            if run.run_id in self._done:
+                continue
+            record = {**run.as_record(), "curves": curves, "curve_index": index}
+            line = (json.dumps(record, allow_nan=False) + "\n").encode()
+            os.write(self._runs, line)
+            os.fsync(self._runs)
+            self._records.append(record)
+            self._done.add(run.run_id)
+            added.append(record)
+        return added
+
+    def _write_npz_atomically(self, path: Path, arrays: dict[str, np.ndarray]) -> None:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+        try:
+            os.fchmod(fd, 0o644)  # mkstemp makes the file private; results are for sharing
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)

@@ -1,0 +1,299 @@
+"""Train a grid of batch sizes x betas x learning rates x seeds; resumable, results in --out DIR.
+
+Each (batch size, beta) is one compiled group that trains all its learning rates and seeds at
+once (see experiments.train). Budgets are in optimizer steps, not epochs. Rerunning the same
+command skips finished runs; after a crash it completes the sweep. Results: DIR/runs.jsonl (one
+JSON record per run) and DIR/curves/*.npz (per-step curves).
+
+--lrs auto: for batch size B, seven learning rates spaced half a decade apart, centred on
+0.1 * sqrt(B / 32): c/31.6, c/10, c/3.16, c, 3.16c, 10c, 31.6c (3 significant digits). The
+square-root rule keeps the noise of an SGD step roughly constant across batch sizes, and the
+wide grid brackets the best rate with and without momentum (lr is the EMA-form rate of
+ema_sgd, so beta=0.9 tolerates much larger values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from experiments import data as datasets
+from experiments import models
+from experiments.cli import UsageError
+from experiments.store import ResultStore, StoreLockedError
+from experiments.train import GroupSpec, run_group
+
+HELP = "train a batch size x beta x lr x seed grid (resumable)"
+
+AUTO_LR_CENTER = 0.1  # at batch size AUTO_LR_BATCH
+AUTO_LR_BATCH = 32
+AUTO_LR_HALF_DECADES = range(-3, 4)
+
+
+def auto_lrs(batch_size: int) -> list[float]:
+    """The ``--lrs auto`` grid for one batch size (see the module docstring)."""
+    center = AUTO_LR_CENTER * math.sqrt(batch_size / AUTO_LR_BATCH)
+    return [float(f"{center * 10 ** (k / 2):.3g}") for k in AUTO_LR_HALF_DECADES]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    return [_positive_int(part.strip()) for part in text.split(",")]
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _float_list(text: str) -> list[float]:
+    return [_float(part.strip()) for part in text.split(",")]
+
+
+def _lrs(text: str) -> list[float] | None:
+    if text.strip() == "auto":
+        return None
+    lrs = _float_list(text)
+    if any(lr <= 0 for lr in lrs):
+        raise argparse.ArgumentTypeError(f"learning rates must be > 0, got {text!r}")
+    return lrs
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the sweep options to ``parser``."""
+    parser.add_argument("--out", required=True, metavar="DIR", help="results directory")
+    parser.add_argument("--dataset", choices=datasets.DATASETS, default="mnist1d")
+    parser.add_argument(
+        "--data-dir", metavar="PATH", help="folder of MNIST-format IDX files (--dataset idx only)"
+    )
+    parser.add_argument("--model", choices=models.MODELS, default="mlp")
+    parser.add_argument(
+        "--batch-sizes", type=_int_list, default=[8, 32, 128], metavar="B,B,...",
+        help="comma-separated batch sizes (default: 8,32,128)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--betas", type=_float_list, default=[0.0, 0.9], metavar="BETA,...",
+        help="momentum values in [0, 1); 0 is plain SGD (default: 0,0.9)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--lrs", type=_lrs, default=None, metavar="auto|LR,...",
+        help="learning rates (EMA form), or 'auto' for 7 per batch size: half-decade steps "
+        "around 0.1*sqrt(B/32) (default: auto)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--seeds", type=_positive_int, default=2, metavar="N",
+        help="number of seeds 0..N-1; a seed fixes init and data order (default: 2)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--steps", type=_positive_int, default=2000, metavar="N",
+        help="optimizer steps per run (default: 2000)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--eval-every", type=_positive_int, default=100, metavar="N",
+        help="evaluate the full train and test sets every N steps (default: 100)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--target-loss", type=_float, default=None, metavar="X",
+        help="record the first eval step with full train loss <= X (default: none)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--devices", type=_positive_int, default=None, metavar="N",
+        help="shard the runs over the first N devices (default: all)",
+    )  # fmt: skip
+
+
+def _check_unique(name: str, values: Sequence[Any]) -> None:
+    if len(set(values)) != len(values):
+        raise UsageError(f"{name} has duplicates: {','.join(map(str, values))}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validates everything (loading the data too), then runs the sweep."""
+    if args.dataset == "idx" and args.data_dir is None:
+        raise UsageError("--dataset idx needs --data-dir")
+    if args.dataset != "idx" and args.data_dir is not None:
+        raise UsageError(f"--data-dir is only used with --dataset idx, not {args.dataset}")
+    bad_betas = [b for b in args.betas if not 0.0 <= b < 1.0]
+    if bad_betas:
+        raise UsageError(f"--betas must be in [0, 1), got {bad_betas[0]}")
+    _check_unique("--batch-sizes", args.batch_sizes)
+    _check_unique("--betas", args.betas)
+    if args.lrs is not None:
+        _check_unique("--lrs", args.lrs)
+    if args.eval_every > args.steps:
+        raise UsageError(f"--eval-every ({args.eval_every}) must be <= --steps ({args.steps})")
+    if args.target_loss is not None and args.target_loss < 0:
+        raise UsageError(f"--target-loss must be >= 0, got {args.target_loss}")
+    n_devices = len(jax.devices())
+    if args.devices is not None and args.devices > n_devices:
+        raise UsageError(f"--devices {args.devices} but only {n_devices} device(s) are available")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {args.out} exists and is not a directory")
+    try:
+        data = datasets.load_dataset(args.dataset, args.data_dir)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load dataset {args.dataset}: {e}") from None
+    too_big = [b for b in args.batch_sizes if b > data.n_train]
+    if too_big:
+        raise UsageError(
+            f"batch size {too_big[0]} is larger than the {data.n_train} training examples"
+        )
+    try:
+        records = run_sweep(
+            out,
+            data,
+            args.model,
+            args.batch_sizes,
+            args.betas,
+            lrs=args.lrs,
+            seeds=range(args.seeds),
+            steps=args.steps,
+            eval_every=args.eval_every,
+            target_loss=args.target_loss,
+            devices=None if args.devices is None else jax.devices()[: args.devices],
+        )
+    except StoreLockedError as e:
+        raise UsageError(str(e)) from None
+    print(summary(records))
+    return 0
+
+
+def run_sweep(
+    out_dir: str | Path,
+    data: datasets.Dataset,
+    model: str,
+    batch_sizes: Sequence[int],
+    betas: Sequence[float],
+    *,
+    lrs: Sequence[float] | None = None,
+    seeds: Sequence[int] = (0,),
+    steps: int,
+    eval_every: int,
+    target_loss: float | None = None,
+    devices: Sequence[jax.Device] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Runs (or resumes) a sweep into a results directory.
+
+    Args:
+      out_dir: The results directory (created if missing; see :mod:`experiments.store`).
+      data: The dataset.
+      model: ``"linear"``, ``"mlp"`` or ``"cnn"``.
+      batch_sizes: One group per batch size and beta.
+      betas: Momentum values in ``[0, 1)``.
+      lrs: Learning rates for every batch size, or ``None`` for :func:`auto_lrs`.
+      seeds: Seeds; each fixes the initialization and data order.
+      steps: Optimizer steps per run.
+      eval_every: Steps between full evaluations.
+      target_loss: Full-train-set loss goal for ``steps_to_target``.
+      devices: Devices to shard each group over; defaults to all.
+      progress: Show tqdm progress bars on stderr.
+
+    Returns:
+      The records of every run of the sweep (new and previously stored), in grid order.
+
+    Raises:
+      experiments.store.StoreLockedError: if another process is writing ``out_dir``.
+    """
+    seeds = list(seeds)
+    plan = []
+    for batch_size in batch_sizes:
+        group_lrs = auto_lrs(batch_size) if lrs is None else [float(lr) for lr in lrs]
+        for beta in betas:
+            spec = GroupSpec(data.name, model, int(batch_size), float(beta), steps, eval_every)
+            ids = [spec.run_id(lr, s, target_loss) for lr in group_lrs for s in seeds]
+            plan.append((spec, group_lrs, ids))
+
+    with ResultStore(out_dir) as store:
+        total = sum(len(ids) for _, _, ids in plan)
+        todo = [(spec, group_lrs, ids) for spec, group_lrs, ids in plan if store.missing(ids)]
+        runs_bar = tqdm(
+            total=total, initial=total - sum(len(store.missing(ids)) for *_, ids in todo),
+            desc="runs", unit="run", disable=not progress, dynamic_ncols=True,
+        )  # fmt: skip
+        with runs_bar:
+            for spec, group_lrs, ids in todo:
+                missing = len(store.missing(ids))
+                with tqdm(
+                    total=steps, desc=f"batch {spec.batch_size} beta {spec.beta:g}",
+                    unit="step", leave=False, disable=not progress, dynamic_ncols=True,
+                ) as steps_bar:  # fmt: skip
+                    result = run_group(
+                        data, model, spec.batch_size, spec.beta, group_lrs, seeds, steps,
+                        eval_every, target_loss=target_loss, devices=devices,
+                        on_chunk=steps_bar.update,
+                    )  # fmt: skip
+                store.add_group(result)
+                runs_bar.update(missing)
+        by_id = {r["run_id"]: r for r in store.records}
+    return [by_id[run_id] for *_, ids in plan for run_id in ids]
+
+
+def _mean(values: Sequence[float | None]) -> float:
+    finite = [v for v in values if v is not None]
+    return float(np.mean(finite)) if len(finite) == len(values) else math.nan
+
+
+def summary(records: Sequence[dict[str, Any]]) -> str:
+    """A one-screen table: per batch size and beta, the best lr and its results (seed means).
+
+    The best lr has the lowest mean final train loss among those with no diverged seed.
+    """
+    if not records:
+        return "no runs"
+    first = records[0]
+    groups: dict[tuple[int, float], dict[float, list[dict[str, Any]]]] = {}
+    for r in records:
+        groups.setdefault((r["batch_size"], r["beta"]), {}).setdefault(r["lr"], []).append(r)
+    wall = sum(r["wall_seconds"] for r in records)
+    lines = [
+        f"{first['dataset']} / {first['model']}: {len(records)} runs of {first['steps']} steps "
+        f"({wall:.1f} s of group wall time)",
+        f"{'batch':>6} {'beta':>6} {'best lr':>9} {'train loss':>11} {'test loss':>10} "
+        f"{'test acc':>9} {'to target':>10} {'diverged':>9}",
+    ]
+    for (batch_size, beta), by_lr in sorted(groups.items()):
+        runs = [r for rs in by_lr.values() for r in rs]
+        diverged = sum(r["diverged"] for r in runs)
+        scores = {
+            lr: _mean([r["final_train_loss"] for r in rs])
+            for lr, rs in by_lr.items()
+            if not any(r["diverged"] for r in rs)
+        }
+        scores = {lr: s for lr, s in scores.items() if math.isfinite(s)}
+        if not scores:
+            lines.append(f"{batch_size:>6} {beta:>6g} {'-':>9} {'':>43} {diverged:>4}/{len(runs)}")
+            continue
+        best = min(scores, key=scores.get)
+        rs = by_lr[best]
+        to_target = [r["steps_to_target"] for r in rs]
+        target = "-" if None in to_target else f"{np.median(to_target):g}"
+        lines.append(
+            f"{batch_size:>6} {beta:>6g} {best:>9.3g} {scores[best]:>11.4f} "
+            f"{_mean([r['final_test_loss'] for r in rs]):>10.4f} "
+            f"{_mean([r['final_test_accuracy'] for r in rs]):>9.3f} {target:>10} "
+            f"{diverged:>4}/{len(runs)}"
+        )
+    return "\n".join(lines)
