@@ -114,6 +114,21 @@ def test_velocity_has_the_sharding_of_the_params(mesh_name, axis_type, jit_init,
     assert_same_sharding(new_params, params)
 
 
+@pytest.mark.parametrize("grad_spec", [P(), P(None, "model"), P("model", "data")])
+def test_update_keeps_the_velocity_sharding_whatever_the_gradient_sharding(grad_spec):
+    """Left to the compiler, the new velocity would follow the gradient's layout."""
+    mesh = mesh_of("2d")
+    params = jax.device_put(jnp.ones((8, 8)), NamedSharding(mesh, P("data")))
+    grads = jax.device_put(jnp.full((8, 8), 0.5), NamedSharding(mesh, grad_spec))
+    tx = emm.ema_momentum(0.9)
+    update = jax.jit(tx.update)
+    state = jax.jit(tx.init)(params)
+    for _ in range(2):
+        _, state = update(grads, state)
+        assert_same_sharding(state.velocity, params)
+    np.testing.assert_allclose(state.velocity, 0.5 * (1 - 0.9**2), rtol=1e-6)
+
+
 def test_optax_trace_jitted_init_does_not_keep_the_sharding():
     """The contrast that motivates `shard_alike`, as of this jax/optax version.
 
