@@ -7,7 +7,8 @@ the gradient passed in as a fixed argument::
 
 on (a) one leaf of 20M float32 parameters and (b) 500 leaves of 20k. The contenders run
 interleaved (the order rotates every repeat) so that drifts of the machine hit all of them alike;
-each cell is the median over repeats of the mean time of `--inner` consecutive steps.
+a time is the median over repeats of the mean time of `--inner` consecutive steps, a ratio to
+optax.sgd the median over repeats of the ratio within the repeat.
 
 Bandwidth counts the bytes a step has to move at the least: params read and written, gradient
 read, state read and written (20 bytes per float32 parameter with a float32 state). The reference
@@ -156,8 +157,8 @@ def _contenders(n_leaves: int, size: int, with_torch: bool) -> list[Contender]:
     return contenders
 
 
-def _time_interleaved(contenders: list[Contender], repeats: int, inner: int) -> list[float]:
-    """Median over `repeats` of seconds per step; contenders alternate within each repeat."""
+def _time_interleaved(contenders: list[Contender], repeats: int, inner: int) -> list[list[float]]:
+    """Seconds per step, `repeats` samples per contender; they alternate within each repeat."""
     for c in contenders:  # Compile and warm up.
         for _ in range(2):
             c.call()
@@ -172,7 +173,7 @@ def _time_interleaved(contenders: list[Contender], repeats: int, inner: int) -> 
                 c.call()
             c.sync()
             samples[i].append((time.perf_counter() - start) / inner)
-    return [statistics.median(s) for s in samples]
+    return samples
 
 
 def measure(repeats: int, inner: int, with_torch: bool, scale: float = 1.0) -> dict[str, Any]:
@@ -184,22 +185,26 @@ def measure(repeats: int, inner: int, with_torch: bool, scale: float = 1.0) -> d
     for shape_name, (n_leaves, full_size) in SHAPES.items():
         size = max(1, round(full_size * scale))
         contenders = _contenders(n_leaves, size, with_torch)
-        seconds = _time_interleaved(contenders, repeats, inner)
-        times = dict(zip((c.name for c in contenders), seconds, strict=True))
+        samples = _time_interleaved(contenders, repeats, inner)
+        seconds = [statistics.median(s) for s in samples]
+        baseline = samples[[c.name for c in contenders].index(BASELINE)]
         add_bandwidth = next(
             c.bytes_per_step / t
             for c, t in zip(contenders, seconds, strict=True)
             if c.state_bytes is None
         )
         params_bytes = 4 * n_leaves * size
-        for c, t in zip(contenders, seconds, strict=True):
+        for c, t, sample in zip(contenders, seconds, samples, strict=True):
             bandwidth = c.bytes_per_step / t
+            # Ratios within a repeat: the contenders ran back to back, so load that drifts
+            # over the run cancels out.
+            ratio = statistics.median(x / y for x, y in zip(sample, baseline, strict=True))
             rows.append(
                 {
                     "shape": shape_name,
                     "contender": c.name,
                     "ms_per_step": 1e3 * t,
-                    "ratio_to_optax_sgd": t / times[BASELINE],
+                    "ratio_to_optax_sgd": ratio,
                     "bytes_per_step": c.bytes_per_step,
                     "gb_per_s": bandwidth / 1e9,
                     "fraction_of_x_plus_y": bandwidth / add_bandwidth,
