@@ -182,6 +182,22 @@ def test_vmap_update_matches_per_model_updates():
         np.testing.assert_allclose(state.velocity[i], one.velocity, rtol=1e-6)
 
 
+def test_grad_over_beta_with_sharded_params():
+    """`shard_alike` in init and update is differentiable (here, through a traced beta)."""
+    mesh = mesh_of("2d")
+    grads = jax.device_put(jnp.full((8, 4), 2.0), NamedSharding(mesh, P("data", "model")))
+
+    def second_update_sum(beta):
+        tx = emm.ema_momentum(beta)
+        state = tx.init(grads)
+        _, state = tx.update(grads, state)
+        updates, _ = tx.update(grads, state)
+        return jnp.sum(updates)
+
+    # Two steps of a constant gradient 2: v = 2 (1 - beta^2), so d/dbeta = -4 beta per entry.
+    np.testing.assert_allclose(jax.jit(jax.grad(second_update_sum))(0.5), 32 * -4 * 0.5)
+
+
 @pytest.mark.parametrize("params", [np.ones((4, 3), np.float32), 1.5, jnp.float32(2.0)])
 def test_init_accepts_numpy_arrays_and_python_scalars(params):
     tx = emm.ema_sgd(0.1, 0.9)
