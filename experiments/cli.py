@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
 COMMANDS: list[tuple[str, str]] = [
     ("sweep", "experiments.sweep"),
+    ("bench", "experiments.bench"),
 ]
 
 USAGE_ERROR = 2
@@ -31,6 +33,24 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"error: {message}\n")
         sys.exit(USAGE_ERROR)
+
+
+def use_one_cpu_device_per_core() -> None:
+    """Makes XLA's CPU backend one single-threaded device per core, unless flags say otherwise.
+
+    The engine shards its runs over devices, so per-core devices run them in parallel with no
+    synchronization inside each small step: about twice the run-steps/s of one multi-threaded
+    CPU device on 2 cores. Only the CPU backend is affected (not GPUs or TPUs), and only if
+    called before jax is imported.
+    """
+    if "jax" in sys.modules:
+        return
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        flags += f" --xla_force_host_platform_device_count={len(os.sched_getaffinity(0))}"
+    if "xla_cpu_multi_thread_eigen" not in flags:
+        flags += " --xla_cpu_multi_thread_eigen=false"
+    os.environ["XLA_FLAGS"] = flags.strip()
 
 
 def build_parser() -> ArgumentParser:
@@ -55,6 +75,7 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status."""
+    use_one_cpu_device_per_core()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

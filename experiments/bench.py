@@ -1,0 +1,233 @@
+"""Measure training throughput: MNIST-1D MLP at batch 32, momentum 0.9, side by side.
+
+Contenders, all the same model, optimizer (EMA momentum, beta 0.9) and per-epoch shuffling:
+  naive_loop   a Python loop calling a jitted single-run step (one device)
+  scan         the engine's compiled lax.scan chunk, one run (one device)
+  scan_vmap    the engine's compiled lax.scan chunk, 8 runs vmapped and sharded over all devices
+               (on CPU, the command line makes one device per core)
+  torch_eager  a PyTorch eager loop, torch.optim.SGD(lr*(1-beta), momentum=beta), started from
+               the same initial weights; the faster of 1 and 2 torch threads (only if torch is
+               importable)
+
+Throughput is in run-steps per second (one optimizer step of one run). Everything is compiled and
+warmed up first; the contenders are timed in turn, round after round, and the median round is
+reported. Also reported: the model FLOP rate of scan_vmap at batch 1024 (6 x batch x weights
+FLOPs per run-step: forward, input and weight gradients) against the machine's float32 matmul
+rate (2048x2048 jnp.dot on every device at once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from experiments import train
+from experiments.data import load_dataset
+
+HELP = "measure run-steps/s: naive loop, scan, scan+vmap, torch eager"
+
+MODEL, BATCH, BETA, LR = "mlp", 32, 0.9, 0.1
+VMAP_RUNS = 8
+STEPS = 300  # per timed round and contender
+ROUNDS = 5
+FLOPS_BATCH, FLOPS_STEPS = 1024, 100
+PEAK_SIZE = 2048
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the bench options to ``parser``."""
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of a table"
+    )
+
+
+def _engine(n_runs: int, batch_size: int, devices: list[jax.Device]):
+    """A warmed-up ``steps -> None`` runner of the engine's scan chunk, and its initial state."""
+    data = load_dataset("mnist1d")
+    st = train._Static(MODEL, data.input_shape, data.num_classes, data.n_train, batch_size)
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("runs",))
+    by_run = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("runs"))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    x, y = jax.device_put((data.x_train, data.y_train), replicated)
+    state = train._init_runs([(LR, seed) for seed in range(n_runs)], BETA, st, by_run)
+
+    def run(steps: int) -> None:
+        out = train._train_chunk(state, jnp.int32(0), x, y, st=st, length=steps)
+        jax.block_until_ready(out)
+
+    return run, state, st, (x, y)
+
+
+def _naive_loop(device: jax.Device) -> Callable[[int], None]:
+    _, state, st, (x, y) = _engine(1, BATCH, [device])
+    one = jax.tree.map(lambda a: a[0], state)
+    step = jax.jit(functools.partial(train._step_one, st=st))
+
+    def run(steps: int) -> None:
+        s = one
+        for t in range(steps):
+            s, out = step(s, t, x, y)
+        jax.block_until_ready(out)
+
+    return run
+
+
+def _torch_eager(state: train._RunState, threads: int) -> Callable[[int], None] | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    data = load_dataset("mnist1d")
+    params = jax.tree.map(lambda a: np.asarray(a[0]), nnx.to_pure_dict(state.params))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(40, 100), torch.nn.ReLU(),
+        torch.nn.Linear(100, 100), torch.nn.ReLU(),
+        torch.nn.Linear(100, 10),
+    )  # fmt: skip
+    with torch.no_grad():
+        for layer, name in zip(model[::2], ("hidden1", "hidden2", "out"), strict=True):
+            layer.weight.copy_(torch.from_numpy(params[name]["kernel"].T.copy()))
+            layer.bias.copy_(torch.from_numpy(params[name]["bias"].copy()))
+    opt = torch.optim.SGD(model.parameters(), lr=LR * (1 - BETA), momentum=BETA)
+    x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train).long()
+    generator = torch.Generator().manual_seed(0)
+    per_epoch = data.n_train // BATCH
+
+    def run(steps: int) -> None:
+        torch.set_num_threads(threads)
+        for t in range(steps):
+            if t % per_epoch == 0:
+                perm = torch.randperm(data.n_train, generator=generator)
+            idx = perm[(t % per_epoch) * BATCH : (t % per_epoch + 1) * BATCH]
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    return run
+
+
+def _seconds(fn: Callable[[int], None], steps: int) -> float:
+    start = time.perf_counter()
+    fn(steps)
+    return time.perf_counter() - start
+
+
+def _matmul_gflops(devices: list[jax.Device]) -> float:
+    """The float32 matmul rate of all devices together, each multiplying its own matrices."""
+    sharding = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.asarray(devices), ("d",)), jax.sharding.PartitionSpec("d")
+    )
+    a = jax.device_put(jnp.ones((len(devices), PEAK_SIZE, PEAK_SIZE), jnp.float32), sharding)
+    dot = jax.jit(jax.vmap(jnp.dot))
+    dot(a, a).block_until_ready()
+    times = []
+    for _ in range(ROUNDS):
+        start = time.perf_counter()
+        dot(a, a).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return len(devices) * 2 * PEAK_SIZE**3 / statistics.median(times) / 1e9
+
+
+def measure() -> dict:
+    """Runs the benchmark; returns the JSON-ready results."""
+    devices = jax.devices()
+    with jax.threefry_partitionable(False):
+        scan_vmap, state, _, _ = _engine(VMAP_RUNS, BATCH, devices)
+        contenders = {
+            "naive_loop": (_naive_loop(devices[0]), 1),
+            "scan": (_engine(1, BATCH, devices[:1])[0], 1),
+            "scan_vmap": (scan_vmap, VMAP_RUNS),
+            "torch_1_thread": (_torch_eager(state, 1), 1),
+            "torch_2_threads": (_torch_eager(state, 2), 1),
+        }
+        big, big_state, _, _ = _engine(VMAP_RUNS, FLOPS_BATCH, devices)
+        for fn, _ in contenders.values():  # compile and warm up
+            if fn is not None:
+                fn(STEPS)
+        big(FLOPS_STEPS)
+
+        times: dict[str, list[float]] = {name: [] for name in contenders}
+        big_times = []
+        for _ in range(ROUNDS):
+            for name, (fn, _) in contenders.items():
+                if fn is not None:
+                    times[name].append(_seconds(fn, STEPS))
+            big_times.append(_seconds(big, FLOPS_STEPS))
+
+    rates = {
+        name: None if not times[name] else runs * STEPS / statistics.median(times[name])
+        for name, (_, runs) in contenders.items()
+    }
+    torch_rates = {1: rates.pop("torch_1_thread"), 2: rates.pop("torch_2_threads")}
+    torch_threads = None if torch_rates[1] is None else max(torch_rates, key=torch_rates.get)
+    rates["torch_eager"] = None if torch_threads is None else torch_rates[torch_threads]
+    weights = sum(
+        math.prod(p.shape[1:])
+        for path, p in jax.tree_util.tree_leaves_with_path(big_state.params)
+        if "kernel" in jax.tree_util.keystr(path)
+    )
+    achieved = 6 * FLOPS_BATCH * weights * VMAP_RUNS * FLOPS_STEPS / statistics.median(big_times)
+    peak = _matmul_gflops(devices)
+    torch_rate = rates["torch_eager"]
+    return {
+        "run_steps_per_s": rates,
+        "speedup_vs_torch_eager": None
+        if torch_rate is None
+        else {name: rate / torch_rate for name, rate in rates.items()},
+        "torch_threads": torch_threads,
+        "torch_run_steps_per_s_by_threads": None if torch_threads is None else torch_rates,
+        "gflops": {
+            "scan_vmap_batch_1024": achieved / 1e9,
+            "matmul_peak": peak,
+            "fraction_of_peak": achieved / 1e9 / peak,
+        },
+        "config": {
+            "model": MODEL,
+            "dataset": "mnist1d",
+            "batch_size": BATCH,
+            "beta": BETA,
+            "lr": LR,
+            "vmap_runs": VMAP_RUNS,
+            "steps_per_round": STEPS,
+            "rounds": ROUNDS,
+            "devices": [str(d) for d in devices],
+        },
+    }
+
+
+def table(results: dict) -> str:
+    """The results as a markdown table."""
+    speedups = results["speedup_vs_torch_eager"]
+    lines = ["| contender | run-steps/s | vs torch eager |", "|---|---:|---:|"]
+    for name, rate in results["run_steps_per_s"].items():
+        shown = "n/a (torch not installed)" if rate is None else f"{rate:,.0f}"
+        if name == "torch_eager" and rate is not None:
+            name = f"torch_eager ({results['torch_threads']} thread(s))"
+        ratio = "n/a" if speedups is None or rate is None else f"{speedups[name]:.1f}x"
+        lines.append(f"| {name} | {shown} | {ratio} |")
+    g = results["gflops"]
+    lines.append("")
+    lines.append(
+        f"scan_vmap at batch {FLOPS_BATCH}: {g['scan_vmap_batch_1024']:.1f} GFLOP/s = "
+        f"{100 * g['fraction_of_peak']:.0f}% of the measured float32 matmul rate "
+        f"({g['matmul_peak']:.1f} GFLOP/s)."
+    )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the benchmark and prints a table, or one JSON object with ``--json``."""
+    results = measure()
+    print(json.dumps(results) if args.json else table(results))
+    return 0
