@@ -18,6 +18,7 @@ from typing import NoReturn
 COMMANDS: list[tuple[str, str]] = [
     ("sweep", "experiments.sweep"),
     ("bench", "experiments.bench"),
+    ("bench-transform", "experiments.bench_transform"),
 ]
 
 USAGE_ERROR = 2
