@@ -96,7 +96,7 @@ def _torch_eager(state: train._RunState, threads: int) -> Callable[[int], None] 
     )  # fmt: skip
     with torch.no_grad():
         for layer, name in zip(model[::2], ("hidden1", "hidden2", "out"), strict=True):
-            layer.weight.copy_(torch.from_numpy(params[name]["kernel"].T.copy()))
+            layer.weight.copy_(torch.from_numpy(params[name]["layer"]["kernel"].T.copy()))
             layer.bias.copy_(torch.from_numpy(params[name]["bias"].copy()))
     opt = torch.optim.SGD(model.parameters(), lr=LR * (1 - BETA), momentum=BETA)
     x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train).long()

@@ -30,11 +30,64 @@ class DatasetSpec(Protocol):
     num_classes: int
 
 
+def ordered_sum(x: jax.Array, axis: int | None = None) -> jax.Array:
+    """Sum of ``x`` (over ``axis``, or all elements) in a fixed pairwise order of elementwise adds.
+
+    XLA picks the summation order of a reduction from the surrounding shapes (for instance how
+    many vmapped runs share a device), which changes the last bits of the result. Elementwise
+    adds are never reordered, so this sum is the same wherever and however often it is batched.
+    """
+    if axis is None:
+        x, axis = x.reshape(-1), 0
+    x = jnp.moveaxis(x, axis, 0)
+    size = 1 << max(0, (x.shape[0] - 1).bit_length())
+    x = jnp.pad(x, [(0, size - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+    while x.shape[0] > 1:
+        x = x[: x.shape[0] // 2] + x[x.shape[0] // 2 :]
+    return x[0]
+
+
+@jax.custom_vjp
+def add_bias(x: jax.Array, bias: jax.Array) -> jax.Array:
+    """``x + bias`` over the last axis; the bias gradient is an :func:`ordered_sum`.
+
+    Autodiff would sum the bias gradient over the batch with an XLA reduction, whose order (and
+    so whose last bits) depends on how many vmapped runs share a device.
+    """
+    return x + bias
+
+
+def _add_bias_fwd(x: jax.Array, bias: jax.Array) -> tuple[jax.Array, None]:
+    return x + bias, None
+
+
+def _add_bias_bwd(_: None, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return g, ordered_sum(g.reshape(-1, g.shape[-1]), axis=0)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+class Biased(nnx.Module):
+    """A bias-free layer followed by :func:`add_bias` (a zero-initialized bias)."""
+
+    def __init__(self, layer: nnx.Module, features: int):
+        self.layer = layer
+        self.bias = nnx.Param(jnp.zeros(features))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return add_bias(self.layer(x), self.bias[...])
+
+
+def _dense(n_in: int, n_out: int, rngs: nnx.Rngs) -> Biased:
+    return Biased(nnx.Linear(n_in, n_out, use_bias=False, rngs=rngs), n_out)
+
+
 class Linear(nnx.Module):
     """Multinomial logistic regression on the flattened input."""
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, *, rngs: nnx.Rngs):
-        self.out = nnx.Linear(math.prod(input_shape), num_classes, rngs=rngs)
+        self.out = _dense(math.prod(input_shape), num_classes, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.out(x.reshape(x.shape[0], -1))
@@ -44,9 +97,9 @@ class MLP(nnx.Module):
     """Two hidden ReLU layers of :data:`MLP_WIDTH` units on the flattened input."""
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, *, rngs: nnx.Rngs):
-        self.hidden1 = nnx.Linear(math.prod(input_shape), MLP_WIDTH, rngs=rngs)
-        self.hidden2 = nnx.Linear(MLP_WIDTH, MLP_WIDTH, rngs=rngs)
-        self.out = nnx.Linear(MLP_WIDTH, num_classes, rngs=rngs)
+        self.hidden1 = _dense(math.prod(input_shape), MLP_WIDTH, rngs)
+        self.hidden2 = _dense(MLP_WIDTH, MLP_WIDTH, rngs)
+        self.out = _dense(MLP_WIDTH, num_classes, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.reshape(x.shape[0], -1)
@@ -67,22 +120,22 @@ class CNN(nnx.Module):
         convs = []
         in_channels, spatial = 1, list(input_shape)
         for k in CNN_KERNELS:
-            convs.append(
-                nnx.Conv(
-                    in_channels,
-                    CNN_CHANNELS,
-                    kernel_size=(k,) * ndim,
-                    strides=(2,) * ndim,
-                    padding=((1, 1),) * ndim,
-                    rngs=rngs,
-                )
+            conv = nnx.Conv(
+                in_channels,
+                CNN_CHANNELS,
+                kernel_size=(k,) * ndim,
+                strides=(2,) * ndim,
+                padding=((1, 1),) * ndim,
+                use_bias=False,
+                rngs=rngs,
             )
+            convs.append(Biased(conv, CNN_CHANNELS))
             in_channels = CNN_CHANNELS
             spatial = [(s + 2 - k) // 2 + 1 for s in spatial]
             if min(spatial) < 1:
                 raise ValueError(f"input_shape={input_shape} is too small for the CNN.")
         self.convs = nnx.List(convs)
-        self.out = nnx.Linear(CNN_CHANNELS * math.prod(spatial), num_classes, rngs=rngs)
+        self.out = _dense(CNN_CHANNELS * math.prod(spatial), num_classes, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x[..., None]  # a single input channel, channels last
@@ -111,23 +164,6 @@ def make_model(name: str, dataset_spec: DatasetSpec, rngs: nnx.Rngs) -> nnx.Modu
     if name not in _CLASSES:
         raise ValueError(f"name must be one of {', '.join(MODELS)}, got name={name!r}.")
     return _CLASSES[name](tuple(dataset_spec.input_shape), dataset_spec.num_classes, rngs=rngs)
-
-
-def ordered_sum(x: jax.Array, axis: int | None = None) -> jax.Array:
-    """Sum of ``x`` (over ``axis``, or all elements) in a fixed pairwise order of elementwise adds.
-
-    XLA picks the summation order of a reduction from the surrounding shapes (for instance how
-    many vmapped runs share a device), which changes the last bits of the result. Elementwise
-    adds are never reordered, so this sum is the same wherever and however often it is batched.
-    """
-    if axis is None:
-        x, axis = x.reshape(-1), 0
-    x = jnp.moveaxis(x, axis, 0)
-    size = 1 << max(0, (x.shape[0] - 1).bit_length())
-    x = jnp.pad(x, [(0, size - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
-    while x.shape[0] > 1:
-        x = x[: x.shape[0] // 2] + x[x.shape[0] // 2 :]
-    return x[0]
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

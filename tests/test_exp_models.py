@@ -1,0 +1,72 @@
+"""Tests of experiments.models: output shapes, the loss, and the fixed-order sum."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from experiments import models
+
+
+@dataclasses.dataclass
+class Spec:
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+@pytest.mark.parametrize("name", models.MODELS)
+@pytest.mark.parametrize("shape", [(40,), (8, 8), (28, 28)])
+def test_output_shapes(name, shape):
+    forward = lambda: models.make_model(name, Spec(shape, 7), nnx.Rngs(0))(jnp.zeros((3, *shape)))
+    assert nnx.eval_shape(forward).shape == (3, 7)
+
+
+def test_paper_sizes():
+    def count(name):
+        model = nnx.eval_shape(lambda: models.make_model(name, Spec((40,), 10), nnx.Rngs(0)))
+        return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+    # MLP 40-100-100-10; CNN 3 x Conv1d(25 channels, kernels 5/3/3) + Linear(125, 10).
+    assert count("mlp") == 40 * 100 + 100 * 100 + 100 * 10 + 210
+    assert count("cnn") == 150 + 2 * 1900 + 1260
+
+
+def test_bad_model():
+    with pytest.raises(ValueError, match="name='rnn'"):
+        models.make_model("rnn", Spec((40,), 10), nnx.Rngs(0))
+    with pytest.raises(ValueError, match="input_shape"):
+        models.make_model("cnn", Spec((2, 2, 2), 10), nnx.Rngs(0))
+
+
+def test_loss_matches_optax():
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(37, 10)) * 5, jnp.float32)
+    labels = jnp.arange(37) % 10
+    np.testing.assert_allclose(
+        models.cross_entropy(logits, labels),
+        optax.softmax_cross_entropy_with_integer_labels(logits, labels),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    model = lambda x: x  # loss_fn only calls the model
+    expected = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+    np.testing.assert_allclose(models.loss_fn(model, logits, labels), expected, rtol=1e-6)
+
+
+def test_bias_gradient():
+    x, b = jnp.arange(12.0).reshape(2, 3, 2), jnp.array([1.0, -1.0])
+    grad = jax.grad(lambda b: jnp.sum(models.add_bias(x, b) ** 2))(b)
+    np.testing.assert_allclose(grad, jax.grad(lambda b: jnp.sum((x + b) ** 2))(b))
+
+
+def test_ordered_sum_is_independent_of_batching():
+    x = jax.random.normal(jax.random.key(0), (16, 1438)) * 3
+    summed = jax.jit(jax.vmap(models.ordered_sum))
+    full = np.asarray(summed(x))
+    np.testing.assert_allclose(full, np.asarray(x).sum(axis=1), rtol=1e-5, atol=1e-4)
+    for k in (1, 2, 3, 8):
+        np.testing.assert_array_equal(np.asarray(summed(x[:k])), full[:k])
+    np.testing.assert_allclose(models.ordered_sum(x, axis=0), x.sum(axis=0), rtol=1e-5, atol=1e-5)
