@@ -1,0 +1,273 @@
+"""Tests of the command line and the results store: end to end, crash, resume, lock, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from test_exp_data import write_idx, write_mnist
+
+from experiments import cli, data, store
+
+SWEEP = [
+    "sweep", "--dataset", "digits", "--batch-sizes", "16", "--betas", "0,0.5,0.9",
+    "--lrs", "0.3,100000", "--seeds", "2", "--steps", "60", "--eval-every", "20",
+    "--target-loss", "1.0",
+]  # fmt: skip
+N_RUNS = 3 * 2 * 2
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Subprocess environment: a shared persistent compilation cache keeps reruns fast."""
+    cache = tmp_path_factory.mktemp("jax_cache")
+    return os.environ | {
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+    }
+
+
+def start(args, env):
+    return subprocess.Popen(
+        [sys.executable, "-m", "experiments", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def run(args, env):
+    return subprocess.run(
+        [sys.executable, "-m", "experiments", *args], env=env, capture_output=True, text=True
+    )
+
+
+def without_wall_time(records):
+    return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in records]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, env):
+    """An uninterrupted sweep."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    done = run([*SWEEP, "--out", str(out)], env)
+    assert done.returncode == 0, done.stderr
+    return out, done
+
+
+def test_sweep_end_to_end(reference):
+    out, done = reference
+    records = store.read_runs(out)
+    assert len(records) == N_RUNS == len({r["run_id"] for r in records})
+    assert "best lr" in done.stdout and "100%" in done.stderr  # summary and progress bars
+    for r in records:
+        curves = store.load_curves(out, r)
+        assert curves["batch_loss"].shape == (60,)
+        assert curves["eval_steps"].tolist() == [20, 40, 60]
+        assert r["diverged"] == (r["lr"] == 100000)
+        if not r["diverged"]:
+            assert r["final_train_loss"] == pytest.approx(float(curves["train_loss"][-1]))
+
+
+def test_rerun_skips_completed_runs(reference, env):
+    out, _ = reference
+    before = (out / "runs.jsonl").read_bytes()
+    again = run([*SWEEP, "--out", str(out)], env)
+    assert again.returncode == 0, again.stderr
+    assert (out / "runs.jsonl").read_bytes() == before
+
+
+def test_resume_after_kill_is_identical_to_uninterrupted(reference, env, tmp_path):
+    """SIGKILL mid-sweep, tear the last line, rerun: nothing lost, duplicated or different.
+
+    The first group, written by a fresh process into a fresh DIR, also checks determinism.
+    """
+    out = tmp_path / "out"
+    runs_file = out / "runs.jsonl"
+    proc = start([*SWEEP, "--out", str(out)], env)
+    deadline = time.monotonic() + 120
+    while not (runs_file.exists() and runs_file.stat().st_size > 0):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert 0 < len(store.read_runs(out)) < N_RUNS  # killed mid-sweep
+    with runs_file.open("ab") as f:
+        f.write(b'{"run_id": "torn')
+
+    resumed = run([*SWEEP, "--out", str(out)], env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert runs_file.read_bytes().endswith(b"\n")
+    records = store.read_runs(out)
+    expected = store.read_runs(reference[0])
+    key = lambda r: r["run_id"]
+    assert sorted(without_wall_time(records), key=key) == sorted(
+        without_wall_time(expected), key=key
+    )
+    for r in records:
+        mine, theirs = store.load_curves(out, r), store.load_curves(reference[0], r)
+        for name in mine:
+            np.testing.assert_array_equal(mine[name], theirs[name])
+
+
+def test_lock_refuses_a_second_writer(tmp_path, env):
+    out = tmp_path / "out"
+    with store.ResultStore(out):
+        done = run([*SWEEP, "--out", str(out)], env)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
+    assert "in use by another process" in done.stderr
+    assert not (out / "runs.jsonl").read_bytes()
+
+
+def test_store_refuses_second_writer_in_process(tmp_path):
+    with store.ResultStore(tmp_path), pytest.raises(store.StoreLockedError):
+        store.ResultStore(tmp_path)
+    store.ResultStore(tmp_path).close()  # released
+
+
+def test_store_repairs_torn_last_line_and_rejects_corruption(tmp_path):
+    runs = tmp_path / "runs.jsonl"
+    runs.write_bytes(b'{"run_id": "a"}\n{"run_id": "b"}\n{"run_')
+    assert [r["run_id"] for r in store.read_runs(tmp_path)] == ["a", "b"]
+    with store.ResultStore(tmp_path) as s:
+        assert s.missing(["a", "b", "c"]) == ["c"]
+    assert runs.read_bytes() == b'{"run_id": "a"}\n{"run_id": "b"}\n'
+    runs.write_bytes(b'{"run_id": "a"}\nnot json\n{"run_id": "b"}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        store.read_runs(tmp_path)
+
+
+def main_in_process(argv, capsys):
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr()
+
+
+@pytest.fixture
+def corrupt_idx(tmp_path):
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    write_mnist(folder)
+    write_idx(folder / "train-images-idx3-ubyte", data.IDX_LABELS_MAGIC, np.zeros(6))
+    return folder
+
+
+BAD = [
+    ["--batch-sizes", "0"],
+    ["--batch-sizes", "8,x"],
+    ["--batch-sizes", "5000"],
+    ["--batch-sizes", "8,8"],
+    ["--betas", "1"],
+    ["--betas", "-0.1"],
+    ["--betas", "abc"],
+    ["--lrs", "0"],
+    ["--lrs", "-1"],
+    ["--lrs", "abc"],
+    ["--lrs", "nan"],
+    ["--lrs", "inf"],
+    ["--steps", "0"],
+    ["--steps", "2.5"],
+    ["--steps", "x"],
+    ["--seeds", "0"],
+    ["--seeds", "-3"],
+    ["--eval-every", "0"],
+    ["--eval-every", "100", "--steps", "10"],
+    ["--target-loss", "-1"],
+    ["--target-loss", "x"],
+    ["--dataset", "cifar"],
+    ["--model", "rnn"],
+    ["--devices", "99"],
+    ["--data-dir", "/tmp"],
+    ["--no-such-flag"],
+]
+
+
+@pytest.mark.parametrize("extra", BAD, ids=" ".join)
+def test_bad_input(extra, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["sweep", "--dataset", "digits", "--out", str(out), "--steps", "20", *extra]
+    code, captured = main_in_process(args, capsys)
+    assert code == 2
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["no_dir", "missing", "corrupt"])
+def test_bad_idx_data(case, tmp_path, capsys, corrupt_idx):
+    out = tmp_path / "out"
+    data_dir = {"no_dir": [], "missing": ["--data-dir", str(tmp_path / "none")]}.get(
+        case, ["--data-dir", str(corrupt_idx)]
+    )
+    code, captured = main_in_process(
+        ["sweep", "--dataset", "idx", "--out", str(out), *data_dir], capsys
+    )
+    assert code == 2 and captured.err.startswith("error: ") and captured.err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_out_is_a_file(tmp_path, capsys):
+    out = tmp_path / "file"
+    out.write_text("x")
+    code, captured = main_in_process(["sweep", "--dataset", "digits", "--out", str(out)], capsys)
+    assert code == 2 and "not a directory" in captured.err
+
+
+def test_missing_out(capsys):
+    code, captured = main_in_process(["sweep"], capsys)
+    assert code == 2 and captured.err.count("\n") == 1
+
+
+def test_bad_input_from_a_real_process(tmp_path, env):
+    out = tmp_path / "out"
+    done = run(["sweep", "--dataset", "digits", "--out", str(out), "--betas", "1.5"], env)
+    assert done.returncode == 2
+    assert done.stderr == "error: --betas must be in [0, 1), got 1.5\n"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["sweep", "--help"], ["bench", "--help"]])
+def test_help(argv, capsys):
+    code, captured = main_in_process(argv, capsys)
+    assert code == 0 and "usage:" in captured.out
+
+
+def test_no_command_prints_help(capsys):
+    code, captured = main_in_process([], capsys)
+    assert code == 0 and "sweep" in captured.out and "bench" in captured.out
+
+
+def test_auto_lrs():
+    from experiments.sweep import auto_lrs
+
+    assert auto_lrs(32) == [0.00316, 0.01, 0.0316, 0.1, 0.316, 1.0, 3.16]
+    assert auto_lrs(128)[3] == 0.2
+
+
+def test_bench_table_shape():
+    from experiments import bench
+
+    results = {
+        "run_steps_per_s": {
+            "naive_loop": 10.0,
+            "scan": 20.0,
+            "scan_vmap": 80.0,
+            "torch_eager": None,
+        },
+        "speedup_vs_torch_eager": None,
+        "torch_threads": None,
+        "gflops": {"scan_vmap_batch_1024": 1.0, "matmul_peak": 4.0, "fraction_of_peak": 0.25},
+    }
+    table = bench.table(results)
+    assert "| scan_vmap | 80 | n/a |" in table and "25%" in table
+    json.dumps(results)
