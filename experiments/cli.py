@@ -19,7 +19,12 @@ COMMANDS: list[tuple[str, str]] = [
     ("sweep", "experiments.sweep"),
     ("bench", "experiments.bench"),
     ("bench-transform", "experiments.bench_transform"),
+    ("report", "experiments.report"),
+    ("quadratic", "experiments.quadratic"),
+    ("nqm", "experiments.nqm"),
+    ("baselines", "experiments.baselines"),
 ]
+MAIN_JOB = "experiments.study"  # runs when no command is given
 
 USAGE_ERROR = 2
 
@@ -56,10 +61,14 @@ def use_one_cpu_device_per_core() -> None:
 
 def build_parser() -> ArgumentParser:
     """The parser with every registered command."""
+    main_job = importlib.import_module(MAIN_JOB)
     parser = ArgumentParser(
         prog="python -m experiments",
-        description="Batch size vs momentum experiments on real data with compiled JAX sweeps.",
+        description="Batch size vs momentum experiments on real data with compiled JAX sweeps. "
+        "With no command: the main job, " + main_job.HELP + ".",
     )
+    main_job.add_arguments(parser)
+    parser.set_defaults(run=main_job.run)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in COMMANDS:
         module = importlib.import_module(module_name)
@@ -79,9 +88,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     use_one_cpu_device_per_core()
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
     try:
         return args.run(args)
     except UsageError as e:

@@ -26,7 +26,7 @@ ratio is taken.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -159,3 +159,89 @@ def estimate_noise_scale(
         small_sq=float(small_sq.mean()),
         big_sq=float(big_sq.mean()),
     )
+
+
+def along_training(
+    data: Any,
+    model: str,
+    *,
+    lr: float,
+    batch_size: int,
+    checkpoints: Sequence[int],
+    b_small: int,
+    b_big: int,
+    num_pairs: int,
+    beta: float = 0.0,
+    seed: int = 0,
+) -> list[dict[str, float]]:
+    """``B_simple`` at the given steps of one ``ema_sgd`` training run of a model on a dataset.
+
+    The run trains ``model`` on ``data.x_train`` with ``ema_sgd(lr, beta)`` at ``batch_size``
+    (batches drawn with replacement); at every checkpoint step it estimates the noise scale with
+    :func:`estimate_noise_scale` on the full training set and measures the full training loss.
+
+    Args:
+      data: An :class:`experiments.data.Dataset`.
+      model: A model name of :func:`experiments.models.make_model`.
+      lr: The EMA-form learning rate.
+      batch_size: The training batch size.
+      checkpoints: Steps (>= 0) at which to measure; 0 is the initialization.
+      b_small: Small batch size of the estimator.
+      b_big: Big batch size of the estimator.
+      num_pairs: Batch pairs per estimate.
+      beta: Momentum of the training run (0: SGD).
+      seed: Seeds the initialization, the training batches and the estimator's batches.
+
+    Returns:
+      One row per checkpoint: ``step``, ``train_loss`` and the :class:`NoiseScale` fields.
+    """
+    from flax import nnx
+
+    import ema_momentum as emm
+    from experiments.models import loss_fn, make_model
+
+    if any(c < 0 for c in checkpoints):
+        raise ValueError(f"checkpoints must be >= 0, got checkpoints={list(checkpoints)}")
+    graphdef, params = nnx.split(make_model(model, data, nnx.Rngs(params=jax.random.key(seed))))
+    x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    tx = emm.ema_sgd(lr, beta)
+
+    def mean_loss(p, xb, yb):
+        return loss_fn(nnx.merge(graphdef, p), xb, yb)
+
+    grad_fn = jax.grad(mean_loss)
+
+    @functools.partial(jax.jit, static_argnames="length")
+    def train(params, opt_state, key, length):
+        def body(carry, k):
+            params, opt_state = carry
+            index = jax.random.randint(k, (batch_size,), 0, x.shape[0])
+            updates, opt_state = tx.update(grad_fn(params, x[index], y[index]), opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), None
+
+        (params, opt_state), _ = jax.lax.scan(
+            body, (params, opt_state), jax.random.split(key, length)
+        )
+        return params, opt_state
+
+    key = jax.random.key(seed)
+    train_key, estimate_key = jax.random.split(key)
+    opt_state, done, rows = tx.init(params), 0, []
+    for step in sorted(set(checkpoints)):
+        if step > done:
+            params, opt_state = train(
+                params, opt_state, jax.random.fold_in(train_key, step), length=step - done
+            )
+            done = step
+        estimate = estimate_noise_scale(
+            grad_fn, params, x, y, b_small, b_big, num_pairs,
+            jax.random.fold_in(estimate_key, step),
+        )  # fmt: skip
+        rows.append(
+            {
+                "step": step,
+                "train_loss": float(jax.jit(mean_loss)(params, x, y)),
+                **estimate._asdict(),
+            }
+        )
+    return rows

@@ -55,6 +55,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+HELP = "noisy quadratic model (Zhang et al. 2019): steps to target vs batch size, closed form"
 DIMENSION = 10_000
 TARGET_LOSS = 0.01
 BATCH_SIZES = tuple(2**k for k in range(17))

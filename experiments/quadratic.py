@@ -29,6 +29,7 @@ import optax
 
 import ema_momentum as emm
 
+HELP = "the course picture: SGD vs EMA momentum on a noisy ill-conditioned 2-D quadratic"
 CURVATURES = (1.0, 0.03)
 START = (-2.0, 3.0)
 LEARNING_RATE = 1.6

@@ -1,0 +1,350 @@
+"""The main job: does momentum buy large-batch stability at small-batch cost?
+
+``python -m experiments [--out DIR] [--preset quick|full]`` runs every stage of the study into DIR
+and ends with ``DIR/report.md``. Each stage stores its results as it goes and is skipped (or, for
+the sweeps, resumed) when run again, so an interrupted job continues where it stopped.
+
+Stages:
+
+1. ``quadratic``: the course picture, a noisy ill-conditioned 2-D quadratic (experiments.quadratic).
+2. ``nqm``: Zhang et al.'s noisy quadratic model, closed form (experiments.nqm).
+3. ``sweep``: MNIST-1D, batch size x beta x learning rate x seed, steps to a train-loss target
+   (experiments.sweep) into ``DIR/sweep``.
+4. ``effective``: at one fixed learning rate (the best SGD rate of the sweep at the smallest test
+   batch), momentum at batch B against SGD at B and at ``B (1 + beta) / (1 - beta)``, evaluated on
+   the full training set every few steps, into ``DIR/effective``.
+5. ``noise_scale``: the simple gradient noise scale ``B_simple`` (McCandlish et al.) measured along
+   an SGD training run of the sweep's model.
+6. ``baselines``: the MNIST-1D paper's setup (Adam, lr 1e-2, batch 100) for every model, and the
+   same models with ``ema_sgd`` (experiments.baselines).
+7. ``report``: figures and ``DIR/report.md`` (experiments.report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HELP = "the main job: the whole study into --out (default: results), then its report"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Everything that sizes the study. Budgets are in optimizer steps, never epochs."""
+
+    name: str
+    dataset: str
+    model: str
+    batch_sizes: tuple[int, ...]
+    betas: tuple[float, ...]
+    seeds: int
+    example_budget: int  # a sweep run at batch B gets clip(example_budget / B, *step_range) steps
+    step_range: tuple[int, int]
+    eval_every: int
+    target_loss: float  # full-train-set cross-entropy goal for steps-to-target
+    effective_beta: float
+    effective_batches: tuple[int, ...]  # momentum batch sizes B of the effective-batch test
+    effective_steps: int
+    effective_eval_every: int
+    noise_scale_batches: tuple[int, int]  # (b_small, b_big) of the two-batch estimator
+    noise_scale_checkpoints: tuple[int, ...]
+    noise_scale_pairs: int
+    nqm_batch_sizes: tuple[int, ...]
+    baseline_models: tuple[str, ...]
+    baseline_steps: int
+    baseline_seeds: int
+
+    def sweep_steps(self, batch_size: int) -> int:
+        """The step budget at one batch size: a fixed number of examples, within step_range.
+
+        Perfect scaling (half the steps at twice the batch) costs the same examples at every
+        batch size, so an example budget gives every batch size the same chance to show it;
+        the floor leaves large batches enough steps to reach the target at all.
+        """
+        lo, hi = self.step_range
+        steps = min(hi, max(lo, math.ceil(self.example_budget / batch_size)))
+        return math.ceil(steps / self.eval_every) * self.eval_every
+
+    @property
+    def effective_sgd_batches(self) -> tuple[int, ...]:
+        """SGD batch sizes of the effective-batch test: each B and B (1 + beta) / (1 - beta)."""
+        factor = (1 + self.effective_beta) / (1 - self.effective_beta)
+        sizes = {b for b in self.effective_batches} | {
+            round(b * factor) for b in self.effective_batches
+        }
+        return tuple(sorted(sizes))
+
+
+def sweep_lrs(batch_size: int) -> list[float]:
+    """The sweep's lr grid at one batch size: the five largest of ``sweep --lrs auto``.
+
+    ``auto`` spans c/31.6 .. 31.6c with c = 0.1 sqrt(B / 32); a pilot run showed the two smallest
+    never best for either optimizer, so the study spends its time on the other five. The report
+    flags any best lr at the edge of its grid.
+    """
+    from experiments.sweep import auto_lrs
+
+    return auto_lrs(batch_size)[2:]
+
+
+PRESETS = {
+    "quick": Preset(
+        name="quick",
+        dataset="mnist1d",
+        model="mlp",
+        batch_sizes=(8, 16, 32, 64, 128, 256, 512),
+        betas=(0.0, 0.9),
+        seeds=2,
+        example_budget=80_000,
+        step_range=(1000, 10_000),
+        eval_every=25,
+        target_loss=0.5,
+        effective_beta=0.9,
+        effective_batches=(8, 32),
+        effective_steps=2000,
+        effective_eval_every=10,
+        noise_scale_batches=(32, 512),
+        noise_scale_checkpoints=(0, 100, 300, 1000, 3000),
+        noise_scale_pairs=64,
+        nqm_batch_sizes=tuple(4**k for k in range(9)),
+        baseline_models=("linear", "mlp", "cnn"),
+        baseline_steps=6000,
+        baseline_seeds=1,
+    ),
+    "full": Preset(
+        name="full",
+        dataset="mnist1d",
+        model="mlp",
+        batch_sizes=(4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),
+        betas=(0.0, 0.5, 0.9, 0.99),
+        seeds=5,
+        example_budget=320_000,
+        step_range=(2000, 40_000),
+        eval_every=25,
+        target_loss=0.5,
+        effective_beta=0.9,
+        effective_batches=(4, 8, 16, 32, 64),
+        effective_steps=5000,
+        effective_eval_every=10,
+        noise_scale_batches=(32, 1024),
+        noise_scale_checkpoints=(0, 100, 300, 1000, 3000, 10000),
+        noise_scale_pairs=256,
+        nqm_batch_sizes=tuple(2**k for k in range(17)),
+        baseline_models=("linear", "mlp", "cnn"),
+        baseline_steps=6000,
+        baseline_seeds=3,
+    ),
+}
+
+STUDY_FILE = "study.json"
+SWEEP_DIR = "sweep"
+EFFECTIVE_DIR = "effective"
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Writes JSON atomically: a crash leaves the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1, allow_nan=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in ``path``, or None if there is none."""
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def machine() -> dict[str, Any]:
+    """Where the study ran, for the report's setup section."""
+    import jax
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+    }
+
+
+class Study:
+    """Runs the stages of one preset into one directory, remembering which are done.
+
+    ``DIR/study.json`` holds the preset, the machine, each finished stage's wall time and the
+    values one stage hands to the next (e.g. the effective-batch test's learning rate).
+    """
+
+    def __init__(self, out: Path, preset: Preset, *, progress: bool = True):
+        self.out, self.preset, self.progress = out, preset, progress
+        self.meta = read_json(out / STUDY_FILE) or {}
+        if self.meta and self.meta.get("preset", {}).get("name") != preset.name:
+            raise ValueError(
+                f"{str(out)!r} holds a {self.meta['preset']['name']!r} study; use another --out "
+                f"for --preset {preset.name}."
+            )
+        self.meta.setdefault("preset", dataclasses.asdict(preset))
+        self.meta.setdefault("stages", {})
+        self.meta["machine"] = machine()
+        self._data = None
+
+    @property
+    def data(self):
+        if self._data is None:
+            from experiments.data import load_dataset
+
+            self._data = load_dataset(self.preset.dataset)
+        return self._data
+
+    def _save(self) -> None:
+        write_json(self.out / STUDY_FILE, self.meta)
+
+    def stage(self, name: str, fn: Callable[[], dict[str, Any] | None]) -> None:
+        """Runs stage ``name`` unless it finished before; records its wall time and outputs."""
+        if name in self.meta["stages"]:
+            self._log(f"[{name}] done before, skipped")
+            return
+        self._log(f"[{name}] ...")
+        start = time.perf_counter()
+        extra = fn() or {}
+        seconds = time.perf_counter() - start
+        self.meta["stages"][name] = {"wall_seconds": round(seconds, 1), **extra}
+        self._save()
+        self._log(f"[{name}] {seconds:.0f} s")
+
+    def _log(self, message: str) -> None:
+        if self.progress:
+            print(message, file=sys.stderr, flush=True)
+
+    def run_all(self) -> None:
+        """Every stage, in order."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._save()
+        self.stage("quadratic", self.quadratic)
+        self.stage("nqm", self.nqm)
+        self.stage("sweep", self.sweep)
+        self.stage("effective", self.effective)
+        self.stage("noise_scale", self.noise_scale)
+        self.stage("baselines", self.baselines)
+        from experiments import report
+
+        report.build(self.out)
+
+    def quadratic(self) -> None:
+        from experiments import quadratic
+
+        quadratic.write(quadratic.study(), self.out)
+
+    def nqm(self) -> None:
+        from experiments import nqm
+
+        rows = nqm.study(self.preset.nqm_batch_sizes, workers=min(2, os.cpu_count() or 1))
+        nqm.write(rows, self.out)
+
+    def sweep(self) -> dict[str, Any]:
+        from experiments.sweep import run_sweep
+
+        p = self.preset
+        for batch_size in p.batch_sizes:
+            run_sweep(
+                self.out / SWEEP_DIR, self.data, p.model, [batch_size], p.betas,
+                lrs=sweep_lrs(batch_size), seeds=range(p.seeds), steps=p.sweep_steps(batch_size),
+                eval_every=p.eval_every, target_loss=p.target_loss, progress=self.progress,
+            )  # fmt: skip
+        return {"steps": {str(b): p.sweep_steps(b) for b in p.batch_sizes}}
+
+    def best_sgd_lr(self, batch_size: int) -> float:
+        """The sweep's best SGD learning rate at ``batch_size`` (criterion: analysis.best_settings)."""
+        from experiments import analysis
+        from experiments.store import read_runs
+
+        records = analysis.filter_records(
+            read_runs(self.out / SWEEP_DIR), beta=0.0, batch_size=batch_size
+        )
+        if not records:
+            raise ValueError(f"the sweep has no SGD runs at batch size {batch_size}")
+        return analysis.best_settings(records)[0]["lr"]
+
+    def effective(self) -> dict[str, Any]:
+        from experiments.sweep import run_sweep
+
+        p = self.preset
+        lr = self.best_sgd_lr(min(p.effective_batches))
+        common = dict(
+            lrs=[lr], seeds=range(p.seeds), steps=p.effective_steps,
+            eval_every=p.effective_eval_every, progress=self.progress,
+        )  # fmt: skip
+        out = self.out / EFFECTIVE_DIR
+        run_sweep(out, self.data, p.model, p.effective_batches, [p.effective_beta], **common)
+        run_sweep(out, self.data, p.model, p.effective_sgd_batches, [0.0], **common)
+        return {"lr": lr, "beta": p.effective_beta}
+
+    def noise_scale(self) -> dict[str, Any]:
+        from experiments import noise_scale
+
+        p = self.preset
+        b_small, b_big = p.noise_scale_batches
+        lr = self.best_sgd_lr(b_small) if b_small in p.batch_sizes else None
+        rows = noise_scale.along_training(
+            self.data, p.model, lr=lr, batch_size=b_small, checkpoints=p.noise_scale_checkpoints,
+            b_small=b_small, b_big=b_big, num_pairs=p.noise_scale_pairs, seed=0,
+        )  # fmt: skip
+        write_json(self.out / "noise_scale.json", {"lr": lr, "beta": 0.0, "rows": rows})
+        return {"lr": lr}
+
+    def baselines(self) -> None:
+        from experiments import baselines
+
+        p = self.preset
+        result = baselines.run_baselines(
+            p.baseline_models, steps=p.baseline_steps, seeds=range(p.baseline_seeds),
+            progress=self.progress,
+        )  # fmt: skip
+        write_json(self.out / "baselines.json", result)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The main job's options (also accepted with no subcommand)."""
+    parser.add_argument(
+        "--out", default="results", help="results and report directory (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="quick",
+        help="quick: minutes on a laptop CPU (default); full: more batch sizes, betas, seeds and "
+        "longer budgets, for a GPU/TPU or an afternoon",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs (or resumes) the study; prints where the report is and its summary table."""
+    from experiments.cli import UsageError
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} exists and is not a directory")
+    try:
+        study = Study(out, PRESETS[args.preset])
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    study.run_all()
+    from experiments import report
+
+    print(report.summary(out))
+    print(f"report: {out / 'report.md'}")
+    return 0
