@@ -28,6 +28,16 @@ HELP = "rebuild DIR/report.md and its figures from stored results (no training)"
 FIGURES_DIR = "figures"
 SMOOTHING = 51  # steps of the moving average drawn over raw batch-loss curves
 FULL_LOSS_WINDOW = 11  # evaluations (of the full training set) in the effective test's trend
+DATASETS = {
+    "mnist1d": "MNIST-1D (4000 training / 1000 test signals of length 40, 10 classes, generated "
+    "offline by the `mnist1d` package)",
+    "digits": "scikit-learn's 8x8 digits (fixed seeded split, scaled to [0, 1])",
+}
+MODELS = {
+    "linear": "linear (multinomial logistic regression)",
+    "mlp": "MLP with two hidden layers of 100 ReLU units (40-100-100-10 on MNIST-1D)",
+    "cnn": "CNN of the MNIST-1D paper (3 stride-2 convolutions of 25 channels, then linear)",
+}
 MNIST1D_PAPER = {"linear": 0.32, "mlp": 0.68, "cnn": 0.94}  # Greydanus 2020, test accuracy
 
 SUPPORTED, PARTLY, NOT_SUPPORTED, UNSETTLED = (
@@ -205,6 +215,20 @@ def effective_triples(res: Results) -> list[tuple[EffectiveCase, EffectiveCase, 
 # Figures. Each function draws one PNG and returns its caption.
 
 
+def _batch_axis(ax, sizes: Sequence[int]) -> None:
+    """A log x axis labelled with the batch sizes themselves."""
+    ax.set_xscale("log")
+    ax.set_xticks(list(sizes), [str(b) for b in sizes])
+    ax.xaxis.set_minor_locator(_null_locator())
+    ax.set_xlabel("batch size B")
+
+
+def _null_locator():
+    from matplotlib.ticker import NullLocator
+
+    return NullLocator()
+
+
 def _figure(**kwargs):
     from matplotlib.figure import Figure
 
@@ -280,13 +304,12 @@ def fig_steps(res: Results, path: Path) -> str:
     if anchor is not None:
         grid = np.geomspace(min(res.batch_sizes()), max(res.batch_sizes()), 50)
         ax.plot(grid, anchor[1] * anchor[0] / grid, ":", color="gray", label="perfect scaling 1/B")
-    ax.set_xscale("log")
+    _batch_axis(ax, res.batch_sizes())
     ax.set_yscale("log")
-    ax.set_xlabel("batch size B")
     ax.set_ylabel(f"steps to full-train loss {res.preset['target_loss']:g}")
     ax.set_title("Steps to result (learning rate tuned per batch size)")
     ax.legend(fontsize=7)
-    ax_e.set_xlabel("batch size B")
+    _batch_axis(ax_e, res.batch_sizes())
     ax_e.set_ylabel("examples to target (steps x B)")
     ax_e.set_title("Examples (compute) to result")
     ax_e.legend(fontsize=8)
@@ -323,9 +346,8 @@ def fig_best_lr(res: Results, path: Path) -> str:
         )
         ax.plot(grid, anchor[1] * np.sqrt(grid / anchor[0]), "--", color="gray", lw=0.8,
                 label="square-root scaling")  # fmt: skip
-    ax.set_xscale("log")
+    _batch_axis(ax, res.batch_sizes())
     ax.set_yscale("log")
-    ax.set_xlabel("batch size B")
     ax.set_ylabel("best learning rate eta (EMA form)")
     ax.set_title("Best learning rate vs batch size")
     ax.legend(fontsize=8)
@@ -353,9 +375,8 @@ def fig_oscillation(res: Results, path: Path) -> str:
                 stds.append(np.std(values))
         ax_b.errorbar(sizes, means, yerr=stds, fmt="o-", capsize=3, color=_color(beta, betas),
                       label=_label(beta))  # fmt: skip
-    ax_b.set_xscale("log")
+    _batch_axis(ax_b, res.batch_sizes())
     ax_b.set_yscale("log")
-    ax_b.set_xlabel("batch size B")
     ax_b.set_ylabel("std of log batch loss around its trend")
     ax_b.set_title("Late-training oscillation at the best lr")
     ax_b.legend(fontsize=8)
@@ -454,7 +475,7 @@ def fig_noise_scale(res: Results, path: Path) -> str:
                 (r["trace_stderr"] / r["trace"]) ** 2 + (r["grad_sq_stderr"] / r["grad_sq"]) ** 2
                 for r in rows
             ]
-        )  # fmt: skip
+        )
     )
     fig = _figure(figsize=(7, 4.6))
     ax = fig.subplots()
@@ -524,7 +545,8 @@ def verdict_noise(res: Results) -> dict:
     rho = _rank_correlation(sizes, osc)
     triples = effective_triples(res)
     fixed = [
-        (s.batch_size, g.batch_size, s.mean(s.full_loss_oscillation), g.mean(g.full_loss_oscillation),
+        (s.batch_size, g.batch_size,
+         s.mean(s.full_loss_oscillation), g.mean(g.full_loss_oscillation),
          s.mean(s.batch_loss_oscillation), g.mean(g.batch_loss_oscillation))
         for _, s, g in triples
     ]  # fmt: skip
@@ -561,8 +583,8 @@ def verdict_noise(res: Results) -> dict:
 def verdict_shrinks(res: Results) -> dict:
     triples = effective_triples(res)
     if not triples:
-        return _verdict("2. Oscillation shrinks during training at a fixed learning rate.",
-                        UNSETTLED, "-", "the effective-batch stage did not run", "-", "-")  # fmt: skip
+        claim = "2. Oscillation shrinks during training at a fixed learning rate."
+        return _verdict(claim, UNSETTLED, "-", "the effective-batch stage did not run", "-", "-")
     _, sgd, _ = triples[0]
     loss = np.stack([analysis.curve(r, res.effective_curves, "batch_loss") for r in sgd.records])
     gnorm = np.stack([analysis.curve(r, res.effective_curves, "grad_norm") for r in sgd.records])
@@ -678,12 +700,14 @@ def verdict_batch_size(res: Results) -> dict:
     big, small = max(accuracy), min(accuracy)
     acc_drop = accuracy[small] - accuracy[big] if accuracy else math.nan
     gets_stuck = bool(stuck and max(stuck) > min(reached, default=math.inf)) or acc_drop > 0.02
-    parts = [steadier, diminishing or fastest_wall != max(res.batch_sizes()), gets_stuck]
+    not_faster = diminishing or (fastest_wall is not None and fastest_wall != max(times))
+    parts = [steadier, not_faster, gets_stuck]
     verdict = SUPPORTED if all(parts) else PARTLY if any(parts) else NOT_SUPPORTED
+    lo_b, hi_b = (min(examples), max(examples)) if examples else (None, None)
     evidence = (
-        f"steadier: SGD oscillation falls with B ({'yes' if steadier else 'no'}); cost: examples to "
-        f"target {_fmt(examples.get(min(examples, default=0)), '.3g')} at B = {min(examples, default='-')} "
-        f"vs {_fmt(examples.get(max(examples, default=0)), '.3g')} at B = {max(examples, default='-')}"
+        f"steadier: SGD oscillation falls with B ({'yes' if steadier else 'no'}); cost: "
+        f"examples to target {_fmt(examples.get(lo_b), '.3g')} at B = {lo_b} "
+        f"vs {_fmt(examples.get(hi_b), '.3g')} at B = {hi_b}"
         f", fitted B_crit = {_fmt(fit.b_crit if fit else None)} (S_min = "
         f"{_fmt(fit.s_min if fit else None)} steps); on this machine the fastest in wall-clock "
         f"time to target was B = {fastest_wall} ({_fmt(times.get(fastest_wall), '.3g')} s of "
@@ -696,8 +720,8 @@ def verdict_batch_size(res: Results) -> dict:
         "not necessarily faster, and large batches easily get stuck at flat saddle points: batch "
         "size is a balance.",
         verdict,
-        "three parts: steadier (SGD's oscillation falls with B); not necessarily faster (the fitted "
-        "B_crit lies inside the range tested, or the largest batch is not the fastest in "
+        "three parts: steadier (SGD's oscillation falls with B); not necessarily faster (the "
+        "fitted B_crit lies inside the range tested, or the largest batch is not the fastest in "
         "wall-clock time); stuck (a large batch never reaches the target while a smaller one "
         "does, or test accuracy drops by > 2 points from the smallest to the largest batch). "
         "Supported if all three hold, partly if some do.",
@@ -721,7 +745,8 @@ def verdict_momentum(res: Results) -> dict:
         lines.append(
             f"B = {m.batch_size}: parameter jitter SGD {_fmt(os_)}, momentum {_fmt(om)}, SGD at "
             f"B' = {g.batch_size} {_fmt(og)} (momentum sits {_fmt(p, '.2f')} of the way from SGD "
-            f"at B to SGD at B' on a log scale); late full-train loss {_fmt(s.mean(s.late_train_loss))}"
+            f"at B to SGD at B' on a log scale); late full-train loss "
+            f"{_fmt(s.mean(s.late_train_loss))}"
             f", {_fmt(m.mean(m.late_train_loss))}, {_fmt(g.mean(g.late_train_loss))}"
         )
     ratios = []
@@ -825,9 +850,8 @@ def _setup_section(res: Results) -> str:
     lines = [
         "## Setup",
         "",
-        f"- **Data**: {p['dataset']} (MNIST-1D: 4000 training / 1000 test signals of length 40, "
-        "10 classes, generated offline by the `mnist1d` package).",
-        f"- **Model**: {p['model']} (40-100-100-10, ReLU), softmax cross-entropy; optimizer "
+        f"- **Data**: {DATASETS.get(p['dataset'], p['dataset'])}.",
+        f"- **Model**: {MODELS.get(p['model'], p['model'])}, softmax cross-entropy; optimizer "
         "`ema_sgd(lr, beta)`, beta = 0 being plain SGD through the same code.",
         f"- **Grid**: batch sizes {', '.join(map(str, p['batch_sizes']))}; beta "
         f"{', '.join(f'{b:g}' for b in p['betas'])}; {p['seeds']} seeds (a seed fixes the "
@@ -842,7 +866,8 @@ def _setup_section(res: Results) -> str:
         "first evaluation at or below it (Shallue et al.). Best lr per (batch size, beta): the "
         "fewest median steps over seeds, a seed that never reached counting as infinitely slow; "
         "ties broken by the final train loss.",
-        f"- **Preset** `{p['name']}`; machine: {m.get('processor', '?')}, {m.get('cpu_count', '?')} "
+        f"- **Preset** `{p['name']}`; machine: {m.get('processor', '?')}, "
+        f"{m.get('cpu_count', '?')} "
         f"CPUs, {m.get('platform', '?')}, JAX {m.get('jax', '?')} on {m.get('backend', '?')} "
         f"({len(m.get('devices', []))} devices).",
         f"- **Wall time**: {wall:.0f} s in all ("
@@ -1015,8 +1040,9 @@ def build(out: str | Path) -> Path:
         "",
         (
             f"Loss 0.5 (theta_1^2 + {quad['setup']['curvatures'][1]:g} theta_2^2) with Gaussian "
-            f"gradient noise of std {quad['setup']['noise_std_per_example']:g}/sqrt(B); SGD and EMA "
-            f"momentum (beta {quad['setup']['beta']:g}) at the same lr {quad['setup']['learning_rate']:g}"
+            f"gradient noise of std {quad['setup']['noise_std_per_example']:g}/sqrt(B); SGD and "
+            f"EMA momentum (beta {quad['setup']['beta']:g}) at the same lr "
+            f"{quad['setup']['learning_rate']:g}"
             f", the same noise draws, {quad['setup']['steps']} steps."
         )
         if quad
@@ -1064,7 +1090,7 @@ def build(out: str | Path) -> Path:
         "## Reproduce",
         "",
         "```bash",
-        f"python -m experiments --out {res.out} --preset {res.preset['name']}   # everything, resumable",
+        f"python -m experiments --out {res.out} --preset {res.preset['name']}  # all, resumable",
         f"python -m experiments report {res.out}          # this report from the stored results",
         f"python -m experiments quadratic --out {res.out}  # section 1",
         f"python -m experiments nqm --out {res.out}        # section 6",

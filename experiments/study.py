@@ -60,6 +60,7 @@ class Preset:
     noise_scale_checkpoints: tuple[int, ...]
     noise_scale_pairs: int
     nqm_batch_sizes: tuple[int, ...]
+    nqm_betas: tuple[float, ...]  # momentum values tuned over in the NQM (0 is SGD)
     baseline_models: tuple[str, ...]
     baseline_steps: int
     baseline_seeds: int
@@ -117,6 +118,7 @@ PRESETS = {
         noise_scale_checkpoints=(0, 100, 300, 1000, 3000),
         noise_scale_pairs=64,
         nqm_batch_sizes=tuple(4**k for k in range(9)),
+        nqm_betas=(0.0, 0.5, 0.9, 0.95, 0.99, 0.995, 0.999),
         baseline_models=("linear", "mlp", "cnn"),
         baseline_steps=6000,
         baseline_seeds=1,
@@ -140,6 +142,7 @@ PRESETS = {
         noise_scale_checkpoints=(0, 100, 300, 1000, 3000, 10000),
         noise_scale_pairs=256,
         nqm_batch_sizes=tuple(2**k for k in range(17)),
+        nqm_betas=(0.0, 0.5, 0.9, 0.95, 0.99, 0.995, 0.999),
         baseline_models=("linear", "mlp", "cnn"),
         baseline_steps=6000,
         baseline_seeds=3,
@@ -252,7 +255,10 @@ class Study:
     def nqm(self) -> None:
         from experiments import nqm
 
-        rows = nqm.study(self.preset.nqm_batch_sizes, workers=min(2, os.cpu_count() or 1))
+        sizes = self.preset.nqm_batch_sizes
+        # Spawning worker processes costs seconds; it pays off only for many batch sizes.
+        workers = min(2, os.cpu_count() or 1) if len(sizes) >= 4 else 1
+        rows = nqm.study(sizes, self.preset.nqm_betas, workers=workers)
         nqm.write(rows, self.out)
 
     def sweep(self) -> dict[str, Any]:
@@ -268,7 +274,7 @@ class Study:
         return {"steps": {str(b): p.sweep_steps(b) for b in p.batch_sizes}}
 
     def best_sgd_lr(self, batch_size: int) -> float:
-        """The sweep's best SGD learning rate at ``batch_size`` (criterion: analysis.best_settings)."""
+        """The sweep's best SGD learning rate at ``batch_size`` (``analysis.best_settings``)."""
         from experiments import analysis
         from experiments.store import read_runs
 
@@ -342,7 +348,12 @@ def run(args: argparse.Namespace) -> int:
         study = Study(out, PRESETS[args.preset])
     except ValueError as e:
         raise UsageError(str(e)) from None
-    study.run_all()
+    from experiments.store import StoreLockedError
+
+    try:
+        study.run_all()
+    except StoreLockedError as e:
+        raise UsageError(str(e)) from None
     from experiments import report
 
     print(report.summary(out))

@@ -1,0 +1,126 @@
+"""The main job end to end at a tiny size, its resume, the report subcommand and bad input."""
+
+import dataclasses
+import json
+
+import pytest
+
+from experiments import cli, report, study
+
+TINY = dataclasses.replace(
+    study.PRESETS["quick"],
+    name="tiny",
+    dataset="digits",
+    batch_sizes=(16, 64),
+    seeds=2,
+    example_budget=1600,
+    step_range=(50, 100),
+    eval_every=25,
+    target_loss=1.5,
+    effective_batches=(8,),
+    effective_steps=100,
+    effective_eval_every=5,
+    noise_scale_batches=(8, 64),
+    noise_scale_checkpoints=(0, 50),
+    noise_scale_pairs=4,
+    nqm_batch_sizes=(1, 1024),
+    nqm_betas=(0.0, 0.9),
+    baseline_models=("linear",),
+    baseline_steps=50,
+    baseline_seeds=1,
+)
+VERDICTS = {report.SUPPORTED, report.PARTLY, report.NOT_SUPPORTED, report.UNSETTLED}
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    presets = dict(study.PRESETS)
+    study.PRESETS["tiny"] = TINY
+    out = tmp_path_factory.mktemp("study") / "results"
+    try:
+        assert cli.main(["--out", str(out), "--preset", "tiny"]) == 0
+        yield out
+    finally:
+        study.PRESETS.clear()
+        study.PRESETS.update(presets)
+
+
+def test_main_job_writes_the_report(tiny_study, capsys):
+    out = tiny_study
+    meta = json.loads((out / "study.json").read_text())
+    assert set(meta["stages"]) == {
+        "quadratic", "nqm", "sweep", "effective", "noise_scale", "baselines"
+    }  # fmt: skip
+    verdicts = json.loads((out / "verdicts.json").read_text())
+    assert [v["claim"].split(".")[0] for v in verdicts] == ["1", "2", "3", "4", "5", "6"]
+    assert all(v["verdict"] in VERDICTS for v in verdicts)
+    text = (out / "report.md").read_text()
+    for name in ("loss_curves", "steps_to_target", "best_lr", "oscillation", "effective_batch",
+                 "noise_scale"):  # fmt: skip
+        assert f"figures/{name}.png" in text
+        assert (out / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    for name in ("quadratic.png", "nqm.png", "nqm.json", "baselines.json", "noise_scale.json"):
+        assert (out / name).exists()
+    assert "| linear |" in text  # the baselines table
+
+
+def test_rerun_resumes_without_training(tiny_study, capsys):
+    before = (tiny_study / "sweep" / "runs.jsonl").read_bytes()
+    stages = json.loads((tiny_study / "study.json").read_text())["stages"]
+    study.PRESETS["tiny"] = TINY
+    assert cli.main(["--out", str(tiny_study), "--preset", "tiny"]) == 0
+    assert (tiny_study / "sweep" / "runs.jsonl").read_bytes() == before
+    assert json.loads((tiny_study / "study.json").read_text())["stages"] == stages
+    assert "done before, skipped" in capsys.readouterr().err
+
+
+def test_report_subcommand_rebuilds_identically(tiny_study, capsys):
+    verdicts = (tiny_study / "verdicts.json").read_text()
+    assert cli.main(["report", str(tiny_study)]) == 0
+    assert (tiny_study / "verdicts.json").read_text() == verdicts
+    assert "report:" in capsys.readouterr().out
+
+
+def _one_error_line(capsys):
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert "Traceback" not in captured.err
+    return lines[0]
+
+
+def test_report_of_a_directory_without_a_study(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert "holds no study" in _one_error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_preset(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--out", str(tmp_path / "x"), "--preset", "huge"])
+    assert exit_info.value.code == 2
+    assert "--preset" in _one_error_line(capsys)
+    assert not (tmp_path / "x").exists()
+
+
+def test_out_is_a_file(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("keep me")
+    assert cli.main(["--out", str(target)]) == 2
+    assert "not a directory" in _one_error_line(capsys)
+    assert target.read_text() == "keep me"
+
+
+def test_other_preset_in_the_same_directory(tiny_study, capsys):
+    assert cli.main(["--out", str(tiny_study), "--preset", "quick"]) == 2
+    assert "holds a 'tiny' study" in _one_error_line(capsys)
+
+
+def test_sweep_steps_budget():
+    preset = study.PRESETS["quick"]
+    lo, hi = preset.step_range
+    for batch_size in preset.batch_sizes:
+        steps = preset.sweep_steps(batch_size)
+        assert lo <= steps <= hi + preset.eval_every
+        assert steps % preset.eval_every == 0
+    assert preset.effective_sgd_batches == (8, 32, 152, 608)
