@@ -111,7 +111,7 @@ class ResultStore:
 
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root)
-        (self.root / CURVES_DIR).mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)
         self._lock = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -121,6 +121,7 @@ class ResultStore:
                 f"{str(self.root)!r} is in use by another process (it holds "
                 f"{str(self.root / LOCK_FILE)!r}); wait for it or use another --out."
             ) from None
+        (self.root / CURVES_DIR).mkdir(exist_ok=True)
         path = self.root / RUNS_FILE
         data = path.read_bytes() if path.exists() else b""
         self._records, valid = _parse_lines(data, path)
