@@ -26,6 +26,7 @@ ratio is taken.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -226,13 +227,15 @@ def along_training(
 
     key = jax.random.key(seed)
     train_key, estimate_key = jax.random.split(key)
+    # Training in equal chunks (the checkpoints' gcd) compiles the scan once.
+    chunk = math.gcd(*checkpoints)
     opt_state, done, rows = tx.init(params), 0, []
     for step in sorted(set(checkpoints)):
-        if step > done:
+        while done < step:
             params, opt_state = train(
-                params, opt_state, jax.random.fold_in(train_key, step), length=step - done
+                params, opt_state, jax.random.fold_in(train_key, done), length=chunk
             )
-            done = step
+            done += chunk
         estimate = estimate_noise_scale(
             grad_fn, params, x, y, b_small, b_big, num_pairs,
             jax.random.fold_in(estimate_key, step),

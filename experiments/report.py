@@ -861,7 +861,8 @@ def _setup_section(res: Results) -> str:
         f"- **Budget** (in steps): clip({p['example_budget']} examples / B, "
         f"{p['step_range'][0]}, {p['step_range'][1]}) steps per run"
         + (f" ({', '.join(f'B={b}: {s}' for b, s in steps.items())})" if steps else "")
-        + f"; full train/test evaluation every {p['eval_every']} steps.",
+        + f"; {p['evals_per_run']} evaluations of the full train and test sets per run, evenly "
+        "spaced, which sets the resolution of steps to result.",
         f"- **Target**: full-training-set loss <= {p['target_loss']:g}; steps to result = the "
         "first evaluation at or below it (Shallue et al.). Best lr per (batch size, beta): the "
         "fewest median steps over seeds, a seed that never reached counting as infinitely slow; "

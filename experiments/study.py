@@ -50,7 +50,7 @@ class Preset:
     seeds: int
     example_budget: int  # a sweep run at batch B gets clip(example_budget / B, *step_range) steps
     step_range: tuple[int, int]
-    eval_every: int
+    evals_per_run: int  # full train/test evaluations per sweep run, evenly spaced
     target_loss: float  # full-train-set cross-entropy goal for steps-to-target
     effective_beta: float
     effective_batches: tuple[int, ...]  # momentum batch sizes B of the effective-batch test
@@ -74,7 +74,19 @@ class Preset:
         """
         lo, hi = self.step_range
         steps = min(hi, max(lo, math.ceil(self.example_budget / batch_size)))
-        return math.ceil(steps / self.eval_every) * self.eval_every
+        every = self.sweep_eval_every(batch_size)
+        return math.ceil(steps / every) * every
+
+    def sweep_eval_every(self, batch_size: int) -> int:
+        """Steps between evaluations at one batch size: about ``evals_per_run`` per run.
+
+        Steps-to-result is resolved to one evaluation interval, the same fraction of the budget at
+        every batch size. (A fixed interval would make evaluation, not training, the main cost at
+        small batch sizes: a full pass over the 5000 examples costs what ~200 steps of batch 8 do.)
+        """
+        lo, hi = self.step_range
+        steps = min(hi, max(lo, math.ceil(self.example_budget / batch_size)))
+        return max(1, steps // self.evals_per_run)
 
     @property
     def effective_sgd_batches(self) -> tuple[int, ...]:
@@ -106,19 +118,19 @@ PRESETS = {
         batch_sizes=(8, 16, 32, 64, 128, 256, 512),
         betas=(0.0, 0.9),
         seeds=2,
-        example_budget=80_000,
-        step_range=(1000, 10_000),
-        eval_every=25,
+        example_budget=64_000,
+        step_range=(600, 8000),
+        evals_per_run=80,
         target_loss=0.5,
         effective_beta=0.9,
-        effective_batches=(8, 32),
-        effective_steps=2000,
+        effective_batches=(8, 16),
+        effective_steps=1500,
         effective_eval_every=10,
         noise_scale_batches=(32, 512),
         noise_scale_checkpoints=(0, 100, 300, 1000, 3000),
         noise_scale_pairs=64,
         nqm_batch_sizes=tuple(4**k for k in range(9)),
-        nqm_betas=(0.0, 0.5, 0.9, 0.95, 0.99, 0.995, 0.999),
+        nqm_betas=(0.0, 0.9, 0.95, 0.99, 0.995, 0.999),
         baseline_models=("linear", "mlp", "cnn"),
         baseline_steps=6000,
         baseline_seeds=1,
@@ -132,7 +144,7 @@ PRESETS = {
         seeds=5,
         example_budget=320_000,
         step_range=(2000, 40_000),
-        eval_every=25,
+        evals_per_run=200,
         target_loss=0.5,
         effective_beta=0.9,
         effective_batches=(4, 8, 16, 32, 64),
@@ -269,9 +281,13 @@ class Study:
             run_sweep(
                 self.out / SWEEP_DIR, self.data, p.model, [batch_size], p.betas,
                 lrs=sweep_lrs(batch_size), seeds=range(p.seeds), steps=p.sweep_steps(batch_size),
-                eval_every=p.eval_every, target_loss=p.target_loss, progress=self.progress,
+                eval_every=p.sweep_eval_every(batch_size), target_loss=p.target_loss,
+                progress=self.progress,
             )  # fmt: skip
-        return {"steps": {str(b): p.sweep_steps(b) for b in p.batch_sizes}}
+        return {
+            "steps": {str(b): p.sweep_steps(b) for b in p.batch_sizes},
+            "eval_every": {str(b): p.sweep_eval_every(b) for b in p.batch_sizes},
+        }
 
     def best_sgd_lr(self, batch_size: int) -> float:
         """The sweep's best SGD learning rate at ``batch_size`` (``analysis.best_settings``)."""

@@ -15,7 +15,7 @@ TINY = dataclasses.replace(
     seeds=2,
     example_budget=1600,
     step_range=(50, 100),
-    eval_every=25,
+    evals_per_run=4,
     target_loss=1.5,
     effective_batches=(8,),
     effective_steps=100,
@@ -121,6 +121,8 @@ def test_sweep_steps_budget():
     lo, hi = preset.step_range
     for batch_size in preset.batch_sizes:
         steps = preset.sweep_steps(batch_size)
-        assert lo <= steps <= hi + preset.eval_every
-        assert steps % preset.eval_every == 0
-    assert preset.effective_sgd_batches == (8, 32, 152, 608)
+        every = preset.sweep_eval_every(batch_size)
+        assert lo <= steps <= hi + every
+        assert steps % every == 0
+        assert preset.evals_per_run <= steps // every <= preset.evals_per_run + 1
+    assert preset.effective_sgd_batches == (8, 16, 152, 304)
