@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-HELP = "the main job: the whole study into --out (default: results), then its report"
+HELP = "the whole study into --out (default: results), then its report"
 
 
 @dataclasses.dataclass(frozen=True)
