@@ -19,6 +19,10 @@ loss exceeds ``EXPLOSION_FACTOR * max(1, ln(num_classes))`` (100 times the loss 
 That step's update is not applied, the run's parameters stay frozen from then on, its later curve
 entries are NaN, and the other runs in the vmap are unaffected.
 
+The optimizer is ``ema_sgd(lr, beta)`` unless ``run_group(..., optimizer="adam")`` asks for
+``optax.adam(lr)`` (with its defaults; beta is then unused): the reference setup of the MNIST-1D
+paper, used by the baselines. It is a compile-time choice, part of a group's identity.
+
 Multi-host (several processes, e.g. a TPU pod slice): call ``jax.distributed.initialize()`` in
 every process first, then ``run_group(..., devices=jax.devices())`` in every process: the run axis
 is sharded over all hosts' devices and every process gets the full results (gathered with
@@ -51,6 +55,8 @@ from experiments.models import cross_entropy, loss_fn, make_model, ordered_sum
 EXPLOSION_FACTOR = 100.0
 EVAL_CHUNK = 256  # examples per evaluation step; bounds memory on large datasets
 MIN_RUNS_PER_DEVICE = 2
+OPTIMIZERS = ("ema_sgd", "adam")
+DEFAULT_OPTIMIZER = "ema_sgd"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +69,7 @@ class GroupSpec:
     beta: float
     steps: int
     eval_every: int
+    optimizer: str = DEFAULT_OPTIMIZER
 
     @property
     def eval_steps(self) -> tuple[int, ...]:
@@ -72,11 +79,20 @@ class GroupSpec:
             points.append(self.steps)
         return tuple(points)
 
+    def config(self) -> dict[str, Any]:
+        """The fields that identify the group; ``optimizer`` only when it is not ``ema_sgd``.
+
+        Leaving out the default keeps the run and group ids of ``ema_sgd`` runs what they were
+        before the optimizer became a choice, so existing results stores stay valid.
+        """
+        config = dataclasses.asdict(self)
+        if config["optimizer"] == DEFAULT_OPTIMIZER:
+            del config["optimizer"]
+        return config
+
     def run_id(self, lr: float, seed: int, target_loss: float | None) -> str:
         """A stable hash of one run's full configuration."""
-        return _stable_hash(
-            {**dataclasses.asdict(self), "lr": lr, "seed": seed, "target_loss": target_loss}
-        )
+        return _stable_hash({**self.config(), "lr": lr, "seed": seed, "target_loss": target_loss})
 
 
 def _stable_hash(config: dict[str, Any]) -> str:
@@ -144,9 +160,7 @@ class GroupResult:
     @property
     def group_id(self) -> str:
         """A stable hash of the spec and the run ids: names the group's curves file."""
-        return _stable_hash(
-            {**dataclasses.asdict(self.spec), "run_ids": [r.run_id for r in self.runs]}
-        )
+        return _stable_hash({**self.spec.config(), "run_ids": [r.run_id for r in self.runs]})
 
     def curves(self) -> dict[str, np.ndarray]:
         """The arrays of the group's ``.npz`` sidecar (see the results schema)."""
@@ -170,6 +184,7 @@ class _Static:
     num_classes: int
     n_train: int
     batch_size: int
+    optimizer: str = DEFAULT_OPTIMIZER
 
     @property
     def threshold(self) -> float:
@@ -185,6 +200,13 @@ class _RunState(NamedTuple):
     beta: jax.Array
     diverged: jax.Array
     diverged_at: jax.Array  # 1-based step at which divergence was detected; -1 if never
+
+
+def _transform(optimizer: str, lr: jax.Array, beta: jax.Array) -> optax.GradientTransformation:
+    """The optimizer of one run; ``lr`` and ``beta`` may be traced (beta is unused by Adam)."""
+    if optimizer == "adam":
+        return optax.adam(lr)
+    return emm.ema_sgd(lr, beta)
 
 
 @functools.cache
@@ -226,7 +248,7 @@ def _init_runs(
     n = len(grid)
     state = _RunState(
         params=params,
-        opt_state=jax.vmap(emm.ema_sgd(0.0, beta).init)(params),
+        opt_state=jax.vmap(_transform(st.optimizer, 0.0, beta).init)(params),
         # Step 0 starts an epoch and draws its permutation, so this placeholder is never read.
         perm=jnp.zeros((n, st.n_train), jnp.int32),
         data_key=jnp.stack([per_seed[seed][1] for _, seed in grid]),
@@ -258,7 +280,8 @@ def _step_one(
     bad = ~jnp.isfinite(loss) | ~jnp.isfinite(gnorm) | (loss > st.threshold)
     stop = s.diverged | bad
 
-    updates, opt_state = emm.ema_sgd(s.lr, s.beta).update(grads, s.opt_state, s.params)
+    tx = _transform(st.optimizer, s.lr, s.beta)
+    updates, opt_state = tx.update(grads, s.opt_state, s.params)
     params = optax.apply_updates(s.params, updates)
     keep = lambda old, new: jnp.where(stop, old, new)
     new = s._replace(
@@ -390,6 +413,7 @@ def run_group(
     target_loss: float | None = None,
     devices: Sequence[jax.Device] | None = None,
     on_chunk: Callable[[int], None] | None = None,
+    optimizer: str = DEFAULT_OPTIMIZER,
 ) -> GroupResult:
     """Trains every (lr, seed) pair of one group as a single compiled, vmapped, sharded program.
 
@@ -405,6 +429,8 @@ def run_group(
       target_loss: Full-train-set loss goal for ``steps_to_target``; ``None`` for none.
       devices: Devices to shard the runs over; defaults to all of ``jax.devices()``.
       on_chunk: Called with the number of steps done after each compiled chunk finishes.
+      optimizer: ``"ema_sgd"`` (``emm.ema_sgd(lr, beta)``) or ``"adam"`` (``optax.adam(lr)``
+        with its default moments and epsilon; ``beta`` is then unused but still validated).
 
     Returns:
       The :class:`GroupResult`, runs ordered ``[(lr, seed) for lr in lrs for seed in seeds]``.
@@ -414,8 +440,16 @@ def run_group(
     """
     beta, lrs, seeds = float(beta), [float(lr) for lr in lrs], list(seeds)
     _validate(data, batch_size, beta, lrs, seeds, steps, eval_every, target_loss)
-    spec = GroupSpec(data.name, model, int(batch_size), beta, int(steps), int(eval_every))
-    st = _Static(model, data.input_shape, data.num_classes, data.n_train, int(batch_size))
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(
+            f"optimizer must be one of {', '.join(OPTIMIZERS)}, got optimizer={optimizer!r}."
+        )
+    spec = GroupSpec(
+        data.name, model, int(batch_size), beta, int(steps), int(eval_every), optimizer
+    )
+    st = _Static(
+        model, data.input_shape, data.num_classes, data.n_train, int(batch_size), optimizer
+    )
     _graphdef(st)  # an unknown model or an input it cannot take fails here, before any work
     start = time.perf_counter()
 
