@@ -262,7 +262,6 @@ def test_bench_table_shape():
             "torch_eager": None,
         },
         "speedup_vs_torch_eager": None,
-        "torch_threads": None,
         "gflops": {"scan_vmap_batch_1024": 1.0, "matmul_peak": 4.0, "fraction_of_peak": 0.25},
     }
     table = bench.table(results)
