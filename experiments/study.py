@@ -65,6 +65,15 @@ class Preset:
     baseline_steps: int
     baseline_seeds: int
 
+    def __post_init__(self):
+        # Later stages take their learning rate from the sweep at these batch sizes.
+        needed = {min(self.effective_batches), self.noise_scale_batches[0]}
+        if not needed <= set(self.batch_sizes):
+            raise ValueError(
+                f"preset {self.name!r}: batch sizes {sorted(needed)} (the smallest effective-"
+                f"batch test and noise-scale batch) must be in batch_sizes={self.batch_sizes}."
+            )
+
     def sweep_steps(self, batch_size: int) -> int:
         """The step budget at one batch size: a fixed number of examples, within step_range.
 
@@ -86,7 +95,7 @@ class Preset:
         """
         lo, hi = self.step_range
         steps = min(hi, max(lo, math.ceil(self.example_budget / batch_size)))
-        return max(1, steps // self.evals_per_run)
+        return max(1, math.ceil(steps / self.evals_per_run))
 
     @property
     def effective_sgd_batches(self) -> tuple[int, ...]:
@@ -320,7 +329,7 @@ class Study:
 
         p = self.preset
         b_small, b_big = p.noise_scale_batches
-        lr = self.best_sgd_lr(b_small) if b_small in p.batch_sizes else None
+        lr = self.best_sgd_lr(b_small)
         rows = noise_scale.along_training(
             self.data, p.model, lr=lr, batch_size=b_small, checkpoints=p.noise_scale_checkpoints,
             b_small=b_small, b_big=b_big, num_pairs=p.noise_scale_pairs, seed=0,

@@ -17,10 +17,10 @@ TINY = dataclasses.replace(
     step_range=(50, 100),
     evals_per_run=4,
     target_loss=1.5,
-    effective_batches=(8,),
+    effective_batches=(16,),
     effective_steps=100,
     effective_eval_every=5,
-    noise_scale_batches=(8, 64),
+    noise_scale_batches=(16, 64),
     noise_scale_checkpoints=(0, 50),
     noise_scale_pairs=4,
     nqm_batch_sizes=(1, 1024),
@@ -124,5 +124,7 @@ def test_sweep_steps_budget():
         every = preset.sweep_eval_every(batch_size)
         assert lo <= steps <= hi + every
         assert steps % every == 0
-        assert preset.evals_per_run <= steps // every <= preset.evals_per_run + 1
+        assert 0.9 * preset.evals_per_run <= steps // every <= preset.evals_per_run
     assert preset.effective_sgd_batches == (8, 16, 152, 304)
+    with pytest.raises(ValueError, match=r"must be in batch_sizes"):
+        dataclasses.replace(preset, batch_sizes=(64, 128))
