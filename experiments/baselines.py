@@ -14,6 +14,12 @@ Both use the engine (experiments.train): batches drawn without replacement from 
 permutation each epoch, seed s fixing the initialization and the data order, all devices used,
 accuracy from the engine's final evaluation of the full test set. Reported: mean and standard
 deviation (ddof 0) over seeds 0..N-1. Output: DIR/baselines.json, one entry per model.
+
+Known differences from the paper's PyTorch code: its batches cycle through the training set in a
+fixed order; its layers use PyTorch's default initialization (ours: Flax's LeCun-normal weights,
+zero biases); and its MLP adds a residual connection around the second hidden layer (ours is the
+plain 40-100-100-10 MLP of the study). The CNN's layers match. Single-seed results vary by a few
+points: the CNN's test accuracy over seeds 0-3 was 91.4-94.1% on a 2-core CPU.
 """
 
 from __future__ import annotations
