@@ -38,7 +38,6 @@ MODELS = {
     "mlp": "MLP with two hidden layers of 100 ReLU units (40-100-100-10 on MNIST-1D)",
     "cnn": "CNN of the MNIST-1D paper (3 stride-2 convolutions of 25 channels, then linear)",
 }
-MNIST1D_PAPER = {"linear": 0.32, "mlp": 0.68, "cnn": 0.94}  # Greydanus 2020, test accuracy
 
 SUPPORTED, PARTLY, NOT_SUPPORTED, UNSETTLED = (
     "supported",
@@ -660,7 +659,9 @@ def verdict_learning_rate(res: Results) -> dict:
         UNSETTLED if not total else SUPPORTED if share >= 0.75 else PARTLY if share >= 0.25
         else NOT_SUPPORTED
     )  # fmt: skip
-    diverged = sum(bool(r["diverged"]) for r in res.sweep)
+    diverged = [r for r in res.sweep if r["diverged"]]
+    largest = {(row["batch_size"], row["beta"]): max(row["lrs_tried"]) for row in res.best}
+    at_top = sum(math.isclose(r["lr"], largest[(r["batch_size"], r["beta"])]) for r in diverged)
     return _verdict(
         "3. A badly chosen learning rate overshoots near the minimum or crawls.",
         verdict,
@@ -668,11 +669,8 @@ def verdict_learning_rate(res: Results) -> dict:
         "higher than the best (crawl), and the largest diverges or ends higher (overshoot); "
         "supported if both hold in >= 75% of them, partly if in >= 25%.",
         f"crawl at the smallest lr in {crawl}/{total}, overshoot at the largest in "
-        f"{overshoot}/{total}, both in {both}/{total}; {diverged} of {len(res.sweep)} sweep runs "
-        "diverged (all at the largest lrs of a grid)"
-        if diverged
-        else f"crawl in {crawl}/{total}, overshoot in {overshoot}/{total}, both in "
-        f"{both}/{total}; no sweep run diverged",
+        f"{overshoot}/{total}, both in {both}/{total}; {len(diverged)} of {len(res.sweep)} sweep "
+        f"runs diverged, {at_top} of them at the largest lr of their grid",
         "The learning rate must be retuned for every batch size (Shallue et al. 2019; the Deep "
         "Learning Tuning Playbook).",
         "best_lr.png, loss_curves.png",
@@ -979,24 +977,30 @@ def _noise_section(res: Results) -> str:
 
 
 def _baselines_section(res: Results) -> str:
+    from experiments.baselines import PAPER_TEST_ACCURACY
+
     if not res.baselines:
         return "The baselines stage did not run (`python -m experiments baselines --out DIR`)."
     lines = [
-        "| model | paper (Adam) | this run, Adam lr 1e-2, batch 100 | this run, ema_sgd |",
-        "|---|---:|---:|---:|",
+        "| model | paper (Adam) | this run: Adam, lr 1e-2, batch 100 | this run: ema_sgd | seeds |",
+        "|---|---:|---:|---:|---:|",
     ]
     for name, entry in res.baselines.items():
-        ema = entry.get("ema_sgd", {})
-        ema_text = (
-            f"{ema['test_accuracy']:.3f} ± {ema.get('test_accuracy_std', 0):.3f} (lr "
-            f"{ema.get('lr', float('nan')):g}, beta {ema.get('beta', float('nan')):g})"
-            if ema else "-"
-        )  # fmt: skip
-        paper = MNIST1D_PAPER.get(name)
+        ema = entry["ema_sgd"]
         lines.append(
-            f"| {name} | {_fmt(paper, '.2f')} | {entry['test_accuracy']:.3f} ± "
-            f"{entry.get('test_accuracy_std', 0):.3f} | {ema_text} |"
+            f"| {name} | {_fmt(entry.get('paper'), '.2f')} | {_fmt(entry['test_accuracy'], '.3f')}"
+            f" ± {_fmt(entry['test_accuracy_std'], '.3f')} | {_fmt(ema['test_accuracy'], '.3f')} ± "
+            f"{_fmt(ema['test_accuracy_std'], '.3f')} (beta {ema['beta']:g}, lr {_fmt(ema['lr'])}) "
+            f"| {entry['seeds']} |"
         )
+    missing = [m for m in PAPER_TEST_ACCURACY if m not in res.baselines]
+    if missing and res.preset["dataset"] == "mnist1d":
+        lines += [
+            "",
+            f"Not run in the `{res.preset['name']}` preset: {', '.join(missing)} (run "
+            f"`python -m experiments baselines --out DIR --models {','.join(missing)}`, or the "
+            "`full` preset).",
+        ]
     return "\n".join(lines)
 
 
@@ -1139,9 +1143,34 @@ def summary(out: str | Path) -> str:
     return "\n".join(lines)
 
 
+def export(out: str | Path, dest: str | Path) -> list[Path]:
+    """Copies the report, its verdicts and its figures (not the raw results) to ``dest``.
+
+    The copy keeps the report's relative links, so ``dest/report.md`` shows its figures; the
+    README's results come from such a copy.
+    """
+    import shutil
+
+    out, dest = Path(out), Path(dest)
+    names = ["report.md", "verdicts.json", "quadratic.png", "nqm.png"]
+    names += [f"{FIGURES_DIR}/{p.name}" for p in sorted((out / FIGURES_DIR).glob("*.png"))]
+    copied = []
+    for name in names:
+        if (out / name).exists():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(out / name, dest / name)
+            copied.append(dest / name)
+    return copied
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of the ``report`` subcommand."""
     parser.add_argument("dir", metavar="DIR", help="a directory written by the main job")
+    parser.add_argument(
+        "--export",
+        metavar="PATH",
+        help="also copy the report and its figures to PATH (e.g. docs/results for the README)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -1154,4 +1183,6 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     print(summary(args.dir))
     print(f"report: {path}")
+    if args.export:
+        print(f"exported {len(export(args.dir, args.export))} files to {args.export}")
     return 0

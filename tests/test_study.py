@@ -81,6 +81,16 @@ def test_report_subcommand_rebuilds_identically(tiny_study, capsys):
     assert "report:" in capsys.readouterr().out
 
 
+def test_report_export_keeps_the_links(tiny_study, tmp_path, capsys):
+    dest = tmp_path / "docs"
+    assert cli.main(["report", str(tiny_study), "--export", str(dest)]) == 0
+    text = (dest / "report.md").read_text()
+    for link in ("quadratic.png", "nqm.png", "figures/steps_to_target.png"):
+        assert link in text
+        assert (dest / link).exists()
+    assert not (dest / "sweep").exists()
+
+
 def _one_error_line(capsys):
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
