@@ -25,10 +25,7 @@ points: the CNN's test accuracy over seeds 0-3 was 91.4-94.1% on a 2-core CPU.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,7 +36,8 @@ from tqdm import tqdm
 
 from experiments import data as datasets
 from experiments import models as model_zoo
-from experiments.cli import UsageError
+from experiments.cli import UsageError, positive_int
+from experiments.store import write_json
 from experiments.train import GroupResult, run_group
 
 HELP = "reproduce the MNIST-1D paper's baselines (Adam) beside ema_sgd"
@@ -177,37 +175,15 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Writes ``obj`` as JSON to ``path`` through a synced temporary file and a rename."""
-    with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    ) as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, path)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the baselines options to ``parser``."""
     parser.add_argument("--out", required=True, metavar="DIR", help="results directory")
     parser.add_argument(
-        "--steps", type=_positive_int, default=STEPS, metavar="N",
+        "--steps", type=positive_int, default=STEPS, metavar="N",
         help=f"optimizer steps per run (default: {STEPS}, as in the paper)",
     )  # fmt: skip
     parser.add_argument(
-        "--seeds", type=_positive_int, default=1, metavar="N",
+        "--seeds", type=positive_int, default=1, metavar="N",
         help="number of seeds 0..N-1 (default: 1)",
     )  # fmt: skip
     parser.add_argument(
@@ -240,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     results = run_baselines(models, steps=args.steps, seeds=args.seeds, data=data)
     wall = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / BASELINES_FILE, results)
+    write_json(out / BASELINES_FILE, results)
     print(f"{args.dataset}: batch {BATCH_SIZE}, {args.steps} steps, {args.seeds} seed(s)")
     print(table(results))
     print(f"wall time {wall:.1f} s; wrote {out / BASELINES_FILE}")

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import optax
 
 import ema_momentum as emm
+from experiments.cli import positive_int
 
 HELP = "time one optimizer step: ema_sgd vs optax.sgd(momentum), optax.ema, torch SGD"
 
@@ -248,13 +249,6 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _scale(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
@@ -265,10 +259,10 @@ def _scale(text: str) -> float:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the benchmark's options to `parser`."""
     parser.add_argument(
-        "--repeats", type=_positive_int, default=41, help="timed repeats per contender (default 41)"
+        "--repeats", type=positive_int, default=41, help="timed repeats per contender (default 41)"
     )
     parser.add_argument(
-        "--inner", type=_positive_int, default=3, help="steps per timed repeat (default 3)"
+        "--inner", type=positive_int, default=3, help="steps per timed repeat (default 3)"
     )
     parser.add_argument(
         "--scale",

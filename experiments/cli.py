@@ -41,6 +41,17 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(USAGE_ERROR)
 
 
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
 def use_one_cpu_device_per_core() -> None:
     """Makes XLA's CPU backend one single-threaded device per core, unless flags say otherwise.
 

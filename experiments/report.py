@@ -1006,7 +1006,7 @@ def _baselines_section(res: Results) -> str:
 
 def build(out: str | Path) -> Path:
     """Writes ``DIR/report.md``, ``DIR/figures/*.png`` and ``DIR/verdicts.json``."""
-    from experiments.study import write_json
+    from experiments.store import write_json
 
     res = load(out)
     figures = res.out / FIGURES_DIR

@@ -22,15 +22,33 @@ import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from experiments.train import GroupResult
+if TYPE_CHECKING:  # the store itself needs no jax
+    from experiments.train import GroupResult
 
 RUNS_FILE = "runs.jsonl"
 CURVES_DIR = "curves"
 LOCK_FILE = ".lock"
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Writes JSON atomically: a crash leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; results are for sharing
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class StoreLockedError(RuntimeError):

@@ -29,11 +29,12 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from experiments.store import write_json
 
 HELP = "the whole study into --out (default: results), then its report"
 
@@ -174,17 +175,6 @@ PRESETS = {
 STUDY_FILE = "study.json"
 SWEEP_DIR = "sweep"
 EFFECTIVE_DIR = "effective"
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Writes JSON atomically: a crash leaves the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, allow_nan=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_json(path: Path) -> Any:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from experiments import data as datasets
 from experiments import models
-from experiments.cli import UsageError
+from experiments.cli import UsageError, positive_int
 from experiments.store import ResultStore, StoreLockedError
 from experiments.train import GroupSpec, run_group
 
@@ -43,18 +43,8 @@ def auto_lrs(batch_size: int) -> list[float]:
     return [float(f"{center * 10 ** (k / 2):.3g}") for k in AUTO_LR_HALF_DECADES]
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
-
-
 def _int_list(text: str) -> list[int]:
-    return [_positive_int(part.strip()) for part in text.split(",")]
+    return [positive_int(part.strip()) for part in text.split(",")]
 
 
 def _float(text: str) -> float:
@@ -102,15 +92,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "around 0.1*sqrt(B/32) (default: auto)",
     )  # fmt: skip
     parser.add_argument(
-        "--seeds", type=_positive_int, default=2, metavar="N",
+        "--seeds", type=positive_int, default=2, metavar="N",
         help="number of seeds 0..N-1; a seed fixes init and data order (default: 2)",
     )  # fmt: skip
     parser.add_argument(
-        "--steps", type=_positive_int, default=2000, metavar="N",
+        "--steps", type=positive_int, default=2000, metavar="N",
         help="optimizer steps per run (default: 2000)",
     )  # fmt: skip
     parser.add_argument(
-        "--eval-every", type=_positive_int, default=100, metavar="N",
+        "--eval-every", type=positive_int, default=100, metavar="N",
         help="evaluate the full train and test sets every N steps (default: 100)",
     )  # fmt: skip
     parser.add_argument(
@@ -118,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="record the first eval step with full train loss <= X (default: none)",
     )  # fmt: skip
     parser.add_argument(
-        "--devices", type=_positive_int, default=None, metavar="N",
+        "--devices", type=positive_int, default=None, metavar="N",
         help="shard the runs over the first N devices (default: all)",
     )  # fmt: skip
 
