@@ -67,6 +67,7 @@ class Results:
     nqm: list[dict] | None
     noise: dict | None
     baselines: dict | None
+    extra_sweeps: dict[str, list[dict]]  # other models swept on the same grid
 
     @property
     def preset(self) -> dict:
@@ -118,6 +119,10 @@ def load(out: str | Path) -> Results:
         nqm=_read_json(out / "nqm.json"),
         noise=_read_json(out / "noise_scale.json"),
         baselines=_read_json(out / "baselines.json"),
+        extra_sweeps={
+            model: read_runs(out / f"{SWEEP_DIR}_{model}")
+            for model in meta["preset"].get("extra_models", [])
+        },
     )
 
 
@@ -860,7 +865,12 @@ def _setup_section(res: Results) -> str:
         "",
         f"- **Data**: {DATASETS.get(p['dataset'], p['dataset'])}.",
         f"- **Model**: {MODELS.get(p['model'], p['model'])}, softmax cross-entropy; optimizer "
-        "`ema_sgd(lr, beta)`, beta = 0 being plain SGD through the same code.",
+        "`ema_sgd(lr, beta)`, beta = 0 being plain SGD through the same code"
+        + (
+            f"; also swept on the same grid: {', '.join(p['extra_models'])}."
+            if p.get("extra_models")
+            else "."
+        ),
         f"- **Grid**: batch sizes {', '.join(map(str, p['batch_sizes']))}; beta "
         f"{', '.join(f'{b:g}' for b in p['betas'])}; {p['seeds']} seeds (a seed fixes the "
         "initialization and the data order, identical across learning rates); five learning "
@@ -915,11 +925,12 @@ def _effective_table(res: Results) -> str:
     return "\n".join(lines)
 
 
-def _fits_table(res: Results) -> str:
+def _fits_table(res: Results, best: list[dict] | None = None) -> str:
+    best = res.best if best is None else best
     lines = ["| optimizer | S_min (steps) | B_crit | E_min (examples) | rms log residual |",
              "|---|---:|---:|---:|---:|"]  # fmt: skip
-    for beta in res.betas():
-        fit = res.fit(beta)
+    for beta in sorted({row["beta"] for row in best}):
+        fit = analysis.fit_from_rows(best, beta)
         if fit is None:
             lines.append(f"| {_label(beta)} | - | - | - | - |")
             continue
@@ -1076,6 +1087,19 @@ def build(out: str | Path) -> Path:
         "",
         _fits_table(res) if res.best else "",
         "",
+        *[
+            part
+            for model, records in res.extra_sweeps.items()
+            if records
+            for part in (
+                f"### The same sweep with the {MODELS.get(model, model)}",
+                "",
+                analysis.steps_table_markdown(analysis.best_settings(records)),
+                "",
+                _fits_table(res, analysis.best_settings(records)),
+                "",
+            )
+        ],
         "## 4. Best learning rate vs batch size",
         "",
         figure("best_lr"),

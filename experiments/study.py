@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -65,6 +66,8 @@ class Preset:
     baseline_models: tuple[str, ...]
     baseline_steps: int
     baseline_seeds: int
+    # Models swept on the same grid after `model` (its steps-to-result table and fit only).
+    extra_models: tuple[str, ...] = ()
 
     def __post_init__(self):
         # Later stages take their learning rate from the sweep at these batch sizes.
@@ -169,6 +172,7 @@ PRESETS = {
         baseline_models=("linear", "mlp", "cnn"),
         baseline_steps=6000,
         baseline_seeds=3,
+        extra_models=("cnn",),
     ),
 }
 
@@ -195,6 +199,11 @@ def machine() -> dict[str, Any]:
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
     }
+
+
+def sweep_dir(model: str, preset: Preset) -> str:
+    """Where the sweep of ``model`` is stored: ``sweep`` for the study's model."""
+    return SWEEP_DIR if model == preset.model else f"{SWEEP_DIR}_{model}"
 
 
 class Study:
@@ -277,9 +286,9 @@ class Study:
         from experiments.sweep import run_sweep
 
         p = self.preset
-        for batch_size in p.batch_sizes:
+        for model, batch_size in itertools.product((p.model, *p.extra_models), p.batch_sizes):
             run_sweep(
-                self.out / SWEEP_DIR, self.data, p.model, [batch_size], p.betas,
+                self.out / sweep_dir(model, p), self.data, model, [batch_size], p.betas,
                 lrs=sweep_lrs(batch_size), seeds=range(p.seeds), steps=p.sweep_steps(batch_size),
                 eval_every=p.sweep_eval_every(batch_size), target_loss=p.target_loss,
                 progress=self.progress,

@@ -28,6 +28,7 @@ TINY = dataclasses.replace(
     baseline_models=("linear",),
     baseline_steps=50,
     baseline_seeds=1,
+    extra_models=("linear",),
 )
 VERDICTS = {report.SUPPORTED, report.PARTLY, report.NOT_SUPPORTED, report.UNSETTLED}
 
@@ -62,6 +63,8 @@ def test_main_job_writes_the_report(tiny_study, capsys):
     for name in ("quadratic.png", "nqm.png", "nqm.json", "baselines.json", "noise_scale.json"):
         assert (out / name).exists()
     assert "| linear |" in text  # the baselines table
+    assert "### The same sweep with the linear" in text
+    assert (out / "sweep_linear" / "runs.jsonl").exists()
 
 
 def test_rerun_resumes_without_training(tiny_study, capsys):
