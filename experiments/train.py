@@ -12,7 +12,8 @@ only in learning rate and seed. :func:`run_group` trains a group as one program:
 
 Seed ``s`` fixes both the initialization and the data order, identically for every learning rate,
 so runs that differ only in lr are paired. Each epoch is a fresh permutation of the training set
-(sampling without replacement; the last partial batch is dropped), drawn on device.
+(sampling without replacement; the last partial batch is dropped), drawn on device by
+:func:`experiments.shuffle.permutation` (no sort).
 
 A run *diverges* at the first step whose mini-batch loss or gradient norm is not finite or whose
 loss exceeds ``EXPLOSION_FACTOR * max(1, ln(num_classes))`` (100 times the loss of a uniform guess).
@@ -49,6 +50,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import ema_momentum as emm
+from experiments import shuffle
 from experiments.data import Dataset
 from experiments.models import cross_entropy, loss_fn, make_model, ordered_sum
 
@@ -216,7 +218,7 @@ def _graphdef(st: _Static) -> nnx.GraphDef:
 
 
 def _epoch_perm(data_key: jax.Array, epoch: jax.Array, n: int) -> jax.Array:
-    return jax.random.permutation(jax.random.fold_in(data_key, epoch), n)
+    return shuffle.permutation(jax.random.fold_in(data_key, epoch), n)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "input_shape", "num_classes"))

@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from experiments import baselines, cli, train
+from experiments import baselines, cli, shuffle, train
 from experiments.data import load_dataset
 from experiments.models import loss_fn, make_model
 
@@ -119,11 +119,11 @@ def test_adam_group_matches_a_hand_written_optax_loop(digits):
     seed, lr, batch, steps = 3, 0.01, baselines.BATCH_SIZE, STEPS
     result = train.run_group(digits, "linear", batch, 0.0, [lr], [seed], steps, 1, optimizer="adam")
     # The engine's conventions: key(seed) splits into (init, data order); epoch e's order is a
-    # permutation keyed by fold_in(data_key, e); non-partitionable threefry.
+    # experiments.shuffle.permutation keyed by fold_in(data_key, e); non-partitionable threefry.
     with jax.threefry_partitionable(False):
         init_key, data_key = jax.random.split(jax.random.key(seed))
         graphdef, params = nnx.split(make_model("linear", digits, nnx.Rngs(params=init_key)))
-        perm = jax.random.permutation(jax.random.fold_in(data_key, 0), digits.n_train)
+        perm = shuffle.permutation(jax.random.fold_in(data_key, 0), digits.n_train)
     tx = optax.adam(lr)
     opt_state = tx.init(params)
     batch_loss = jax.jit(jax.value_and_grad(lambda p, x, y: loss_fn(nnx.merge(graphdef, p), x, y)))

@@ -1,0 +1,74 @@
+"""Sort-free random permutations on device: the engine's per-epoch data order.
+
+``jax.random.permutation`` shuffles by sorting random keys, two sorts for a few thousand items,
+and XLA's CPU sort made it about a tenth of a training step's time at batch 32 (amortized over an
+epoch). :func:`permutation` needs no sort. A keyed bijection of ``[0, 2**k)`` (an unbalanced
+Feistel network of :data:`ROUNDS` rounds with a 32-bit integer-hash round function) is evaluated
+at every point of the domain, and the values below ``n`` are kept in domain order, a prefix sum
+giving each its slot. The values kept are ``[0, n)`` exactly once each, so the result is always
+a permutation, whatever the key.
+
+This is the construction of TensorFlow's ``tf.random.experimental.index_shuffle`` and Grain's
+index shuffle (a Feistel cipher over the next power of two), with the out-of-range values removed
+by compaction instead of cycle walking: cycle walking needs a data-dependent loop, which under
+``vmap`` over sharded runs would synchronize the devices at every step. A Feistel network is not
+a uniformly random permutation (it only reaches even permutations, for one), but with 8 rounds
+the position-to-value frequencies are indistinguishable from uniform in 50,000 draws for ``n``
+from 10 to 4000 (chi-square, ``tests/test_exp_data.py`` checks it at a smaller scale).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+ROUNDS = 8
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+    """A 32-bit integer hash with full avalanche (the "lowbias32" constants of C. Wellons)."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _feistel(x: jax.Array, round_keys: jax.Array, bits: int) -> jax.Array:
+    """A keyed bijection of ``[0, 2**bits)``, elementwise on uint32 ``x``.
+
+    Each round maps ``(hi, lo)`` (``a`` and ``b`` bits) to ``(lo, hi ^ F(lo))`` (``b`` and ``a``
+    bits), which is invertible whatever ``F`` is; the split alternates so odd ``bits`` work.
+    """
+    a, b = bits // 2, bits - bits // 2
+    for r in range(ROUNDS):
+        hi, lo = x >> b, x & jnp.uint32((1 << b) - 1)
+        f = _mix32(lo ^ round_keys[r]) & jnp.uint32((1 << a) - 1)
+        x = (lo << a) | (hi ^ f)
+        a, b = b, a
+    return x
+
+
+def permutation(key: jax.Array, n: int) -> jax.Array:
+    """A pseudo-random permutation of ``[0, n)`` as int32, a pure function of ``key``.
+
+    Args:
+      key: A JAX PRNG key (typed or raw); it may be traced and vmapped.
+      n: The number of items, a Python int in ``[1, 2**31)``.
+
+    Returns:
+      An int32 array of shape ``[n]`` holding every integer of ``[0, n)`` once.
+
+    Raises:
+      ValueError: for ``n`` outside ``[1, 2**31)``.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n < 2**31:
+        raise ValueError(f"n must be an int in [1, 2**31), got n={n!r}.")
+    bits = max(2, (n - 1).bit_length())
+    round_keys = jax.random.bits(key, (ROUNDS,), jnp.uint32)
+    domain = jnp.arange(1 << bits, dtype=jnp.uint32)
+    values = _feistel(domain, round_keys, bits).astype(jnp.int32)
+    keep = values < n
+    # Every dropped value gets its own out-of-range slot, so the scatter's indices are unique.
+    slot = jnp.where(keep, jnp.cumsum(keep, dtype=jnp.int32) - 1, n + domain.astype(jnp.int32))
+    return jnp.zeros(n, jnp.int32).at[slot].set(values, mode="drop", unique_indices=True)
