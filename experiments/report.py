@@ -996,13 +996,16 @@ def _baselines_section(res: Results) -> str:
         "| model | paper (Adam) | this run: Adam, lr 1e-2, batch 100 | this run: ema_sgd | seeds |",
         "|---|---:|---:|---:|---:|",
     ]
+
+    def accuracy(e: dict, seeds: int) -> str:  # a single seed has no spread to show
+        spread = f" ± {_fmt(e['test_accuracy_std'], '.3f')}" if seeds > 1 else ""
+        return _fmt(e["test_accuracy"], ".3f") + spread
+
     for name, entry in res.baselines.items():
-        ema = entry["ema_sgd"]
+        ema, seeds = entry["ema_sgd"], entry["seeds"]
         lines.append(
-            f"| {name} | {_fmt(entry.get('paper'), '.2f')} | {_fmt(entry['test_accuracy'], '.3f')}"
-            f" ± {_fmt(entry['test_accuracy_std'], '.3f')} | {_fmt(ema['test_accuracy'], '.3f')} ± "
-            f"{_fmt(ema['test_accuracy_std'], '.3f')} (beta {ema['beta']:g}, lr {_fmt(ema['lr'])}) "
-            f"| {entry['seeds']} |"
+            f"| {name} | {_fmt(entry.get('paper'), '.2f')} | {accuracy(entry, seeds)} | "
+            f"{accuracy(ema, seeds)} (beta {ema['beta']:g}, lr {_fmt(ema['lr'])}) | {seeds} |"
         )
     missing = [m for m in PAPER_TEST_ACCURACY if m not in res.baselines]
     if missing and res.preset["dataset"] == "mnist1d":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ROUNDS = 8
 
@@ -62,8 +63,9 @@ def permutation(key: jax.Array, n: int) -> jax.Array:
     Raises:
       ValueError: for ``n`` outside ``[1, 2**31)``.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n < 2**31:
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or not 1 <= n < 2**31:
         raise ValueError(f"n must be an int in [1, 2**31), got n={n!r}.")
+    n = int(n)
     bits = max(2, (n - 1).bit_length())
     round_keys = jax.random.bits(key, (ROUNDS,), jnp.uint32)
     domain = jnp.arange(1 << bits, dtype=jnp.uint32)

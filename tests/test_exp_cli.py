@@ -267,3 +267,26 @@ def test_bench_table_shape():
     table = bench.table(results)
     assert "| scan_vmap | 80 | n/a |" in table and "25%" in table
     json.dumps(results)
+
+
+def test_bench_measures_every_contender(monkeypatch):
+    """The benchmark itself runs end to end (at a tiny size) and reports what the README cites."""
+    from experiments import bench
+
+    monkeypatch.setattr(bench, "STEPS", 4)
+    monkeypatch.setattr(bench, "ROUNDS", 3)
+    monkeypatch.setattr(bench, "FLOPS_BATCH", 64)
+    monkeypatch.setattr(bench, "FLOPS_STEPS", 2)
+    monkeypatch.setattr(bench, "PEAK_SIZE", 64)
+    results = bench.measure()
+    rates = results["run_steps_per_s"]
+    assert set(rates) == {"naive_loop", "scan", "scan_vmap", "torch_eager"}
+    assert all(rates[name] > 0 for name in ("naive_loop", "scan", "scan_vmap"))
+    if rates["torch_eager"] is None:
+        assert results["speedup_vs_torch_eager"] is None
+    else:
+        assert results["speedup_vs_torch_eager"]["torch_eager"] == 1.0
+    assert results["gflops"]["scan_vmap_batch_1024"] > 0 and results["gflops"]["matmul_peak"] > 0
+    assert results["config"]["vmap_runs"] == bench.VMAP_RUNS == 8
+    json.dumps(results)
+    assert "| scan_vmap |" in bench.table(results)

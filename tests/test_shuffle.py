@@ -77,9 +77,13 @@ def test_bad_n(n):
         shuffle.permutation(jax.random.key(0), n)
 
 
-def test_traced_key_is_fine_but_n_is_static():
+def test_jit_with_a_static_n_and_numpy_integer_n():
     fn = jax.jit(shuffle.permutation, static_argnums=1)
     np.testing.assert_array_equal(
         np.sort(np.asarray(fn(jax.random.key(1), 77))), np.arange(77, dtype=np.int32)
     )
     assert fn(jax.random.key(1), 77).dtype == jnp.int32
+    np.testing.assert_array_equal(
+        shuffle.permutation(jax.random.key(2), np.int64(50)),
+        shuffle.permutation(jax.random.key(2), 50),
+    )

@@ -141,3 +141,17 @@ def test_sweep_steps_budget():
     assert preset.effective_sgd_batches == (8, 16, 152, 304)
     with pytest.raises(ValueError, match=r"must be in batch_sizes"):
         dataclasses.replace(preset, batch_sizes=(64, 128))
+
+
+def test_baselines_table_shows_a_spread_only_over_several_seeds():
+    def entry(seeds):
+        acc = {"test_accuracy": 0.5, "test_accuracy_std": 0.0125}
+        ema = {**acc, "lr": 0.3, "beta": 0.9, "seeds": seeds}
+        return {**acc, "paper": 0.68, "seeds": seeds, "ema_sgd": ema}
+
+    baselines = {"linear": entry(1), "mlp": entry(1), "cnn": entry(3)}
+    res = type("Res", (), {"baselines": baselines, "preset": {"dataset": "mnist1d"}})()
+    table = report._baselines_section(res)
+    assert "| mlp | 0.68 | 0.500 | 0.500 (beta 0.9, lr 0.3) | 1 |" in table
+    assert "Not run" not in table
+    assert "| cnn | 0.68 | 0.500 ± 0.013 | 0.500 ± 0.013 (beta 0.9, lr 0.3) | 3 |" in table
