@@ -40,8 +40,12 @@ def ordered_sum(x: jax.Array, axis: int | None = None) -> jax.Array:
     if axis is None:
         x, axis = x.reshape(-1), 0
     x = jnp.moveaxis(x, axis, 0)
-    size = 1 << max(0, (x.shape[0] - 1).bit_length())
-    x = jnp.pad(x, [(0, size - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+    n, size = x.shape[0], 1 << max(0, (x.shape[0] - 1).bit_length())
+    if n < size:
+        # The first halving adds the zero padding (to a power of two) to the upper half only, so
+        # XLA fuses the pad into the add instead of writing a padded copy of the whole input.
+        half = size // 2
+        x = x[:half] + jnp.pad(x[half:], [(0, size - n)] + [(0, 0)] * (x.ndim - 1))
     while x.shape[0] > 1:
         x = x[: x.shape[0] // 2] + x[x.shape[0] // 2 :]
     return x[0]

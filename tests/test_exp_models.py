@@ -62,6 +62,19 @@ def test_bias_gradient():
     np.testing.assert_allclose(grad, jax.grad(lambda b: jnp.sum((x + b) ** 2))(b))
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 100, 1024, 1025, 10000])
+def test_ordered_sum_is_the_documented_pairwise_order(n):
+    """Pad with zeros to a power of two, then add the upper half to the lower half until one is left.
+
+    Computed here in float32 numpy with that exact order: the result must match to the bit.
+    """
+    x = np.asarray(jax.random.normal(jax.random.key(n), (n,)), np.float32) * 3
+    ref = np.concatenate([x, np.zeros((1 << (n - 1).bit_length()) - n, np.float32)])
+    while len(ref) > 1:
+        ref = ref[: len(ref) // 2] + ref[len(ref) // 2 :]
+    assert np.asarray(jax.jit(models.ordered_sum)(x)).tobytes() == ref[0].tobytes()
+
+
 def test_ordered_sum_is_independent_of_batching():
     x = jax.random.normal(jax.random.key(0), (16, 1438)) * 3
     summed = jax.jit(jax.vmap(models.ordered_sum))
