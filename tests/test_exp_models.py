@@ -64,7 +64,7 @@ def test_bias_gradient():
 
 @pytest.mark.parametrize("n", [1, 2, 3, 10, 100, 1024, 1025, 10000])
 def test_ordered_sum_is_the_documented_pairwise_order(n):
-    """Pad with zeros to a power of two, then add the upper half to the lower half until one is left.
+    """Zero-pad to a power of two, then add the upper half to the lower half until one is left.
 
     Computed here in float32 numpy with that exact order: the result must match to the bit.
     """
