@@ -56,16 +56,16 @@ def permutation(key: jax.Array, n: int) -> jax.Array:
 
     Args:
       key: A JAX PRNG key (typed or raw); it may be traced and vmapped.
-      n: The number of items, a Python int in ``[1, 2**31)``.
+      n: The number of items, an int in ``[1, 2**30]`` (the int32 scatter slots bound it).
 
     Returns:
       An int32 array of shape ``[n]`` holding every integer of ``[0, n)`` once.
 
     Raises:
-      ValueError: for ``n`` outside ``[1, 2**31)``.
+      ValueError: for ``n`` outside ``[1, 2**30]``.
     """
-    if isinstance(n, bool) or not isinstance(n, int | np.integer) or not 1 <= n < 2**31:
-        raise ValueError(f"n must be an int in [1, 2**31), got n={n!r}.")
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or not 1 <= n <= 2**30:
+        raise ValueError(f"n must be an int in [1, 2**30], got n={n!r}.")
     n = int(n)
     bits = max(2, (n - 1).bit_length())
     round_keys = jax.random.bits(key, (ROUNDS,), jnp.uint32)
