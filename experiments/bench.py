@@ -178,20 +178,22 @@ def measure() -> dict:
     )
     achieved = 6 * FLOPS_BATCH * weights * VMAP_RUNS * FLOPS_STEPS / statistics.median(big_times)
     peak = _matmul_gflops(devices)
-    speedups = None
+    speedups = round_speedups = None
     if times["torch_eager"]:
         # The median over rounds of each round's ratio: both sides of a ratio were timed seconds
         # apart, so a slow stretch of a shared machine cancels out instead of skewing one side.
-        speedups = {
-            name: statistics.median(
+        round_speedups = {
+            name: [
                 runs * t_torch / t
                 for t, t_torch in zip(times[name], times["torch_eager"], strict=True)
-            )
+            ]
             for name, (_, runs) in contenders.items()
         }
+        speedups = {name: statistics.median(r) for name, r in round_speedups.items()}
     return {
         "run_steps_per_s": rates,
         "speedup_vs_torch_eager": speedups,
+        "speedup_vs_torch_eager_per_round": round_speedups,
         "gflops": {
             "scan_vmap_batch_1024": achieved / 1e9,
             "matmul_peak": peak,
@@ -214,11 +216,18 @@ def measure() -> dict:
 def table(results: dict) -> str:
     """The results as a markdown table."""
     speedups = results["speedup_vs_torch_eager"]
-    lines = ["| contender | run-steps/s | vs torch eager |", "|---|---:|---:|"]
+    per_round = results.get("speedup_vs_torch_eager_per_round")
+    lines = [
+        "| contender | run-steps/s | vs torch eager | rounds: lowest-highest |",
+        "|---|---:|---:|---:|",
+    ]
     for name, rate in results["run_steps_per_s"].items():
         shown = "n/a (torch not installed)" if rate is None else f"{rate:,.0f}"
-        ratio = "n/a" if speedups is None or rate is None else f"{speedups[name]:.1f}x"
-        lines.append(f"| {name} | {shown} | {ratio} |")
+        ratio = spread = "n/a"
+        if speedups is not None and rate is not None:
+            ratio = f"{speedups[name]:.1f}x"
+            spread = f"{min(per_round[name]):.1f}-{max(per_round[name]):.1f}x"
+        lines.append(f"| {name} | {shown} | {ratio} | {spread} |")
     g = results["gflops"]
     lines.append("")
     lines.append(

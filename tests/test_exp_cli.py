@@ -265,7 +265,17 @@ def test_bench_table_shape():
         "gflops": {"scan_vmap_batch_1024": 1.0, "matmul_peak": 4.0, "fraction_of_peak": 0.25},
     }
     table = bench.table(results)
-    assert "| scan_vmap | 80 | n/a |" in table and "25%" in table
+    assert "| scan_vmap | 80 | n/a | n/a |" in table and "25%" in table
+    names = ("naive_loop", "scan", "scan_vmap", "torch_eager")
+    with_torch = {
+        **results,
+        "run_steps_per_s": {**results["run_steps_per_s"], "torch_eager": 5.0},
+        "speedup_vs_torch_eager": dict(zip(names, (2.0, 4.0, 16.0, 1.0), strict=True)),
+        "speedup_vs_torch_eager_per_round": dict(
+            zip(names, ([2.0], [4.0], [12.5, 16.0, 17.3], [1.0]), strict=True)
+        ),
+    }
+    assert "| scan_vmap | 80 | 16.0x | 12.5-17.3x |" in bench.table(with_torch)
     json.dumps(results)
 
 
@@ -284,8 +294,10 @@ def test_bench_measures_every_contender(monkeypatch):
     assert all(rates[name] > 0 for name in ("naive_loop", "scan", "scan_vmap"))
     if rates["torch_eager"] is None:
         assert results["speedup_vs_torch_eager"] is None
+        assert results["speedup_vs_torch_eager_per_round"] is None
     else:
         assert results["speedup_vs_torch_eager"]["torch_eager"] == 1.0
+        assert all(len(r) == 3 for r in results["speedup_vs_torch_eager_per_round"].values())
     assert results["gflops"]["scan_vmap_batch_1024"] > 0 and results["gflops"]["matmul_peak"] > 0
     assert results["config"]["vmap_runs"] == bench.VMAP_RUNS == 8
     json.dumps(results)
