@@ -24,16 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# The library's lowbias32 integer hash (C. Wellons), also behind its stochastic rounding.
+from ema_momentum._transform import _mix32
+
 ROUNDS = 8
-
-
-def _mix32(x: jax.Array) -> jax.Array:
-    """A 32-bit integer hash with full avalanche (the "lowbias32" constants of C. Wellons)."""
-    x = x ^ (x >> 16)
-    x = x * jnp.uint32(0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = x * jnp.uint32(0x846CA68B)
-    return x ^ (x >> 16)
 
 
 def _feistel(x: jax.Array, round_keys: jax.Array, bits: int) -> jax.Array:
