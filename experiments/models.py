@@ -72,15 +72,54 @@ def _add_bias_bwd(_: None, g: jax.Array) -> tuple[jax.Array, jax.Array]:
 add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
+@jax.custom_vjp
+def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``x @ kernel`` (``[..., n_in] @ [n_in, n_out]``) whose kernel gradient is a plain matmul.
+
+    Autodiff's kernel gradient ``x^T g`` contracts the batch axis of both operands, a transposed
+    left operand that XLA:CPU sends to a slower matmul than the forward one (about 2x at the
+    engine's sizes, e.g. ``[4, 32, 100]`` per device). Here ``x^T`` is materialized first, behind
+    an optimization barrier (else XLA folds the transpose back into the matmul): the copy costs
+    less than it saves, and the engine's batch-32 step is about 10% faster. Values are those of
+    autodiff up to rounding (the products are summed in another order). The input gradient is
+    autodiff's ``g @ kernel^T``.
+    """
+    return x @ kernel
+
+
+def _matmul_fwd(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return x @ kernel, (x, kernel)
+
+
+def _matmul_bwd(
+    residuals: tuple[jax.Array, jax.Array], g: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    x, kernel = residuals
+    x_t = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
+    d_kernel = x_t @ g.reshape(-1, g.shape[-1])
+    d_x = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
+    return d_x, d_kernel
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 class Biased(nnx.Module):
-    """A bias-free layer followed by :func:`add_bias` (a zero-initialized bias)."""
+    """A bias-free layer followed by :func:`add_bias` (a zero-initialized bias).
+
+    A bias-free ``nnx.Linear`` (``x @ kernel``) is applied through :func:`matmul`.
+    """
 
     def __init__(self, layer: nnx.Module, features: int):
         self.layer = layer
         self.bias = nnx.Param(jnp.zeros(features))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return add_bias(self.layer(x), self.bias[...])
+        if isinstance(self.layer, nnx.Linear):
+            y = matmul(x, self.layer.kernel[...])
+        else:
+            y = self.layer(x)
+        return add_bias(y, self.bias[...])
 
 
 def _dense(n_in: int, n_out: int, rngs: nnx.Rngs) -> Biased:

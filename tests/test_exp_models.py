@@ -62,6 +62,47 @@ def test_bias_gradient():
     np.testing.assert_allclose(grad, jax.grad(lambda b: jnp.sum((x + b) ** 2))(b))
 
 
+@pytest.mark.parametrize("x_shape", [(32, 40), (5, 3, 40)])
+def test_matmul_gradients_match_autodiff(x_shape):
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, x_shape)
+    w = jax.random.normal(kw, (40, 7))
+    g = jax.random.normal(kg, (*x_shape[:-1], 7))
+    out, vjp = jax.vjp(models.matmul, x, w)
+    ref_out, ref_vjp = jax.vjp(jnp.matmul, x, w)
+    np.testing.assert_array_equal(out, ref_out)
+    for got, ref in zip(vjp(g), ref_vjp(g), strict=True):
+        assert got.shape == ref.shape
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+    # Batched over runs, as in the engine: each run's gradient is its own.
+    xs, ws, gs = (jnp.stack([a, 2 * a]) for a in (x, w, g))
+    grads = jax.vmap(lambda x, w, g: jax.vjp(models.matmul, x, w)[1](g))(xs, ws, gs)
+    for run in range(2):
+        expected = ref_vjp(g) if run == 0 else jax.vjp(jnp.matmul, 2 * x, 2 * w)[1](2 * g)
+        for got, ref in zip(grads, expected, strict=True):
+            np.testing.assert_allclose(got[run], ref, rtol=1e-5, atol=1e-3)
+
+
+def test_mlp_gradients_match_plain_linear_layers():
+    model = models.make_model("mlp", Spec((40,), 10), nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    x = jax.random.normal(jax.random.key(1), (16, 40))
+    y = jnp.arange(16) % 10
+
+    def plain(p):
+        p = nnx.to_pure_dict(p)
+        h = x
+        for name in ("hidden1", "hidden2", "out"):
+            h = h @ p[name]["layer"]["kernel"] + p[name]["bias"]
+            h = jax.nn.relu(h) if name != "out" else h
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(h, y))
+
+    got = jax.grad(lambda p: models.loss_fn(nnx.merge(graphdef, p), x, y))(params)
+    ref = jax.grad(plain)(params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 10, 100, 1024, 1025, 10000])
 def test_ordered_sum_is_the_documented_pairwise_order(n):
     """Zero-pad to a power of two, then add the upper half to the lower half until one is left.
