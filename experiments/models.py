@@ -78,11 +78,12 @@ def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
     Autodiff's kernel gradient ``x^T g`` contracts the batch axis of both operands, a transposed
     left operand that XLA:CPU sends to a slower matmul than the forward one (about 2x at the
-    engine's sizes, e.g. ``[4, 32, 100]`` per device). Here ``x^T`` is materialized first, behind
-    an optimization barrier (else XLA folds the transpose back into the matmul): the copy costs
-    less than it saves, and the engine's batch-32 step is about 10% faster. Values are those of
-    autodiff up to rounding (the products are summed in another order). The input gradient is
-    autodiff's ``g @ kernel^T``.
+    engine's sizes, e.g. ``[4, 32, 100]`` per device). On CPU, ``x^T`` is therefore materialized
+    first, behind an optimization barrier (else XLA folds the transpose back into the matmul). The
+    copy costs less than it saves: at batch 32 the engine's step is 8-11% faster with 8 runs on 2
+    devices and 1.7x faster with one run. Other platforms get plain ``x^T g``
+    (``jax.lax.platform_dependent`` picks at lowering). Values are autodiff's up to rounding (the
+    products may be summed in another order). The input gradient is autodiff's ``g @ kernel^T``.
     """
     return x @ kernel
 
@@ -95,8 +96,13 @@ def _matmul_bwd(
     residuals: tuple[jax.Array, jax.Array], g: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     x, kernel = residuals
-    x_t = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
-    d_kernel = x_t @ g.reshape(-1, g.shape[-1])
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    d_kernel = jax.lax.platform_dependent(
+        x2,
+        g2,
+        cpu=lambda x2, g2: jax.lax.optimization_barrier(x2.T) @ g2,
+        default=lambda x2, g2: x2.T @ g2,
+    )
     d_x = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
     return d_x, d_kernel
 

@@ -83,6 +83,14 @@ def test_matmul_gradients_match_autodiff(x_shape):
             np.testing.assert_allclose(got[run], ref, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("platform", ["cpu", "cuda", "tpu"])
+def test_matmul_materializes_the_transpose_only_on_cpu(platform):
+    """The barrier that keeps x^T materialized is XLA:CPU-specific; other compilers get x^T g."""
+    grad = jax.jit(jax.grad(lambda x, w: jnp.sum(models.matmul(x, w) ** 2), argnums=1))
+    lowered = grad.trace(jnp.ones((8, 4)), jnp.ones((4, 3))).lower(lowering_platforms=(platform,))
+    assert ("optimization_barrier" in lowered.as_text()) == (platform == "cpu")
+
+
 def test_mlp_gradients_match_plain_linear_layers():
     model = models.make_model("mlp", Spec((40,), 10), nnx.Rngs(0))
     graphdef, params = nnx.split(model)
