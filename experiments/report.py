@@ -100,7 +100,7 @@ class Results:
 
 def load(out: str | Path) -> Results:
     """Loads a study directory; raises ValueError if it holds no study."""
-    from experiments.study import EFFECTIVE_DIR, STUDY_FILE, SWEEP_DIR
+    from experiments.study import EFFECTIVE_DIR, STUDY_FILE, SWEEP_DIR, sweep_dir
 
     out = Path(out)
     meta = _read_json(out / STUDY_FILE)
@@ -120,7 +120,7 @@ def load(out: str | Path) -> Results:
         noise=_read_json(out / "noise_scale.json"),
         baselines=_read_json(out / "baselines.json"),
         extra_sweeps={
-            model: read_runs(out / f"{SWEEP_DIR}_{model}")
+            model: read_runs(out / sweep_dir(model, meta["preset"]["model"]))
             for model in meta["preset"].get("extra_models", [])
         },
     )

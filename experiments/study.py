@@ -85,10 +85,8 @@ class Preset:
         batch size, so an example budget gives every batch size the same chance to show it;
         the floor leaves large batches enough steps to reach the target at all.
         """
-        lo, hi = self.step_range
-        steps = min(hi, max(lo, math.ceil(self.example_budget / batch_size)))
         every = self.sweep_eval_every(batch_size)
-        return math.ceil(steps / every) * every
+        return math.ceil(self._budget_steps(batch_size) / every) * every
 
     def sweep_eval_every(self, batch_size: int) -> int:
         """Steps between evaluations at one batch size: about ``evals_per_run`` per run.
@@ -97,9 +95,12 @@ class Preset:
         every batch size. (A fixed interval would make evaluation, not training, the main cost at
         small batch sizes: a full pass over the 5000 examples costs what ~200 steps of batch 8 do.)
         """
+        return max(1, math.ceil(self._budget_steps(batch_size) / self.evals_per_run))
+
+    def _budget_steps(self, batch_size: int) -> int:
+        """``example_budget / batch_size`` steps, clipped to ``step_range``."""
         lo, hi = self.step_range
-        steps = min(hi, max(lo, math.ceil(self.example_budget / batch_size)))
-        return max(1, math.ceil(steps / self.evals_per_run))
+        return min(hi, max(lo, math.ceil(self.example_budget / batch_size)))
 
     @property
     def effective_sgd_batches(self) -> tuple[int, ...]:
@@ -201,9 +202,9 @@ def machine() -> dict[str, Any]:
     }
 
 
-def sweep_dir(model: str, preset: Preset) -> str:
-    """Where the sweep of ``model`` is stored: ``sweep`` for the study's model."""
-    return SWEEP_DIR if model == preset.model else f"{SWEEP_DIR}_{model}"
+def sweep_dir(model: str, study_model: str) -> str:
+    """Where the sweep of ``model`` is stored: ``sweep`` for the study's own model."""
+    return SWEEP_DIR if model == study_model else f"{SWEEP_DIR}_{model}"
 
 
 class Study:
@@ -288,7 +289,7 @@ class Study:
         p = self.preset
         for model, batch_size in itertools.product((p.model, *p.extra_models), p.batch_sizes):
             run_sweep(
-                self.out / sweep_dir(model, p), self.data, model, [batch_size], p.betas,
+                self.out / sweep_dir(model, p.model), self.data, model, [batch_size], p.betas,
                 lrs=sweep_lrs(batch_size), seeds=range(p.seeds), steps=p.sweep_steps(batch_size),
                 eval_every=p.sweep_eval_every(batch_size), target_loss=p.target_loss,
                 progress=self.progress,
