@@ -1018,6 +1018,24 @@ def _baselines_section(res: Results) -> str:
     return "\n".join(lines)
 
 
+def _extra_sweep_parts(res: Results) -> list[str]:
+    """The steps-to-result table and fits of every other model swept on the same grid."""
+    parts = []
+    for model, records in res.extra_sweeps.items():
+        if not records:
+            continue
+        best = analysis.best_settings(records)
+        parts += [
+            f"### The same sweep with the {MODELS.get(model, model)}",
+            "",
+            analysis.steps_table_markdown(best),
+            "",
+            _fits_table(res, best),
+            "",
+        ]
+    return parts
+
+
 def build(out: str | Path) -> Path:
     """Writes ``DIR/report.md``, ``DIR/figures/*.png`` and ``DIR/verdicts.json``."""
     from experiments.store import write_json
@@ -1090,19 +1108,7 @@ def build(out: str | Path) -> Path:
         "",
         _fits_table(res) if res.best else "",
         "",
-        *[
-            part
-            for model, records in res.extra_sweeps.items()
-            if records
-            for part in (
-                f"### The same sweep with the {MODELS.get(model, model)}",
-                "",
-                analysis.steps_table_markdown(analysis.best_settings(records)),
-                "",
-                _fits_table(res, analysis.best_settings(records)),
-                "",
-            )
-        ],
+        *_extra_sweep_parts(res),
         "## 4. Best learning rate vs batch size",
         "",
         figure("best_lr"),
