@@ -54,7 +54,7 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
+    return value + 0.0  # -0.0 becomes 0.0: one value, one run id
 
 
 def _float_list(text: str) -> list[float]:

@@ -73,6 +73,10 @@ class GroupSpec:
     eval_every: int
     optimizer: str = DEFAULT_OPTIMIZER
 
+    def __post_init__(self) -> None:
+        # A beta of -0.0 is 0.0; normalized so both name the same group and the same run ids.
+        object.__setattr__(self, "beta", float(self.beta) + 0.0)
+
     @property
     def eval_steps(self) -> tuple[int, ...]:
         """The steps after which the full train and test sets are evaluated."""

@@ -1,5 +1,7 @@
 """Tests of experiments.train: pairing, divergence isolation, device-count invariance."""
 
+import math
+
 import jax
 import numpy as np
 import pytest
@@ -88,6 +90,13 @@ def test_identical_on_one_and_eight_devices(digits, mixed):
 def test_eval_steps_include_the_last_step():
     spec = train.GroupSpec("digits", "mlp", 8, 0.0, steps=25, eval_every=10)
     assert spec.eval_steps == (10, 20, 25)
+
+
+def test_negative_zero_beta_is_zero():
+    spec = train.GroupSpec("digits", "mlp", 8, -0.0, steps=25, eval_every=10)
+    zero = train.GroupSpec("digits", "mlp", 8, 0.0, steps=25, eval_every=10)
+    assert math.copysign(1.0, spec.beta) == 1.0
+    assert spec == zero and spec.run_id(0.1, 0, None) == zero.run_id(0.1, 0, None)
 
 
 @pytest.mark.parametrize(
