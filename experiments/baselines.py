@@ -28,7 +28,6 @@ import argparse
 import math
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,7 +35,7 @@ from tqdm import tqdm
 
 from experiments import data as datasets
 from experiments import models as model_zoo
-from experiments.cli import UsageError, positive_int
+from experiments.cli import UsageError, output_dir, positive_int
 from experiments.store import write_json
 from experiments.train import GroupResult, run_group
 
@@ -177,7 +176,9 @@ def table(results: dict[str, dict[str, Any]]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the baselines options to ``parser``."""
-    parser.add_argument("--out", required=True, metavar="DIR", help="results directory")
+    parser.add_argument(
+        "--out", type=output_dir, required=True, metavar="DIR", help="results directory"
+    )
     parser.add_argument(
         "--steps", type=positive_int, default=STEPS, metavar="N",
         help=f"optimizer steps per run (default: {STEPS}, as in the paper)",
@@ -206,9 +207,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if len(set(models)) != len(models):
         raise UsageError(f"--models has duplicates: {args.models}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {args.out} exists and is not a directory")
+    out = args.out
     data = datasets.load_dataset(args.dataset)
     if BATCH_SIZE > data.n_train:
         raise UsageError(f"{args.dataset} has fewer than {BATCH_SIZE} training examples")

@@ -13,6 +13,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 COMMANDS: list[tuple[str, str]] = [
@@ -50,6 +51,22 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
     return value
+
+
+def output_dir(text: str) -> Path:
+    """An argparse ``type``: a directory to write into, existing or to be created.
+
+    A path that is a file, or lies under one, is refused when the arguments are parsed, before
+    anything is computed (creating it would otherwise fail only when results are written).
+    """
+    if not text:
+        raise argparse.ArgumentTypeError("must be a directory path, got ''")
+    path = Path(text)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        where = "" if existing == path else f" (its parent {str(existing)!r})"
+        raise argparse.ArgumentTypeError(f"{text!r}{where} exists and is not a directory")
+    return path
 
 
 def use_one_cpu_device_per_core() -> None:

@@ -55,6 +55,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from experiments.cli import output_dir
+
 HELP = "noisy quadratic model (Zhang et al. 2019): steps to target vs batch size, closed form"
 DIMENSION = 10_000
 TARGET_LOSS = 0.01
@@ -516,7 +518,9 @@ def write(rows: Sequence[dict], out_dir: str | pathlib.Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of the ``nqm`` subcommand."""
-    parser.add_argument("--out", default="results", help="output directory (default: results)")
+    parser.add_argument(
+        "--out", type=output_dir, default="results", help="output directory (default: results)"
+    )
     parser.add_argument(
         "--batch-sizes",
         default=",".join(str(b) for b in BATCH_SIZES),

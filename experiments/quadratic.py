@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 import ema_momentum as emm
+from experiments.cli import output_dir
 
 HELP = "the course picture: SGD vs EMA momentum on a noisy ill-conditioned 2-D quadratic"
 CURVATURES = (1.0, 0.03)
@@ -221,7 +222,9 @@ def write(result: dict, out_dir: str | pathlib.Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of the ``quadratic`` subcommand."""
-    parser.add_argument("--out", default="results", help="output directory (default: results)")
+    parser.add_argument(
+        "--out", type=output_dir, default="results", help="output directory (default: results)"
+    )
     parser.add_argument(
         "--steps", type=int, default=STEPS, help="optimizer steps (default: %(default)s)"
     )

@@ -351,8 +351,13 @@ class Study:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The main job's options (also accepted with no subcommand)."""
+    from experiments.cli import output_dir
+
     parser.add_argument(
-        "--out", default="results", help="results and report directory (default: %(default)s)"
+        "--out",
+        type=output_dir,
+        default="results",
+        help="results and report directory (default: %(default)s)",
     )
     parser.add_argument(
         "--preset",
@@ -367,9 +372,7 @@ def run(args: argparse.Namespace) -> int:
     """Runs (or resumes) the study; prints where the report is and its summary table."""
     from experiments.cli import UsageError
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {str(out)!r} exists and is not a directory")
+    out = args.out
     try:
         study = Study(out, PRESETS[args.preset])
     except ValueError as e:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from experiments import data as datasets
 from experiments import models
-from experiments.cli import UsageError, positive_int
+from experiments.cli import UsageError, output_dir, positive_int
 from experiments.store import ResultStore, StoreLockedError
 from experiments.train import GroupSpec, run_group
 
@@ -72,7 +72,9 @@ def _lrs(text: str) -> list[float] | None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the sweep options to ``parser``."""
-    parser.add_argument("--out", required=True, metavar="DIR", help="results directory")
+    parser.add_argument(
+        "--out", type=output_dir, required=True, metavar="DIR", help="results directory"
+    )
     parser.add_argument("--dataset", choices=datasets.DATASETS, default="mnist1d")
     parser.add_argument(
         "--data-dir", metavar="PATH", help="folder of MNIST-format IDX files (--dataset idx only)"
@@ -138,9 +140,7 @@ def run(args: argparse.Namespace) -> int:
     n_devices = len(jax.devices())
     if args.devices is not None and args.devices > n_devices:
         raise UsageError(f"--devices {args.devices} but only {n_devices} device(s) are available")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {args.out} exists and is not a directory")
+    out = args.out
     try:
         data = datasets.load_dataset(args.dataset, args.data_dir)
     except (OSError, ValueError) as e:

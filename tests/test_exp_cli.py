@@ -226,6 +226,18 @@ def test_out_is_a_file(tmp_path, capsys):
     assert code == 2 and "not a directory" in captured.err
 
 
+@pytest.mark.parametrize("command", [[], ["sweep"], ["baselines"], ["nqm"], ["quadratic"]])
+@pytest.mark.parametrize("under_file", [False, True])
+def test_out_in_place_of_a_file_is_refused(command, under_file, tmp_path, capsys):
+    file = tmp_path / "file"
+    file.write_text("x")
+    out = file / "results" if under_file else file
+    code, captured = main_in_process([*command, "--out", str(out)], capsys)
+    assert code == 2 and captured.out == ""
+    assert captured.err.startswith("error: argument --out: ") and captured.err.count("\n") == 1
+    assert "not a directory" in captured.err and file.read_text() == "x"
+
+
 def test_missing_out(capsys):
     code, captured = main_in_process(["sweep"], capsys)
     assert code == 2 and captured.err.count("\n") == 1

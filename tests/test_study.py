@@ -116,14 +116,6 @@ def test_unknown_preset(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_out_is_a_file(tmp_path, capsys):
-    target = tmp_path / "file"
-    target.write_text("keep me")
-    assert cli.main(["--out", str(target)]) == 2
-    assert "not a directory" in _one_error_line(capsys)
-    assert target.read_text() == "keep me"
-
-
 def test_other_preset_in_the_same_directory(tiny_study, capsys):
     assert cli.main(["--out", str(tiny_study), "--preset", "quick"]) == 2
     assert "holds a 'tiny' study" in _one_error_line(capsys)
