@@ -7,6 +7,7 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.experimental.shard_alike import shard_alike
 
@@ -21,38 +22,58 @@ class EmaMomentumState(NamedTuple):
     velocity: optax.Updates  # like params; dtype `accumulator_dtype` or the params'.
 
 
-def _concrete_float(value: Any) -> float | None:
+def _concrete_float(value: Any, name: str, *, schedule: bool = True) -> float | None:
     """Returns `value` as a Python float if it is a concrete scalar, else None.
 
-    Traced values (under `jit`, `vmap`, `grad`) and schedules are not concrete:
-    they are not validated, so the transform still works over hyperparameters.
+    Traced values (under `jit`, `vmap`, `grad`) and schedules (if `schedule`)
+    are not concrete: they are not validated, so the transform still works over
+    hyperparameters. Anything else that is not one real number (a string, None,
+    a complex number, an array of another shape) is a ValueError naming `name`.
     """
-    if callable(value):
+    what = "a real scalar or a schedule" if schedule else "a real scalar"
+    if callable(value) and schedule:
         return None
+    dtype = getattr(value, "dtype", None)
+    if (
+        callable(value)
+        or value is None
+        or isinstance(value, (str, bytes, complex))
+        or np.shape(value) != ()
+        or (dtype is not None and jnp.issubdtype(dtype, jnp.complexfloating))
+    ):
+        raise ValueError(f"{name} must be {what}, got {name}={value!r}.")
     try:
         return float(value)
-    except (TypeError, jax.errors.ConcretizationTypeError):
+    except jax.errors.ConcretizationTypeError:
         return None
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {what}, got {name}={value!r}.") from None
 
 
 def _check_beta(beta: Any) -> None:
-    b = _concrete_float(beta)
+    b = _concrete_float(beta, "beta")
     if b is not None and not (math.isfinite(b) and 0.0 <= b < 1.0):
         raise ValueError(f"beta must be a finite number in [0, 1), got beta={beta!r}.")
 
 
 def _check_nu(nu: Any) -> None:
-    n = _concrete_float(nu)
+    n = _concrete_float(nu, "nu", schedule=False)
     if n is not None and not (math.isfinite(n) and 0.0 <= n <= 1.0):
         raise ValueError(f"nu must be a finite number in [0, 1], got nu={nu!r}.")
 
 
 def _check_learning_rate(learning_rate: Any) -> None:
-    lr = _concrete_float(learning_rate)
+    lr = _concrete_float(learning_rate, "learning_rate")
     if lr is not None and not (math.isfinite(lr) and lr >= 0.0):
         raise ValueError(
             f"learning_rate must be a finite number >= 0, got learning_rate={learning_rate!r}."
         )
+
+
+def _check_flag(value: Any, name: str) -> None:
+    # `if value` would read any object as a flag: nesterov="no" would turn Nesterov on.
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {name}={value!r}.")
 
 
 def _check_seed(seed: Any) -> None:
@@ -203,9 +224,11 @@ def ema_momentum(
       An :class:`optax.GradientTransformation` with state :class:`EmaMomentumState`.
 
     Raises:
-      ValueError: for a concrete ``beta`` outside ``[0, 1)``, ``nu`` outside
-        ``[0, 1]``, ``nesterov`` together with ``nu``, an unknown
-        ``accumulator_dtype`` or ``rounding``, or a non-integer ``seed``.
+      ValueError: for a ``beta`` or ``nu`` that is not a real scalar (or, for
+        ``beta``, a schedule), a concrete ``beta`` outside ``[0, 1)``, ``nu``
+        outside ``[0, 1]``, a ``nesterov`` or ``debias`` that is not a bool,
+        ``nesterov`` together with ``nu``, an unknown ``accumulator_dtype`` or
+        ``rounding``, or a non-integer ``seed``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -225,6 +248,8 @@ def ema_momentum(
       for deep learning <https://arxiv.org/abs/1810.06801>`_, 2019.
   """
     _check_beta(beta)
+    _check_flag(nesterov, "nesterov")
+    _check_flag(debias, "debias")
     if nesterov and nu is not None:
         raise ValueError(f"nesterov=True and nu={nu!r} are exclusive: nesterov means nu=beta.")
     if nu is not None:
@@ -333,8 +358,9 @@ def ema_sgd(
       An :class:`optax.GradientTransformation`.
 
     Raises:
-      ValueError: for a concrete ``learning_rate`` that is negative or not
-        finite, and for every bad input of :func:`ema_momentum`.
+      ValueError: for a ``learning_rate`` that is not a real scalar or a
+        schedule, a concrete one that is negative or not finite, and for every
+        bad input of :func:`ema_momentum`.
 
     Examples:
       >>> import jax

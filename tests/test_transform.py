@@ -495,6 +495,32 @@ def test_bad_nu(nu):
         emm.ema_momentum(0.9, nu=nu)
 
 
+NOT_SCALARS = ["0.1", None, 0.1 + 0j, np.complex64(0.1), [0.1], np.array([0.9, 0.9]), object()]
+
+
+@pytest.mark.parametrize("value", NOT_SCALARS, ids=lambda v: type(v).__name__)
+def test_hyperparameters_that_are_not_real_scalars(value):
+    with pytest.raises(ValueError, match=r"learning_rate must be a real scalar or a schedule"):
+        emm.ema_sgd(value, 0.9)
+    with pytest.raises(ValueError, match=r"beta must be a real scalar or a schedule, got beta="):
+        emm.ema_momentum(value)
+    if value is not None:  # nu=None is the default: plain EMA momentum
+        with pytest.raises(ValueError, match=r"nu must be a real scalar, got nu="):
+            emm.ema_momentum(0.9, nu=value)
+
+
+def test_nu_is_not_a_schedule():
+    with pytest.raises(ValueError, match=r"nu must be a real scalar, got nu="):
+        emm.ema_momentum(0.9, nu=optax.constant_schedule(0.5))
+
+
+@pytest.mark.parametrize("flag", ["nesterov", "debias"])
+@pytest.mark.parametrize("value", ["no", 1, None])
+def test_flags_must_be_bools(flag, value):
+    with pytest.raises(ValueError, match=rf"{flag} must be True or False, got {flag}="):
+        emm.ema_sgd(0.1, 0.9, **{flag: value})
+
+
 def test_nesterov_with_nu():
     with pytest.raises(ValueError, match=r"nesterov=True and nu=0.5 are exclusive"):
         emm.ema_sgd(0.1, 0.9, nesterov=True, nu=0.5)
