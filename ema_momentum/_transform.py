@@ -7,7 +7,6 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.experimental.shard_alike import shard_alike
 
@@ -38,7 +37,7 @@ def _concrete_float(value: Any, name: str, *, schedule: bool = True) -> float | 
         callable(value)
         or value is None
         or isinstance(value, (str, bytes, complex))
-        or np.shape(value) != ()
+        or getattr(value, "shape", ()) != ()
         or (dtype is not None and jnp.issubdtype(dtype, jnp.complexfloating))
     ):
         raise ValueError(f"{name} must be {what}, got {name}={value!r}.")
@@ -72,7 +71,9 @@ def _check_learning_rate(learning_rate: Any) -> None:
 
 def _check_flag(value: Any, name: str) -> None:
     # `if value` would read any object as a flag: nesterov="no" would turn Nesterov on.
-    if not isinstance(value, (bool, np.bool_)):
+    dtype = getattr(value, "dtype", None)
+    numpy_bool = dtype is not None and dtype == jnp.bool_ and getattr(value, "shape", None) == ()
+    if not (isinstance(value, bool) or numpy_bool):
         raise ValueError(f"{name} must be True or False, got {name}={value!r}.")
 
 
