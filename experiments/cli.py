@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -51,6 +52,33 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
     return value
+
+
+def finite_float(text: str) -> float:
+    """An argparse ``type``: a finite number; ``-0`` is ``0`` (one value, one run id)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value + 0.0
+
+
+def positive_int_list(text: str) -> list[int]:
+    """An argparse ``type``: comma-separated integers >= 1."""
+    return [positive_int(part.strip()) for part in text.split(",")]
+
+
+def finite_float_list(text: str) -> list[float]:
+    """An argparse ``type``: comma-separated finite numbers."""
+    return [finite_float(part.strip()) for part in text.split(",")]
+
+
+def check_unique(name: str, values: Sequence[object]) -> None:
+    """Raises :class:`UsageError` if ``values`` (given as option ``name``) repeat one."""
+    if len(set(values)) != len(values):
+        raise UsageError(f"{name} has duplicates: {','.join(map(str, values))}")
 
 
 def output_dir(text: str) -> Path:

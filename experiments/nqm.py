@@ -50,12 +50,18 @@ import math
 import multiprocessing
 import os
 import pathlib
-import sys
 from collections.abc import Sequence
 
 import numpy as np
 
-from experiments.cli import output_dir
+from experiments.cli import (
+    UsageError,
+    check_unique,
+    finite_float_list,
+    output_dir,
+    positive_int,
+    positive_int_list,
+)
 
 HELP = "noisy quadratic model (Zhang et al. 2019): steps to target vs batch size, closed form"
 DIMENSION = 10_000
@@ -523,53 +529,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--batch-sizes",
+        type=positive_int_list,
         default=",".join(str(b) for b in BATCH_SIZES),
         help="comma-separated batch sizes (default: 1, 2, 4, ..., 65536)",
     )
     parser.add_argument(
         "--betas",
+        type=finite_float_list,
         default=",".join(f"{beta:g}" for beta in BETAS),
         help="comma-separated momentum grid (default: %(default)s)",
     )
     parser.add_argument(
-        "--dim", type=int, default=DIMENSION, help=f"dimension d (default: {DIMENSION})"
+        "--dim", type=positive_int, default=DIMENSION, help=f"dimension d (default: {DIMENSION})"
     )
     parser.add_argument(
         "--workers",
-        type=int,
+        type=positive_int,
         default=os.cpu_count() or 1,
         help="processes to share the batch sizes (default: number of CPUs)",
     )
 
 
-def _numbers(text: str, kind: type) -> list:
-    try:
-        return [kind(item) for item in text.split(",")]
-    except ValueError:
-        return []
-
-
 def run(args: argparse.Namespace) -> int:
     """The ``nqm`` subcommand: tunes, writes ``nqm.json`` and ``nqm.png``, prints a table.
 
-    Returns:
-      The exit code: 0, or 2 after printing one ``error: ...`` line for bad arguments.
+    Raises:
+      UsageError: a repeated batch size or beta, or a beta outside [0, 1).
     """
-    batch_sizes = _numbers(args.batch_sizes, int)
-    betas = _numbers(args.betas, float)
-    problem = None
-    if not batch_sizes or min(batch_sizes) < 1:
-        problem = f"--batch-sizes must be comma-separated integers >= 1, got {args.batch_sizes!r}"
-    elif not betas or not all(0 <= beta < 1 for beta in betas):
-        problem = f"--betas must be comma-separated numbers in [0, 1), got {args.betas!r}"
-    elif args.dim < 1:
-        problem = f"--dim must be >= 1, got {args.dim}"
-    elif args.workers < 1:
-        problem = f"--workers must be >= 1, got {args.workers}"
-    if problem is not None:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
-    rows = study(sorted(set(batch_sizes)), betas, dim=args.dim, workers=args.workers)
+    check_unique("--batch-sizes", args.batch_sizes)
+    check_unique("--betas", args.betas)
+    bad_betas = [beta for beta in args.betas if not 0 <= beta < 1]
+    if bad_betas:
+        raise UsageError(f"--betas must be in [0, 1), got {bad_betas[0]:g}")
+    rows = study(sorted(args.batch_sizes), args.betas, dim=args.dim, workers=args.workers)
     write(rows, args.out)
     print(format_table(rows))
     print(f"wrote {pathlib.Path(args.out) / 'nqm.json'} and nqm.png")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 from collections.abc import Sequence
 
 import jax
@@ -28,7 +27,7 @@ import numpy as np
 import optax
 
 import ema_momentum as emm
-from experiments.cli import output_dir
+from experiments.cli import UsageError, output_dir
 
 HELP = "the course picture: SGD vs EMA momentum on a noisy ill-conditioned 2-D quadratic"
 CURVATURES = (1.0, 0.03)
@@ -234,12 +233,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """The ``quadratic`` subcommand: writes ``quadratic.json`` and ``quadratic.png``.
 
-    Returns:
-      The exit code: 0, or 2 after printing one ``error: ...`` line for bad arguments.
+    Raises:
+      UsageError: fewer than 2 steps.
     """
     if args.steps < 2:
-        print(f"error: --steps must be >= 2, got {args.steps}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--steps must be >= 2, got {args.steps}")
     result = study(steps=args.steps, seed=args.seed)
     write(result, args.out)
     for item in result["runs"]:

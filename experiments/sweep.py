@@ -26,7 +26,15 @@ from tqdm import tqdm
 
 from experiments import data as datasets
 from experiments import models
-from experiments.cli import UsageError, output_dir, positive_int
+from experiments.cli import (
+    UsageError,
+    check_unique,
+    finite_float,
+    finite_float_list,
+    output_dir,
+    positive_int,
+    positive_int_list,
+)
 from experiments.store import ResultStore, StoreLockedError
 from experiments.train import GroupSpec, run_group
 
@@ -43,28 +51,10 @@ def auto_lrs(batch_size: int) -> list[float]:
     return [float(f"{center * 10 ** (k / 2):.3g}") for k in AUTO_LR_HALF_DECADES]
 
 
-def _int_list(text: str) -> list[int]:
-    return [positive_int(part.strip()) for part in text.split(",")]
-
-
-def _float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value + 0.0  # -0.0 becomes 0.0: one value, one run id
-
-
-def _float_list(text: str) -> list[float]:
-    return [_float(part.strip()) for part in text.split(",")]
-
-
 def _lrs(text: str) -> list[float] | None:
     if text.strip() == "auto":
         return None
-    lrs = _float_list(text)
+    lrs = finite_float_list(text)
     if any(lr <= 0 for lr in lrs):
         raise argparse.ArgumentTypeError(f"learning rates must be > 0, got {text!r}")
     return lrs
@@ -81,11 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model", choices=models.MODELS, default="mlp")
     parser.add_argument(
-        "--batch-sizes", type=_int_list, default=[8, 32, 128], metavar="B,B,...",
+        "--batch-sizes", type=positive_int_list, default=[8, 32, 128], metavar="B,B,...",
         help="comma-separated batch sizes (default: 8,32,128)",
     )  # fmt: skip
     parser.add_argument(
-        "--betas", type=_float_list, default=[0.0, 0.9], metavar="BETA,...",
+        "--betas", type=finite_float_list, default=[0.0, 0.9], metavar="BETA,...",
         help="momentum values in [0, 1); 0 is plain SGD (default: 0,0.9)",
     )  # fmt: skip
     parser.add_argument(
@@ -106,18 +96,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="evaluate the full train and test sets every N steps (default: 100)",
     )  # fmt: skip
     parser.add_argument(
-        "--target-loss", type=_float, default=None, metavar="X",
+        "--target-loss", type=finite_float, default=None, metavar="X",
         help="record the first eval step with full train loss <= X (default: none)",
     )  # fmt: skip
     parser.add_argument(
         "--devices", type=positive_int, default=None, metavar="N",
         help="shard the runs over the first N devices (default: all)",
     )  # fmt: skip
-
-
-def _check_unique(name: str, values: Sequence[Any]) -> None:
-    if len(set(values)) != len(values):
-        raise UsageError(f"{name} has duplicates: {','.join(map(str, values))}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -129,10 +114,10 @@ def run(args: argparse.Namespace) -> int:
     bad_betas = [b for b in args.betas if not 0.0 <= b < 1.0]
     if bad_betas:
         raise UsageError(f"--betas must be in [0, 1), got {bad_betas[0]}")
-    _check_unique("--batch-sizes", args.batch_sizes)
-    _check_unique("--betas", args.betas)
+    check_unique("--batch-sizes", args.batch_sizes)
+    check_unique("--betas", args.betas)
     if args.lrs is not None:
-        _check_unique("--lrs", args.lrs)
+        check_unique("--lrs", args.lrs)
     if args.eval_every > args.steps:
         raise UsageError(f"--eval-every ({args.eval_every}) must be <= --steps ({args.steps})")
     if args.target_loss is not None and args.target_loss < 0:

@@ -238,6 +238,32 @@ def test_out_in_place_of_a_file_is_refused(command, under_file, tmp_path, capsys
     assert "not a directory" in captured.err and file.read_text() == "x"
 
 
+BAD_NQM_QUADRATIC = [
+    ["nqm", "--betas", "0,1.5"],
+    ["nqm", "--betas", "0,x"],
+    ["nqm", "--betas", "nan"],
+    ["nqm", "--betas", "0.9,0.9"],
+    ["nqm", "--batch-sizes", "0,4"],
+    ["nqm", "--batch-sizes", "x"],
+    ["nqm", "--batch-sizes", "4,4"],
+    ["nqm", "--dim", "0"],
+    ["nqm", "--workers", "-1"],
+    ["quadratic", "--steps", "1"],
+    ["quadratic", "--steps", "x"],
+    ["quadratic", "--seed", "0.5"],
+]
+
+
+@pytest.mark.parametrize("argv", BAD_NQM_QUADRATIC, ids=" ".join)
+def test_bad_input_of_nqm_and_quadratic(argv, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, captured = main_in_process([argv[0], "--out", str(out), *argv[1:]], capsys)
+    assert code == 2 and captured.out == ""
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1
+    assert argv[1] in captured.err
+    assert not out.exists()
+
+
 def test_missing_out(capsys):
     code, captured = main_in_process(["sweep"], capsys)
     assert code == 2 and captured.err.count("\n") == 1

@@ -141,19 +141,6 @@ def test_cli_writes_json_and_figure(tmp_path, capsys):
     assert "| 8 |" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(
-    ("flag", "value"), [("--betas", "0,1.5"), ("--batch-sizes", "0,4"), ("--batch-sizes", "x")]
-)
-def test_cli_rejects_bad_arguments(tmp_path, capsys, flag, value):
-    parser = argparse.ArgumentParser()
-    nqm.add_arguments(parser)
-    args = parser.parse_args(["--out", str(tmp_path / "out"), flag, value])
-    assert nqm.run(args) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: {flag}") and err.count("\n") == 1
-    assert not (tmp_path / "out").exists()
-
-
 def test_workers_give_the_same_rows():
     serial = nqm.study([4, 64], (0.0, 0.9), dim=50)
     assert nqm.study([4, 64], (0.0, 0.9), dim=50, workers=2) == serial

@@ -73,11 +73,3 @@ def test_cli_writes_json_and_figure(tmp_path, capsys):
     assert all(len(run["path"]) == 13 for run in result["runs"])
     assert (tmp_path / "quadratic.png").stat().st_size > 0
     assert "wrote" in capsys.readouterr().out
-
-
-def test_cli_rejects_too_few_steps(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    quadratic.add_arguments(parser)
-    assert quadratic.run(parser.parse_args(["--out", str(tmp_path / "o"), "--steps", "1"])) == 2
-    assert capsys.readouterr().err.startswith("error: --steps")
-    assert not (tmp_path / "o").exists()
