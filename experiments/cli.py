@@ -54,6 +54,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
 def finite_float(text: str) -> float:
     """An argparse ``type``: a finite number; ``-0`` is ``0`` (one value, one run id)."""
     try:

@@ -10,11 +10,18 @@ JSON record per run) and DIR/curves/*.npz (per-step curves).
 square-root rule keeps the noise of an SGD step roughly constant across batch sizes, and the
 wide grid brackets the best rate with and without momentum (lr is the EMA-form rate of
 ema_sgd, so beta=0.9 tolerates much larger values).
+
+Multi-host (--distributed): start the same command in every process of the job. Each process
+first joins it with jax.distributed.initialize() (Cloud TPU, SLURM, Open MPI and Kubernetes are
+detected; elsewhere give --coordinator, --num-processes and --process-id), then every group's run
+axis is sharded over all processes' devices. Process 0 alone locks, reads and writes DIR (on its
+own disk) and prints; the others compute and print nothing. The numbers are the same as on one host.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +29,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from experiments import data as datasets
@@ -31,6 +39,7 @@ from experiments.cli import (
     check_unique,
     finite_float,
     finite_float_list,
+    non_negative_int,
     output_dir,
     positive_int,
     positive_int_list,
@@ -103,6 +112,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--devices", type=positive_int, default=None, metavar="N",
         help="shard the runs over the first N devices (default: all)",
     )  # fmt: skip
+    group = parser.add_argument_group(
+        "multi-host", "run one sweep over several processes (see the description above)"
+    )
+    group.add_argument(
+        "--distributed", action="store_true",
+        help="join a multi-process JAX job (jax.distributed.initialize) before computing",
+    )  # fmt: skip
+    group.add_argument(
+        "--coordinator", metavar="HOST:PORT",
+        help="address of process 0's coordinator service (implies --distributed)",
+    )  # fmt: skip
+    group.add_argument(
+        "--num-processes", type=positive_int, metavar="N",
+        help="processes in the job (implies --distributed)",
+    )  # fmt: skip
+    group.add_argument(
+        "--process-id", type=non_negative_int, metavar="I",
+        help="this process's index, 0..N-1 (implies --distributed)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -122,6 +150,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--eval-every ({args.eval_every}) must be <= --steps ({args.steps})")
     if args.target_loss is not None and args.target_loss < 0:
         raise UsageError(f"--target-loss must be >= 0, got {args.target_loss}")
+    distributed = args.distributed or any(
+        value is not None for value in (args.coordinator, args.num_processes, args.process_id)
+    )
+    if distributed:
+        _join(args)
     n_devices = len(jax.devices())
     if args.devices is not None and args.devices > n_devices:
         raise UsageError(f"--devices {args.devices} but only {n_devices} device(s) are available")
@@ -151,8 +184,23 @@ def run(args: argparse.Namespace) -> int:
         )
     except StoreLockedError as e:
         raise UsageError(str(e)) from None
-    print(summary(records))
+    if jax.process_index() == 0:
+        print(summary(records))
     return 0
+
+
+def _join(args: argparse.Namespace) -> None:
+    """Joins the multi-process job the ``--distributed`` arguments describe."""
+    if args.devices is not None:
+        raise UsageError("--devices cannot be combined with --distributed (every device is used)")
+    n, i = args.num_processes, args.process_id
+    if n is not None and i is not None and i >= n:
+        raise UsageError(f"--process-id must be < --num-processes ({n}), got {i}")
+    try:
+        jax.distributed.initialize(args.coordinator, num_processes=n, process_id=i)
+    except (RuntimeError, ValueError) as e:
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"cannot join the distributed job: {first_line}") from None
 
 
 def run_sweep(
@@ -187,7 +235,10 @@ def run_sweep(
       progress: Show tqdm progress bars on stderr.
 
     Returns:
-      The records of every run of the sweep (new and previously stored), in grid order.
+      The records of every run of the sweep (new and previously stored), in grid order. In a
+      multi-process job (after ``jax.distributed.initialize()``) every process must call this with
+      the same arguments; process 0 alone reads and writes ``out_dir`` and gets the records, the
+      others compute their share of each group and get ``[]``.
 
     Raises:
       experiments.store.StoreLockedError: if another process is writing ``out_dir``.
@@ -201,27 +252,47 @@ def run_sweep(
             ids = [spec.run_id(lr, s, target_loss) for lr in group_lrs for s in seeds]
             plan.append((spec, group_lrs, ids))
 
-    with ResultStore(out_dir) as store:
-        total = sum(len(ids) for _, _, ids in plan)
-        todo = [(spec, group_lrs, ids) for spec, group_lrs, ids in plan if store.missing(ids)]
+    lead = jax.process_index() == 0
+    with contextlib.ExitStack() as stack:
+        store, locked = None, None
+        if lead:
+            try:
+                store = stack.enter_context(ResultStore(out_dir))
+            except StoreLockedError as e:
+                locked = e
+        missing = [0 if store is None else len(store.missing(ids)) for *_, ids in plan]
+        if jax.process_count() > 1:  # process 0's store decides for every process
+            agreed = multihost_utils.broadcast_one_to_all(
+                np.asarray([locked is not None, *missing], np.int32)
+            )
+            if agreed[0] and locked is None:
+                raise StoreLockedError(f"process 0 could not lock {out_dir}")
+            missing = [int(m) for m in agreed[1:]]
+        if locked is not None:
+            raise locked
+        total = sum(len(ids) for *_, ids in plan)
         runs_bar = tqdm(
-            total=total, initial=total - sum(len(store.missing(ids)) for *_, ids in todo),
-            desc="runs", unit="run", disable=not progress, dynamic_ncols=True,
+            total=total, initial=total - sum(missing), desc="runs", unit="run",
+            disable=not (progress and lead), dynamic_ncols=True,
         )  # fmt: skip
         with runs_bar:
-            for spec, group_lrs, ids in todo:
-                missing = len(store.missing(ids))
+            for (spec, group_lrs, _), n_missing in zip(plan, missing, strict=True):
+                if not n_missing:
+                    continue
                 with tqdm(
                     total=steps, desc=f"batch {spec.batch_size} beta {spec.beta:g}",
-                    unit="step", leave=False, disable=not progress, dynamic_ncols=True,
+                    unit="step", leave=False, disable=not (progress and lead), dynamic_ncols=True,
                 ) as steps_bar:  # fmt: skip
                     result = run_group(
                         data, model, spec.batch_size, spec.beta, group_lrs, seeds, steps,
                         eval_every, target_loss=target_loss, devices=devices,
                         on_chunk=steps_bar.update,
                     )  # fmt: skip
-                store.add_group(result)
-                runs_bar.update(missing)
+                if store is not None:
+                    store.add_group(result)
+                runs_bar.update(n_missing)
+        if store is None:
+            return []
         by_id = {r["run_id"]: r for r in store.records}
     return [by_id[run_id] for *_, ids in plan for run_id in ids]
 

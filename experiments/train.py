@@ -25,9 +25,12 @@ The optimizer is ``ema_sgd(lr, beta)`` unless ``run_group(..., optimizer="adam")
 paper, used by the baselines. It is a compile-time choice, part of a group's identity.
 
 Multi-host (several processes, e.g. a TPU pod slice): call ``jax.distributed.initialize()`` in
-every process first, then ``run_group(..., devices=jax.devices())`` in every process: the run axis
-is sharded over all hosts' devices and every process gets the full results (gathered with
-``multihost_utils.process_allgather``). Let only process 0 write the results store.
+every process first, then ``run_group(...)`` with the same arguments in every process: the run axis
+is sharded over all hosts' devices (each process supplies its devices' shards of the inputs) and
+every process gets the full results (gathered with ``multihost_utils.process_allgather``). Let only
+process 0 write the results store, as :func:`experiments.sweep.run_sweep` and ``sweep
+--distributed`` do. Tested with two local processes of two CPU devices each: the same numbers as
+one process.
 """
 
 from __future__ import annotations
@@ -263,7 +266,7 @@ def _init_runs(
         diverged=jnp.zeros(n, bool),
         diverged_at=jnp.full(n, -1, jnp.int32),
     )
-    return jax.device_put(state, sharding)
+    return _put(state, sharding)
 
 
 def _step_one(
@@ -396,6 +399,26 @@ def _validate(
         raise ValueError(f"target_loss must be a finite number >= 0, got {target_loss!r}.")
 
 
+def _put(tree: Any, sharding: NamedSharding) -> Any:
+    """``jax.device_put(tree, sharding)``, also when the mesh spans other processes' devices.
+
+    ``device_put`` accepts only shardings of this process's devices. With several processes
+    (multi-host), every process holds the same values, so each leaf becomes a global array built
+    from the local copy: every process supplies the shards of its own devices.
+    """
+    if sharding.is_fully_addressable:
+        return jax.device_put(tree, sharding)
+
+    def put(leaf: Any) -> jax.Array:
+        if jax.dtypes.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key):
+            data = put(jax.random.key_data(leaf))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree)
+
+
 def _to_host(a: jax.Array) -> np.ndarray:
     if a.is_fully_addressable:
         return np.asarray(a)
@@ -470,9 +493,9 @@ def run_group(
     mesh = Mesh(np.asarray(devices), ("runs",))
     by_run = NamedSharding(mesh, PartitionSpec("runs"))
     replicated = NamedSharding(mesh, PartitionSpec())
-    x, y = jax.device_put((data.x_train, data.y_train), replicated)
-    train_eval = jax.device_put(_eval_layout(data.x_train, data.y_train), replicated)
-    test_eval = jax.device_put(_eval_layout(data.x_test, data.y_test), replicated)
+    x, y = _put((data.x_train, data.y_train), replicated)
+    train_eval = _put(_eval_layout(data.x_train, data.y_train), replicated)
+    test_eval = _put(_eval_layout(data.x_test, data.y_test), replicated)
 
     batch_loss, grad_norm, evals = [], [], []
     # Non-partitionable threefry compiles several times faster on CPU; each run draws its own

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -120,6 +121,63 @@ def test_resume_after_kill_is_identical_to_uninterrupted(reference, env, tmp_pat
             np.testing.assert_array_equal(mine[name], theirs[name])
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def sweep_on_two_processes(args, env):
+    """Runs ``args`` as a 2-process JAX job (2 CPU devices each) on this machine."""
+    env = env | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    job = ["--coordinator", f"localhost:{free_port()}", "--num-processes", "2"]
+    procs = [start([*args, *job, "--process-id", str(i)], env) for i in range(2)]
+    try:
+        return [(*proc.communicate(timeout=300), proc.returncode) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+
+
+def test_sweep_over_two_processes_is_identical_to_one(reference, env, tmp_path):
+    """A multi-host job, simulated by two local processes with two CPU devices each.
+
+    Process 0 writes the same records and curves as the one-process reference (8 devices) and
+    prints the summary; process 1 prints nothing (the Gloo library's connection lines aside). A
+    rerun of the job computes nothing.
+    """
+    out = tmp_path / "out"
+    (out0, err0, code0), (out1, err1, code1) = sweep_on_two_processes(
+        [*SWEEP, "--out", str(out)], env
+    )
+    assert code0 == code1 == 0, err0 + err1
+    ours = lambda text: [line for line in text.splitlines() if not line.startswith("[Gloo]")]
+    assert "best lr" in out0 and ours(out1) == [] and "100%" not in err1
+    records = store.read_runs(out)
+    expected = store.read_runs(reference[0])
+    assert without_wall_time(records) == without_wall_time(expected)
+    for r in records:
+        mine, theirs = store.load_curves(out, r), store.load_curves(reference[0], r)
+        for name in mine:
+            np.testing.assert_array_equal(mine[name], theirs[name])
+
+    before = (out / "runs.jsonl").read_bytes()
+    results = sweep_on_two_processes([*SWEEP, "--out", str(out)], env)
+    assert [code for *_, code in results] == [0, 0]
+    assert (out / "runs.jsonl").read_bytes() == before
+
+
+def test_locked_dir_stops_every_process_of_a_job(tmp_path, env):
+    out = tmp_path / "out"
+    with store.ResultStore(out):
+        results = sweep_on_two_processes([*SWEEP, "--out", str(out)], env)
+    assert [code for *_, code in results] == [2, 2]
+    (_, err0, _), (_, err1, _) = results
+    assert err0.splitlines()[-1].startswith("error: ") and "lock" in err0.splitlines()[-1]
+    assert err1.splitlines()[-1] == f"error: process 0 could not lock {out}"
+    assert store.read_runs(out) == []
+
+
 def test_lock_refuses_a_second_writer(tmp_path, env):
     out = tmp_path / "out"
     with store.ResultStore(out):
@@ -193,6 +251,10 @@ BAD = [
     ["--devices", "99"],
     ["--data-dir", "/tmp"],
     ["--no-such-flag"],
+    ["--num-processes", "0"],
+    ["--process-id", "-1"],
+    ["--num-processes", "2", "--process-id", "2"],
+    ["--distributed", "--devices", "1"],
 ]
 
 
