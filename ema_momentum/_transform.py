@@ -52,7 +52,15 @@ def _concrete_float(value: Any, name: str, *, schedule: bool = True) -> float | 
 def _check_beta(beta: Any) -> None:
     b = _concrete_float(beta, "beta")
     if b is not None and not (math.isfinite(b) and 0.0 <= b < 1.0):
-        raise ValueError(f"beta must be a finite number in [0, 1), got beta={beta!r}.")
+        hint = ""
+        dtype = getattr(beta, "dtype", None)
+        if b == 1.0 and dtype is not None and jnp.finfo(dtype).bits < 32:
+            # optax.inject_hyperparams casts hyperparameters to the params' dtype by default.
+            hint = (
+                f" A {jnp.dtype(dtype).name} beta rounds values such as 0.999 up to 1; with "
+                "optax.inject_hyperparams, pass hyperparam_dtype=jnp.float32."
+            )
+        raise ValueError(f"beta must be a finite number in [0, 1), got beta={beta!r}.{hint}")
 
 
 def _check_nu(nu: Any) -> None:
@@ -81,10 +89,19 @@ def _check_seed(seed: Any) -> None:
     # `optax.inject_hyperparams` passes every numeric argument as an array, so
     # integer arrays (concrete or traced) are accepted alongside Python ints.
     dtype = getattr(seed, "dtype", None)
-    if isinstance(seed, bool) or not (
-        isinstance(seed, int) or (dtype is not None and jnp.issubdtype(dtype, jnp.integer))
+    if (
+        isinstance(seed, bool)
+        or not (isinstance(seed, int) or (dtype is not None and jnp.issubdtype(dtype, jnp.integer)))
+        or getattr(seed, "shape", ()) != ()
     ):
         raise ValueError(f"seed must be an integer, got seed={seed!r}.")
+    try:
+        value = int(seed)
+    except jax.errors.ConcretizationTypeError:
+        return
+    # The seed is used as a uint32: a wider range would silently alias (2**32 to 0, -1 to 2**32-1).
+    if not 0 <= value < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got seed={seed!r}.")
 
 
 def _canonical_accumulator_dtype(accumulator_dtype: Any) -> jnp.dtype | None:
@@ -132,6 +149,19 @@ def _zeros_like(param: jax.Array, dtype: jnp.dtype | None) -> jax.Array:
     return shard_alike(zeros, param)[0]
 
 
+def _like(hyperparameter: Any, x: jax.Array) -> Any:
+    """A hyperparameter ready to combine with `x`: arrays are cast to its dtype.
+
+    Python numbers are weakly typed and left alone. An array (e.g. from
+    `optax.inject_hyperparams`, or a bfloat16 or float64 one) is cast, so that no
+    arithmetic mixes dtypes (`jax.numpy_dtype_promotion("strict")` holds) and the
+    compute dtype is never widened or narrowed by a hyperparameter.
+    """
+    if isinstance(hyperparameter, (int, float)):
+        return hyperparameter
+    return jnp.asarray(hyperparameter).astype(jnp.result_type(x))
+
+
 def _mix32(h: jax.Array) -> jax.Array:
     """lowbias32 (C. Wellons): a bijective uint32 hash with strong avalanche."""
     h = h ^ (h >> 16)
@@ -143,9 +173,8 @@ def _mix32(h: jax.Array) -> jax.Array:
 
 def _rounding_salt(seed: Any, count: jax.Array, index: int) -> jax.Array:
     """A uint32 naming (seed, step, leaf): it selects the random bits of one leaf at one step."""
-    if isinstance(seed, int):
-        seed = jnp.uint32((seed ^ (seed >> 32)) & 0xFFFFFFFF)
-    h = _mix32(jnp.asarray(seed).astype(jnp.uint32) + jnp.uint32(0x9E3779B9))
+    seed = jnp.uint32(seed) if isinstance(seed, int) else jnp.asarray(seed).astype(jnp.uint32)
+    h = _mix32(seed + jnp.uint32(0x9E3779B9))
     h = _mix32(h ^ count.astype(jnp.uint32))
     return _mix32(h ^ jnp.uint32(index))
 
@@ -194,9 +223,11 @@ def ema_momentum(
     :math:`\nu = \beta_t`; an explicit ``nu`` gives quasi-hyperbolic momentum
     (Ma & Yarats, 2019). ``beta=0`` is the identity (plain SGD once scaled).
 
-    With zero initialization :math:`v_t = (1-\beta) m_t` where :math:`m_t` is the
-    heavy-ball buffer of :func:`optax.trace`, so ``ema_sgd(lr, beta)`` takes the
-    same steps as ``optax.sgd(lr * (1 - beta), momentum=beta)``.
+    For a constant ``beta`` and zero initialization, :math:`v_t = (1-\beta) m_t` where
+    :math:`m_t` is the heavy-ball buffer of :func:`optax.trace`, so ``ema_sgd(lr, beta)``
+    takes the same steps as ``optax.sgd(lr * (1 - beta), momentum=beta)``. (Under a
+    ``beta`` schedule the two differ: the EMA weighs each gradient by its own
+    :math:`1 - \beta_t`.)
 
     The stored velocity is never debiased. Debiasing divides by
     :math:`1 - \prod_i \beta_i`, kept in the state as the EMA of a constant 1,
@@ -218,8 +249,11 @@ def ema_momentum(
       rounding: How the float32 result is rounded into a ``bfloat16`` velocity:
         ``"nearest"`` (round to nearest even) or ``"stochastic"`` (unbiased; the
         EMA does not stall). Leaves stored in another dtype are not affected.
-      seed: Seeds the stochastic rounding; the random bits are derived from it
-        and the step count, so runs are reproducible and need no key.
+      seed: Seeds the stochastic rounding, an integer in ``[0, 2**32)``; the random
+        bits are derived from it, the step count and each element's position, so
+        runs are reproducible and need no key. Under ``jax.vmap`` over models,
+        map ``seed`` too (e.g. ``optax.inject_hyperparams``) for independent noise:
+        with one seed every member draws the same bits.
 
     Returns:
       An :class:`optax.GradientTransformation` with state :class:`EmaMomentumState`.
@@ -229,7 +263,14 @@ def ema_momentum(
         ``beta``, a schedule), a concrete ``beta`` outside ``[0, 1)``, ``nu``
         outside ``[0, 1]``, a ``nesterov`` or ``debias`` that is not a bool,
         ``nesterov`` together with ``nu``, an unknown ``accumulator_dtype`` or
-        ``rounding``, or a non-integer ``seed``.
+        ``rounding``, or a ``seed`` that is not an integer in ``[0, 2**32)``.
+
+    Note:
+      :func:`optax.inject_hyperparams` casts hyperparameters to the params' dtype
+      unless given ``hyperparam_dtype``: with bfloat16 params, ``beta=0.999``
+      becomes exactly 1. Eagerly, ``init`` then raises; under ``jit`` it cannot
+      be checked and the velocity stops learning. Pass
+      ``hyperparam_dtype=jnp.float32``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -281,14 +322,15 @@ def ema_momentum(
         # gives the gradients. Kept as its own EMA, it is exact under a beta
         # schedule and, unlike 1 - prod, free of cancellation when beta ~ 1.
         weight_sum = optax.tree.update_moment(
-            jnp.ones_like(state.weight_sum), state.weight_sum, beta_t, order=1
+            jnp.ones_like(state.weight_sum), state.weight_sum, _like(beta_t, state.weight_sum), 1
         ).astype(state.weight_sum.dtype)
         weight = beta_t if nesterov else nu
 
         def leaf(index, g, v):
+            g = jnp.asarray(g)
             compute = _compute_dtype(g.dtype, v.dtype)
             g_c = g.astype(compute)
-            v_new = optax.tree.update_moment(g_c, v.astype(compute), beta_t, order=1)
+            v_new = optax.tree.update_moment(g_c, v.astype(compute), _like(beta_t, g_c), order=1)
             if rounding == "stochastic" and v.dtype == jnp.bfloat16:
                 stored = _stochastic_round_to_bfloat16(
                     v_new, _rounding_salt(seed, state.count, index)
@@ -301,7 +343,8 @@ def ema_momentum(
             stored = shard_alike(stored, v)[0]
             u = v_new / weight_sum.astype(compute) if debias else v_new
             if weight is not None:
-                u = weight * u + (1 - weight) * g_c
+                w = _like(weight, g_c)
+                u = w * u + (1 - w) * g_c
             return u.astype(g.dtype), stored
 
         leaves_g, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import ema_momentum as emm
@@ -155,3 +156,21 @@ def test_stochastic_rounding_keeps_float32_leaves_exact():
     assert state.velocity["half"].dtype == jnp.bfloat16
     assert state.velocity["full"].dtype == jnp.float32
     np.testing.assert_allclose(state.velocity["full"], 0.03, rtol=1e-6)
+
+
+def test_a_seed_means_the_same_as_a_python_int_or_an_array():
+    """inject_hyperparams passes the seed as an int32 array: the same bits as the Python int."""
+    grad = jnp.full((64,), 0.3, jnp.float32)
+    options = dict(accumulator_dtype=jnp.bfloat16, rounding="stochastic")
+    plain = emm.ema_momentum(0.999, seed=12345, **options)
+    injected = optax.inject_hyperparams(
+        emm.ema_momentum, static_args=("accumulator_dtype", "rounding")
+    )(0.999, seed=12345, **options)
+    velocities = []
+    for tx in (plain, injected):
+        state = tx.init(grad)
+        for _ in range(3):
+            _, state = jax.jit(tx.update)(grad, state)
+        velocities.append(optax.tree.get(state, "velocity"))
+    assert velocities[0].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(velocities[0], velocities[1])

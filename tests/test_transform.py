@@ -77,6 +77,14 @@ def test_closed_form_debias_nesterov_qhm_two_steps():
     chex.assert_trees_all_close(
         (q1, q2), (nu * v1 + (1 - nu) * g1, nu * v2 + (1 - nu) * g2), rtol=1e-6
     )
+    # Together: the velocity is debiased first, then mixed with the raw gradient.
+    h1, h2 = v1 / (1 - b), v2 / (1 - b**2)
+    (e1, e2), _ = _run(emm.ema_momentum(b, nesterov=True, debias=True), [g1, g2], jnp.zeros(1))
+    chex.assert_trees_all_close((e1, e2), (b * h1 + (1 - b) * g1, b * h2 + (1 - b) * g2), rtol=1e-5)
+    (r1, r2), _ = _run(emm.ema_momentum(b, nu=nu, debias=True), [g1, g2], jnp.zeros(1))
+    chex.assert_trees_all_close(
+        (r1, r2), (nu * h1 + (1 - nu) * g1, nu * h2 + (1 - nu) * g2), rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("beta", [0.5, 0.9, 0.99])
@@ -276,9 +284,12 @@ def test_inject_hyperparams():
     ours, state = _jit_steps(tx, PARAMS, grads)
     reference, _ = _jit_steps(emm.ema_sgd(0.1, 0.9), PARAMS, grads)
     chex.assert_trees_all_close(ours, reference, rtol=1e-5)
+    # A new beta in the state is the one the next step uses.
+    velocity = state.inner_state[0].velocity
     state.hyperparams["beta"] = jnp.asarray(0.5)
-    _, state = jax.jit(tx.update)(grads[0], state, PARAMS)
-    assert state.hyperparams["beta"] == 0.5
+    updates, state = jax.jit(tx.update)(grads[0], state, PARAMS)
+    expected = jax.tree.map(lambda v, g: -0.1 * (0.5 * v + 0.5 * g), velocity, grads[0])
+    chex.assert_trees_all_close(updates, expected, rtol=1e-6)
 
 
 def test_tree_get_count():
@@ -417,6 +428,38 @@ def test_no_implicit_dtype_promotion(dtype, kwargs):
     chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"nesterov": True}, {"nu": 0.5, "debias": True}])
+def test_array_hyperparameters_cause_no_implicit_promotion(kwargs):
+    # optax.inject_hyperparams hands the transform bfloat16 arrays for bf16 params.
+    params = {"a": jnp.ones(3, jnp.bfloat16)}
+    tx = optax.inject_hyperparams(emm.ema_sgd)(0.1, 0.9, **kwargs)
+    with jax.numpy_dtype_promotion("strict"):
+        state = tx.init(params)
+        updates, state = jax.jit(tx.update)(params, state)
+    chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
+    # A float32 array beta on float64 params computes in float64, without promotion.
+    with jax.enable_x64(True), jax.numpy_dtype_promotion("strict"):
+        params = {"a": jnp.ones(3, jnp.float64)}
+        tx = emm.ema_momentum(np.float32(0.9), nu=np.float32(0.5))
+        updates, _ = jax.jit(tx.update)(params, tx.init(params))
+        assert updates["a"].dtype == jnp.float64
+
+
+def test_python_scalar_leaves():
+    tx = emm.ema_momentum(0.5, debias=True)
+    updates, state = tx.update({"a": 2.0}, tx.init({"a": 1.0}))
+    chex.assert_trees_all_close(updates["a"], 2.0)
+    assert state.count == 1
+
+
+def test_a_bfloat16_beta_of_one_names_the_fix():
+    tx = optax.inject_hyperparams(emm.ema_momentum)(beta=0.999)
+    with pytest.raises(ValueError, match=r"bfloat16 beta rounds .* hyperparam_dtype=jnp.float32"):
+        tx.init(jnp.ones(2, jnp.bfloat16))
+    tx = optax.inject_hyperparams(emm.ema_momentum, hyperparam_dtype=jnp.float32)(beta=0.999)
+    tx.init(jnp.ones(2, jnp.bfloat16))
+
+
 def test_bfloat16_arithmetic_runs_in_float32():
     # With bf16 everywhere, the EMA is computed in float32 and rounded once.
     v = jnp.asarray([1.0, -3.0, 7.0], jnp.bfloat16)
@@ -545,6 +588,10 @@ def test_bad_rounding_and_seed():
         emm.ema_momentum(0.9, accumulator_dtype=jnp.float32, rounding="stochastic")
     with pytest.raises(ValueError, match=r"seed must be an integer, got seed=1.5"):
         emm.ema_momentum(0.9, seed=1.5)
+    for seed in (-1, 2**32, np.int64(-1), np.ones(2, np.int32)):
+        with pytest.raises(ValueError, match=r"seed must be "):
+            emm.ema_momentum(0.9, seed=seed)
+    emm.ema_momentum(0.9, seed=2**32 - 1)
 
 
 def test_real_accumulator_for_complex_params():
