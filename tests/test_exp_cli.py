@@ -178,6 +178,16 @@ def test_locked_dir_stops_every_process_of_a_job(tmp_path, env):
     assert store.read_runs(out) == []
 
 
+def test_distributed_without_a_cluster_is_a_usage_error(tmp_path, env):
+    out = tmp_path / "out"
+    env = {k: v for k, v in env.items() if not k.startswith(("JAX_COORDINATOR", "SLURM_", "OMPI_"))}
+    done = run([*SWEEP, "--out", str(out), "--distributed"], env)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("error: cannot join the distributed job: ")
+    assert done.stderr.count("\n") == 1
+    assert not out.exists()
+
+
 def test_lock_refuses_a_second_writer(tmp_path, env):
     out = tmp_path / "out"
     with store.ResultStore(out):
