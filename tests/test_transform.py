@@ -105,7 +105,7 @@ def test_debias_is_exact_under_a_beta_schedule():
     ours, _ = _run(emm.ema_momentum(schedule, debias=True), ones, jnp.zeros(()))
     chex.assert_trees_all_close(ours, [jnp.ones(())] * 6, rtol=1e-6)
     # optax.ema divides by 1 - beta_t**t, which is wrong under a schedule
-    # (REFERENCES.md 1): the sequence drifts up to ~14.6.
+    # (README, API): the sequence drifts up to ~14.6.
     theirs, _ = _run(
         optax.inject_hyperparams(optax.ema)(schedule, debias=True), ones, jnp.zeros(())
     )
