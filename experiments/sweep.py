@@ -16,12 +16,15 @@ first joins it with jax.distributed.initialize() (Cloud TPU, SLURM, Open MPI and
 detected; elsewhere give --coordinator, --num-processes and --process-id), then every group's run
 axis is sharded over all processes' devices. Process 0 alone locks, reads and writes DIR (on its
 own disk) and prints; the others compute and print nothing. The numbers are the same as on one host.
+Processes started with different sweeps are stopped with an error instead of waiting on each other.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -182,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
             target_loss=args.target_loss,
             devices=None if args.devices is None else jax.devices()[: args.devices],
         )
-    except StoreLockedError as e:
+    except (StoreLockedError, SweepMismatchError) as e:
         raise UsageError(str(e)) from None
     if jax.process_index() == 0:
         print(summary(records))
@@ -242,6 +245,7 @@ def run_sweep(
 
     Raises:
       experiments.store.StoreLockedError: if another process is writing ``out_dir``.
+      SweepMismatchError: in a multi-process job, if the processes were given different sweeps.
     """
     seeds = list(seeds)
     plan = []
@@ -252,6 +256,8 @@ def run_sweep(
             ids = [spec.run_id(lr, s, target_loss) for lr in group_lrs for s in seeds]
             plan.append((spec, group_lrs, ids))
 
+    if jax.process_count() > 1:
+        _check_same_plan(plan)
     lead = jax.process_index() == 0
     with contextlib.ExitStack() as stack:
         store, locked = None, None
@@ -295,6 +301,25 @@ def run_sweep(
             return []
         by_id = {r["run_id"]: r for r in store.records}
     return [by_id[run_id] for *_, ids in plan for run_id in ids]
+
+
+class SweepMismatchError(ValueError):
+    """The processes of a multi-process job were asked for different sweeps."""
+
+
+def _check_same_plan(plan: Sequence[tuple[GroupSpec, list[float], list[str]]]) -> None:
+    """Raises :class:`SweepMismatchError` in every process unless all run the same sweep.
+
+    Processes running different sweeps would compile different programs and wait on each
+    other forever; comparing a digest of every process's run ids turns that into an error.
+    """
+    digest = hashlib.sha256(json.dumps([ids for *_, ids in plan]).encode()).digest()
+    every = np.asarray(multihost_utils.process_allgather(np.frombuffer(digest[:8], np.int32)))
+    if (every != every[0]).any():
+        raise SweepMismatchError(
+            "the processes of the job were given different sweeps; start the same command in "
+            "every process"
+        )
 
 
 def _mean(values: Sequence[float | None]) -> float:

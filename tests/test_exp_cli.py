@@ -127,11 +127,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def sweep_on_two_processes(args, env):
-    """Runs ``args`` as a 2-process JAX job (2 CPU devices each) on this machine."""
+def sweep_on_two_processes(args, env, per_process=((), ())):
+    """Runs ``args`` (plus ``per_process[i]`` in process i) as a 2-process JAX job on this machine.
+
+    Each process has 2 CPU devices. Returns ``(stdout, stderr, exit status)`` per process.
+    """
     env = env | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     job = ["--coordinator", f"localhost:{free_port()}", "--num-processes", "2"]
-    procs = [start([*args, *job, "--process-id", str(i)], env) for i in range(2)]
+    procs = [start([*args, *job, "--process-id", str(i), *per_process[i]], env) for i in range(2)]
     try:
         return [(*proc.communicate(timeout=300), proc.returncode) for proc in procs]
     finally:
@@ -175,6 +178,16 @@ def test_locked_dir_stops_every_process_of_a_job(tmp_path, env):
     (_, err0, _), (_, err1, _) = results
     assert err0.splitlines()[-1].startswith("error: ") and "lock" in err0.splitlines()[-1]
     assert err1.splitlines()[-1] == f"error: process 0 could not lock {out}"
+    assert store.read_runs(out) == []
+
+
+def test_processes_running_different_sweeps_are_stopped(tmp_path, env):
+    out = tmp_path / "out"
+    seeds = (["--seeds", "1"], ["--seeds", "2"])
+    results = sweep_on_two_processes([*SWEEP, "--out", str(out)], env, per_process=seeds)
+    assert [code for *_, code in results] == [2, 2]
+    for _, err, _ in results:
+        assert err.splitlines()[-1].startswith("error: the processes of the job were given")
     assert store.read_runs(out) == []
 
 
