@@ -43,26 +43,24 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(USAGE_ERROR)
 
 
-def positive_int(text: str) -> int:
-    """An argparse ``type``: an integer >= 1."""
+def _int_at_least(text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+        value = low - 1
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 1."""
+    return _int_at_least(text, 1)
 
 
 def non_negative_int(text: str) -> int:
     """An argparse ``type``: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
+    return _int_at_least(text, 0)
 
 
 def finite_float(text: str) -> float:
@@ -90,6 +88,13 @@ def check_unique(name: str, values: Sequence[object]) -> None:
     """Raises :class:`UsageError` if ``values`` (given as option ``name``) repeat one."""
     if len(set(values)) != len(values):
         raise UsageError(f"{name} has duplicates: {','.join(map(str, values))}")
+
+
+def check_betas(values: Sequence[float]) -> None:
+    """Raises :class:`UsageError` unless every value of ``--betas`` is in [0, 1)."""
+    bad = [beta for beta in values if not 0.0 <= beta < 1.0]
+    if bad:
+        raise UsageError(f"--betas must be in [0, 1), got {bad[0]}")
 
 
 def output_dir(text: str) -> Path:

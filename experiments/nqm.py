@@ -55,7 +55,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from experiments.cli import (
-    UsageError,
+    check_betas,
     check_unique,
     finite_float_list,
     output_dir,
@@ -558,9 +558,7 @@ def run(args: argparse.Namespace) -> int:
     """
     check_unique("--batch-sizes", args.batch_sizes)
     check_unique("--betas", args.betas)
-    bad_betas = [beta for beta in args.betas if not 0 <= beta < 1]
-    if bad_betas:
-        raise UsageError(f"--betas must be in [0, 1), got {bad_betas[0]:g}")
+    check_betas(args.betas)
     rows = study(sorted(args.batch_sizes), args.betas, dim=args.dim, workers=args.workers)
     write(rows, args.out)
     print(format_table(rows))

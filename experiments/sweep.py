@@ -39,6 +39,7 @@ from experiments import data as datasets
 from experiments import models
 from experiments.cli import (
     UsageError,
+    check_betas,
     check_unique,
     finite_float,
     finite_float_list,
@@ -142,9 +143,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--dataset idx needs --data-dir")
     if args.dataset != "idx" and args.data_dir is not None:
         raise UsageError(f"--data-dir is only used with --dataset idx, not {args.dataset}")
-    bad_betas = [b for b in args.betas if not 0.0 <= b < 1.0]
-    if bad_betas:
-        raise UsageError(f"--betas must be in [0, 1), got {bad_betas[0]}")
+    check_betas(args.betas)
     check_unique("--batch-sizes", args.batch_sizes)
     check_unique("--betas", args.betas)
     if args.lrs is not None:
