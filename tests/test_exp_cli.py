@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -154,8 +155,9 @@ def test_sweep_over_two_processes_is_identical_to_one(reference, env, tmp_path):
         [*SWEEP, "--out", str(out)], env
     )
     assert code0 == code1 == 0, err0 + err1
-    ours = lambda text: [line for line in text.splitlines() if not line.startswith("[Gloo]")]
-    assert "best lr" in out0 and ours(out1) == [] and "100%" not in err1
+    # Gloo's connection messages, which its threads may print run together or between blank lines.
+    gloo = r"\[Gloo\] Rank \d+ is connected to \d+ peer ranks\. Expected number of .*? is : \d+"
+    assert "best lr" in out0 and re.sub(gloo, "", out1).strip() == "" and "100%" not in err1
     records = store.read_runs(out)
     expected = store.read_runs(reference[0])
     assert without_wall_time(records) == without_wall_time(expected)
