@@ -107,6 +107,10 @@ def _check_seed(seed: Any) -> None:
 def _canonical_accumulator_dtype(accumulator_dtype: Any) -> jnp.dtype | None:
     if accumulator_dtype is None:
         return None
+    if isinstance(accumulator_dtype, jax.Array):
+        # optax.inject_hyperparams takes a dtype such as jnp.bfloat16 for a schedule (it is
+        # callable) and passes the value it returns, an array of that dtype.
+        accumulator_dtype = accumulator_dtype.dtype
     try:
         dtype = jnp.dtype(accumulator_dtype)
     except TypeError:

@@ -292,6 +292,18 @@ def test_inject_hyperparams():
     chex.assert_trees_all_close(updates, expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_inject_hyperparams_with_an_accumulator_dtype(dtype):
+    # inject_hyperparams takes the callable jnp.bfloat16 for a schedule and passes the array it
+    # returns; that array's dtype is the accumulator's (pytest turns JAX's deprecation warning
+    # for jnp.dtype(array) into an error).
+    tx = optax.inject_hyperparams(emm.ema_sgd)(learning_rate=0.1, beta=0.9, accumulator_dtype=dtype)
+    state = tx.init(PARAMS)  # eagerly: under jit the value is a tracer, which has a dtype
+    _, state = tx.update(_grads(1, PARAMS)[0], state, PARAMS)
+    velocity = state.inner_state[0].velocity
+    assert all(v.dtype == dtype for v in jax.tree.leaves(velocity))
+
+
 def test_tree_get_count():
     _, state = _jit_steps(emm.ema_sgd(0.1, 0.9), PARAMS, _grads(3, PARAMS))
     assert optax.tree.get(state, "count") == 3
