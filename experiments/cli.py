@@ -113,6 +113,13 @@ def output_dir(text: str) -> Path:
     return path
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one, as on Linux)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def use_one_cpu_device_per_core() -> None:
     """Makes XLA's CPU backend one single-threaded device per core, unless flags say otherwise.
 
@@ -125,7 +132,7 @@ def use_one_cpu_device_per_core() -> None:
         return
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
-        flags += f" --xla_force_host_platform_device_count={len(os.sched_getaffinity(0))}"
+        flags += f" --xla_force_host_platform_device_count={usable_cores()}"
     if "xla_cpu_multi_thread_eigen" not in flags:
         flags += " --xla_cpu_multi_thread_eigen=false"
     os.environ["XLA_FLAGS"] = flags.strip()
@@ -147,7 +154,7 @@ def build_parser() -> ArgumentParser:
         sub = commands.add_parser(
             name,
             help=module.HELP,
-            description=module.__doc__,
+            description=getattr(module, "DESCRIPTION", module.__doc__),  # plain text for a terminal
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         sub.set_defaults(run=module.run)

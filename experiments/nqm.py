@@ -64,6 +64,16 @@ from experiments.cli import (
 )
 
 HELP = "noisy quadratic model (Zhang et al. 2019): steps to target vs batch size, closed form"
+DESCRIPTION = """\
+The noisy quadratic model (NQM) of Zhang et al. (2019), in closed form.
+
+Loss 0.5 sum_i h_i theta_i^2 with h_i = 1/i in d = 10^4 dimensions, theta_0 ~ N(0, I); a
+mini-batch gradient of batch size B has independent noise of variance h_i / B. The expected loss
+under heavy-ball momentum is propagated exactly (no sampling), and for every batch size and beta
+the learning rate is tuned for the fewest steps to an expected loss of 0.01.
+
+Zhang, Li, Nado, Martens, Sachdeva, Dahl, Shallue & Grosse, "Which Algorithmic Choices Matter at
+Which Batch Sizes? Insights From a Noisy Quadratic Model", NeurIPS 2019 (arXiv 1907.04164)."""
 DIMENSION = 10_000
 TARGET_LOSS = 0.01
 BATCH_SIZES = tuple(2**k for k in range(17))

@@ -12,6 +12,9 @@ comparison isolates what averaging does. Both see the same noise draws.
 The step size is chosen near the steep axis' stability limit
 (:math:`\eta h_1 = 1.6 < 2`), which is where SGD's zig-zag lives: each step
 overshoots the valley floor and flips the sign of :math:`\theta_1`.
+
+Each comparison is repeated over ``SEEDS`` noise seeds (both optimizers see the
+same draws in a seed, so the comparison is paired); the figure draws the first.
 """
 
 from __future__ import annotations
@@ -27,9 +30,19 @@ import numpy as np
 import optax
 
 import ema_momentum as emm
-from experiments.cli import UsageError, output_dir
+from experiments.cli import UsageError, non_negative_int, output_dir, positive_int
 
 HELP = "the course picture: SGD vs EMA momentum on a noisy ill-conditioned 2-D quadratic"
+DESCRIPTION = """\
+The course picture: SGD vs EMA momentum on a noisy, ill-conditioned 2-D quadratic.
+
+Loss 0.5 (h1 theta1^2 + h2 theta2^2) with a steep axis (h1 = 1) and a flat one (h2 = 0.03). A
+mini-batch gradient is the true gradient plus Gaussian noise of std 1/sqrt(B) per coordinate.
+Both optimizers are ema_sgd with the same learning rate eta = 1.6 (beta = 0 is plain SGD), near
+the steep axis' stability limit (eta h1 < 2), where SGD zig-zags across the valley. Both see the
+same noise draws in a seed; --seeds seeds are summarized and the first is drawn.
+
+Writes OUT/quadratic.json (paths and per-seed summaries) and OUT/quadratic.png."""
 CURVATURES = (1.0, 0.03)
 START = (-2.0, 3.0)
 LEARNING_RATE = 1.6
@@ -37,6 +50,7 @@ BETA = 0.9
 NOISE_STD = 1.0
 BATCH_SIZES = (4, 256)
 STEPS = 80
+SEEDS = 16
 
 
 def loss(theta: np.ndarray, curvatures: Sequence[float] = CURVATURES) -> np.ndarray:
@@ -105,20 +119,30 @@ def summarize(path: np.ndarray, curvatures: Sequence[float] = CURVATURES) -> dic
       perfect zig-zag, +1 a straight line); ``reversal_fraction`` (fraction of
       successive steps whose directions differ by more than 90 degrees);
       ``steep_axis_travel`` (sum of ``|delta theta_1|``, the back-and-forth
-      across the valley).
+      across the valley); ``steep_loss_second_half`` and
+      ``flat_loss_second_half`` (the two axes' terms of
+      ``mean_loss_second_half``); ``flat_half_steps`` (the first step at which
+      ``|theta_2|`` is at most half its start, ``None`` if never: the speed
+      along the flat axis, where the gradient keeps its sign).
     """
     path = np.asarray(path, dtype=np.float64)
     steps = np.diff(path, axis=0)
     lengths = np.linalg.norm(steps, axis=1)
     cosine = np.sum(steps[1:] * steps[:-1], axis=1) / np.maximum(lengths[1:] * lengths[:-1], 1e-30)
     losses = loss(path, curvatures)
+    per_axis = 0.5 * np.asarray(curvatures) * path**2
+    half = len(losses) // 2
+    halved = np.abs(path[:, 1]) <= 0.5 * np.abs(path[0, 1])
     return {
         "final_loss": float(losses[-1]),
-        "mean_loss_second_half": float(losses[len(losses) // 2 :].mean()),
+        "mean_loss_second_half": float(losses[half:].mean()),
         "path_length": float(lengths.sum()),
         "mean_cos_successive": float(cosine.mean()),
         "reversal_fraction": float(np.mean(cosine < 0)),
         "steep_axis_travel": float(np.abs(steps[:, 0]).sum()),
+        "steep_loss_second_half": float(per_axis[half:, 0].mean()),
+        "flat_loss_second_half": float(per_axis[half:, 1].mean()),
+        "flat_half_steps": int(np.argmax(halved)) if halved.any() else None,
     }
 
 
@@ -129,24 +153,41 @@ def study(
     batch_sizes: Sequence[int] = BATCH_SIZES,
     steps: int = STEPS,
     seed: int = 0,
+    seeds: int = SEEDS,
 ) -> dict:
     """Trajectories and summaries for SGD and EMA momentum at each batch size.
 
+    Args:
+      learning_rate: The shared EMA-form learning rate ``eta``.
+      beta: Momentum's beta.
+      batch_sizes: Batch sizes ``B`` (the noise std is ``1 / sqrt(B)``).
+      steps: Optimizer steps.
+      seed: The first noise seed; its trajectories are the ones stored and drawn.
+      seeds: How many noise seeds, ``seed .. seed + seeds - 1``, are summarized.
+
     Returns:
-      ``{"setup": {...}, "runs": [{"optimizer", "beta", "batch_size",
-      "summary", "path"}, ...]}`` with ``path`` a list of ``[theta_1, theta_2]``.
+      ``{"setup": {...}, "runs": [{"optimizer", "beta", "batch_size", "summary",
+      "path", "seed_summaries"}, ...]}`` with ``path`` a list of
+      ``[theta_1, theta_2]`` and ``summary`` its :func:`summarize`, both of the
+      first seed, and ``seed_summaries`` the summary of every seed in order.
     """
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
     runs = []
     for batch_size in batch_sizes:
         for name, b in (("SGD", 0.0), ("EMA momentum", beta)):
-            path = trajectory(learning_rate, b, batch_size, steps=steps, seed=seed)
+            paths = [
+                trajectory(learning_rate, b, batch_size, steps=steps, seed=seed + i)
+                for i in range(seeds)
+            ]
             runs.append(
                 {
                     "optimizer": name,
                     "beta": b,
                     "batch_size": int(batch_size),
-                    "summary": summarize(path),
-                    "path": path.tolist(),
+                    "summary": summarize(paths[0]),
+                    "path": paths[0].tolist(),
+                    "seed_summaries": [summarize(path) for path in paths],
                 }
             )
     setup = {
@@ -157,6 +198,7 @@ def study(
         "noise_std_per_example": NOISE_STD,
         "steps": steps,
         "seed": seed,
+        "seeds": seeds,
     }
     return {"setup": setup, "runs": runs}
 
@@ -227,7 +269,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--steps", type=int, default=STEPS, help="optimizer steps (default: %(default)s)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=0, help="first noise seed (default: 0)"
+    )
+    parser.add_argument(
+        "--seeds",
+        type=positive_int,
+        default=SEEDS,
+        help="noise seeds summarized, from --seed on; the first is drawn (default: %(default)s)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -238,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
     """
     if args.steps < 2:
         raise UsageError(f"--steps must be >= 2, got {args.steps}")
-    result = study(steps=args.steps, seed=args.seed)
+    result = study(steps=args.steps, seed=args.seed, seeds=args.seeds)
     write(result, args.out)
     for item in result["runs"]:
         summary = item["summary"]

@@ -364,12 +364,14 @@ def test_bad_input_from_a_real_process(tmp_path, env):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["sweep", "--help"], ["bench", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"]] + [[name, "--help"] for name, _ in cli.COMMANDS])
 def test_help(argv, capsys):
     code, captured = main_in_process(argv, capsys)
     assert code == 0 and "usage:" in captured.out
     if argv == ["--help"]:
-        assert "sweep" in captured.out and "bench" in captured.out
+        assert all(name in captured.out for name, _ in cli.COMMANDS)
+    # Plain text for a terminal: no reST markup from a module docstring.
+    assert not any(markup in captured.out for markup in (":math:", ".. math::", ":func:"))
 
 
 def test_auto_lrs():
@@ -430,3 +432,13 @@ def test_bench_measures_every_contender(monkeypatch):
     assert results["config"]["vmap_runs"] == bench.VMAP_RUNS == 8
     json.dumps(results)
     assert "| scan_vmap |" in bench.table(results)
+
+
+def test_usable_cores_without_cpu_affinity(monkeypatch):
+    # macOS and Windows have no os.sched_getaffinity; every command sizes the CPU devices first.
+    assert cli.usable_cores() >= 1
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert cli.usable_cores() == 6
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert cli.usable_cores() == 1
