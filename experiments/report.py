@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import datetime
 import functools
+import itertools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -275,7 +276,8 @@ def fig_loss_curves(res: Results, path: Path) -> str:
     return (
         "Mini-batch training loss at every step (faint) and its 51-step moving average (bold), "
         "each optimizer at its best learning rate for that batch size. The faint band is the "
-        "step-to-step oscillation of claim 1; its width shrinks as the batch grows."
+        "step-to-step oscillation of claim 1, measured across all batch sizes in the "
+        "oscillation figure."
     )
 
 
@@ -370,8 +372,8 @@ def fig_best_lr(res: Results, path: Path) -> str:
 def fig_oscillation(res: Results, path: Path) -> str:
     """Oscillation vs batch size (claim 1) and through training (claim 2)."""
     betas = res.betas()
-    fig = _figure(figsize=(15, 4.4))
-    ax_b, ax_t, ax_g = fig.subplots(1, 3)
+    fig = _figure(figsize=(12, 9))
+    (ax_b, ax_r), (ax_t, ax_g) = fig.subplots(2, 2)
     for beta in betas:
         sizes, means, stds = [], [], []
         for b in res.batch_sizes():
@@ -387,6 +389,34 @@ def fig_oscillation(res: Results, path: Path) -> str:
     ax_b.set_ylabel("std of log batch loss around its trend")
     ax_b.set_title("Late-training oscillation at the best lr")
     ax_b.legend(fontsize=8)
+
+    for beta in betas:
+        sizes, spread, grads = [], [], []
+        for b in res.batch_sizes():
+            row = res.best_row(b, beta)
+            records = res.sweep_runs(b, beta, row["lr"]) if row else []
+            if not records:
+                continue
+            m = _first_last_tenth(
+                np.stack([analysis.curve(r, res.sweep_curves, "batch_loss") for r in records]),
+                np.stack([analysis.curve(r, res.sweep_curves, "grad_norm") for r in records]),
+            )
+            sizes.append(b)
+            spread.append(m["absolute"][1] / m["absolute"][0])
+            grads.append(m["grad"][1] / m["grad"][0])
+        color = _color(beta, betas)
+        for values, marker, what in ((spread, "o-", "batch-loss spread"), (grads, "s:", "|g|")):
+            mid = np.array([np.nanmedian(v) for v in values])
+            lo = mid - np.array([np.nanmin(v) for v in values])
+            hi = np.array([np.nanmax(v) for v in values]) - mid
+            ax_r.errorbar(sizes, mid, yerr=[lo, hi], fmt=marker, capsize=3, color=color,
+                          label=f"{_label(beta)}: {what}")  # fmt: skip
+    ax_r.axhline(1.0, color="gray", lw=0.8)
+    _batch_axis(ax_r, res.batch_sizes())
+    ax_r.set_yscale("log")
+    ax_r.set_ylabel("last tenth / first tenth of training")
+    ax_r.set_title("Does it shrink during training? (best lr; min-max over seeds)")
+    ax_r.legend(fontsize=7)
 
     triples = effective_triples(res)
     if triples:
@@ -422,9 +452,11 @@ def fig_oscillation(res: Results, path: Path) -> str:
         "Left: the oscillation measure, the standard deviation of log(batch loss) around its "
         "51-step centred moving average over the last 20% of training (0.1 = the batch loss sits "
         "about 10% above or below its trend), at each batch size's best learning rate, mean and "
-        "std over seeds. Middle: the same measure in ten windows through training at one fixed "
-        "learning rate, in absolute (loss units) and relative (log) terms. Right: the mean norm "
-        "of the mini-batch gradient in the same windows."
+        "std over seeds. Top right (claim 2): at the same learning rates, the absolute spread of "
+        "the batch loss (loss units) and the mean mini-batch gradient norm in the last tenth of "
+        "training over the first tenth; below 1 means it shrank. Bottom: the spread, absolute "
+        "and relative (log), and the gradient norm in ten windows through the SGD and momentum "
+        "runs of the effective-batch test, at its one fixed learning rate."
     )
 
 
@@ -458,7 +490,7 @@ def fig_effective(res: Results, path: Path) -> str:
     ax_o.set_xticks(positions, labels, fontsize=7)
     ax_o.set_yscale("log")
     ax_o.set_ylabel("full-train loss, mean over the last half (log scale)")
-    ax_o.set_title("Where each settles (mean, std over seeds)")
+    ax_o.set_title("Late full-train loss (mean, std over seeds)")
     fig.savefig(path, dpi=110)
     return (
         f"The effective-batch test at one learning rate ({stage['lr']:.3g}, the best SGD rate "
@@ -466,8 +498,9 @@ def fig_effective(res: Results, path: Path) -> str:
         f"{stage['beta']:g}) at batch B against SGD at B and at B (1 + beta) / (1 - beta). "
         f"The full training set is evaluated every {res.preset['effective_eval_every']} steps, so "
         "the curves show the parameters' own progress and jitter, free of the sampling noise of "
-        "a mini-batch loss. Right: the full-train loss each configuration settles at (mean over "
-        "the last half of training), which claim 5's verdict compares."
+        "a mini-batch loss. Right: each configuration's full-train loss late in training (the "
+        "mean over the last half; still falling, so a measure of progress, not a floor), which "
+        "claim 5's verdict compares."
     )
 
 
@@ -588,54 +621,92 @@ def verdict_noise(res: Results) -> dict:
     )
 
 
-def verdict_shrinks(res: Results) -> dict:
-    triples = effective_triples(res)
-    if not triples:
-        claim = "2. Oscillation shrinks during training at a fixed learning rate."
-        return _verdict(claim, UNSETTLED, "-", "the effective-batch stage did not run", "-", "-")
-    _, sgd, _ = triples[0]
-    loss = np.stack([analysis.curve(r, res.effective_curves, "batch_loss") for r in sgd.records])
-    gnorm = np.stack([analysis.curve(r, res.effective_curves, "grad_norm") for r in sgd.records])
+def _first_last_tenth(loss: np.ndarray, gnorm: np.ndarray) -> dict[str, np.ndarray]:
+    """Per seed, the first and the last tenth of training: ``[2, seeds]`` arrays (first, last)."""
     _, absolute = analysis.oscillation_by_window(loss, window=SMOOTHING, log=False)
     _, relative = analysis.oscillation_by_window(loss, window=SMOOTHING, log=True)
     _, grads = analysis.window_means(gnorm)
-    first = lambda a: float(np.nanmean(a[:, 0]))
-    last = lambda a: float(np.nanmean(a[:, -1]))
-    abs_shrinks = last(absolute) < first(absolute)
-    rel_shrinks = last(relative) < first(relative)
-    grad_shrinks = last(grads) < first(grads)
-    noise_rows = res.noise["rows"] if res.noise else []
-    trace_shrinks = bool(noise_rows) and noise_rows[-1]["trace"] < noise_rows[0]["trace"]
-    if not abs_shrinks:
+    return {
+        name: np.stack([a[:, 0], a[:, -1]])
+        for name, a in (("absolute", absolute), ("relative", relative), ("grad", grads))
+    }
+
+
+def _shrinks(first_last: np.ndarray) -> bool:
+    """Whether every seed's last value lies below every seed's first one (beyond seed spread)."""
+    first, last = first_last
+    return bool(np.all(np.isfinite(first_last))) and float(last.max()) < float(first.min())
+
+
+def verdict_shrinks(res: Results) -> dict:
+    claim = (
+        "2. Oscillation shrinks during training even at a fixed learning rate, because the "
+        "surface flattens and the gradients (and their differences between batches) shrink."
+    )
+    per_batch = []
+    for b in res.batch_sizes():
+        row = res.best_row(b, 0.0)
+        records = res.sweep_runs(b, 0.0, row["lr"]) if row else []
+        if not records:
+            continue
+        loss = np.stack([analysis.curve(r, res.sweep_curves, "batch_loss") for r in records])
+        gnorm = np.stack([analysis.curve(r, res.sweep_curves, "grad_norm") for r in records])
+        per_batch.append((b, row["lr"], _first_last_tenth(loss, gnorm)))
+    if not per_batch:
+        return _verdict(claim, UNSETTLED, "-", "the sweep stage did not run", "-", "-")
+    spread = [b for b, _, m in per_batch if _shrinks(m["absolute"])]
+    grads = [b for b, _, m in per_batch if _shrinks(m["grad"])]
+    if not spread:
         verdict = NOT_SUPPORTED
-    elif grad_shrinks and trace_shrinks and rel_shrinks:
+    elif len(spread) == len(per_batch) and set(grads) >= set(spread):
         verdict = SUPPORTED
     else:
         verdict = PARTLY
-    lr = res.meta["stages"]["effective"]["lr"]
-    evidence = (
-        f"SGD, B = {sgd.batch_size}, lr {lr:.3g}, first vs last tenth of training: absolute "
-        f"spread of the batch loss {_fmt(first(absolute))} -> {_fmt(last(absolute))}, relative "
-        f"(log) spread {_fmt(first(relative))} -> {_fmt(last(relative))}, mean mini-batch "
-        f"gradient norm {_fmt(first(grads))} -> {_fmt(last(grads))}"
-    )
+    mean = lambda a: float(np.nanmean(a))
+    lines = [
+        f"the spread shrinks at B = {', '.join(map(str, spread)) or 'none'} and the gradient "
+        f"norm at B = {', '.join(map(str, grads)) or 'none'} (of {len(per_batch)} batch sizes)"
+    ] + [
+        f"B = {b} (lr {lr:.3g}): spread {_fmt(mean(m['absolute'][0]))} -> "
+        f"{_fmt(mean(m['absolute'][1]))}, relative {_fmt(mean(m['relative'][0]))} -> "
+        f"{_fmt(mean(m['relative'][1]))}, gradient norm {_fmt(mean(m['grad'][0]))} -> "
+        f"{_fmt(mean(m['grad'][1]))}"
+        for b, lr, m in per_batch
+    ]
+    triples = effective_triples(res)
+    if triples:
+        _, sgd, _ = triples[0]
+        curves = res.effective_curves
+        m = _first_last_tenth(
+            np.stack([analysis.curve(r, curves, "batch_loss") for r in sgd.records]),
+            np.stack([analysis.curve(r, curves, "grad_norm") for r in sgd.records]),
+        )
+        lr = res.meta["stages"]["effective"]["lr"]
+        lines.append(
+            f"the effective-batch run (B = {sgd.batch_size}, lr {lr:.3g}, "
+            f"{sgd.records[0]['steps']} steps): spread {_fmt(mean(m['absolute'][0]))} -> "
+            f"{_fmt(mean(m['absolute'][1]))}, gradient norm {_fmt(mean(m['grad'][0]))} -> "
+            f"{_fmt(mean(m['grad'][1]))}"
+        )
+    noise_rows = res.noise["rows"] if res.noise else []
     if noise_rows:
         a, z = noise_rows[0], noise_rows[-1]
-        evidence += (
-            f"; between batches, tr(Sigma) (per-example gradient variance) {_fmt(a['trace'])} at "
+        lines.append(
+            f"between batches, tr(Sigma) (per-example gradient variance) {_fmt(a['trace'])} at "
             f"step {a['step']} -> {_fmt(z['trace'])} at step {z['step']}, |G|^2 "
             f"{_fmt(a['grad_sq'])} -> {_fmt(z['grad_sq'])}"
         )
     return _verdict(
-        "2. Oscillation shrinks during training even at a fixed learning rate, because the "
-        "surface flattens and the gradients (and their differences between batches) shrink.",
+        claim,
         verdict,
-        "not supported if the absolute spread of the batch loss does not shrink from the first to "
-        "the last tenth of training; supported if it does and so do the relative spread, the "
-        "gradient norm and the between-batch variance tr(Sigma); partly otherwise.",
-        evidence,
-        "At a fixed learning rate SGD settles at a noise floor proportional to lr/B rather than "
-        "at zero (the NQM's stationary loss, Zhang et al. 2019); McCandlish et al. find the noise "
+        "SGD at each batch size's best lr, first vs last tenth of training, per seed: the "
+        "absolute spread of the batch loss (std around its moving average) shrinks at B if every "
+        "seed's last value lies below every seed's first; the same test for the mean mini-batch "
+        "gradient norm. Supported if the spread shrinks at every B and so does the gradient norm; "
+        "partly if the spread shrinks at some B; not supported if at none.",
+        "; ".join(lines),
+        "At a fixed learning rate SGD reaches a noise floor proportional to lr/B rather than "
+        "zero (the NQM's stationary loss, Zhang et al. 2019); McCandlish et al. find the noise "
         "scale tr(Sigma)/|G|^2 grows during training.",
         "oscillation.png, noise_scale.png",
     )
@@ -690,48 +761,66 @@ def _time_per_step(res: Results, batch_size: int, beta: float) -> float:
 def verdict_batch_size(res: Results) -> dict:
     sizes, osc = _sgd_oscillation_by_batch(res)
     steadier = len(osc) >= 2 and _rank_correlation(sizes, osc) < 0
-    rows = [r for r in res.best if r["beta"] == 0.0 and r["steps_median"] is not None]
+    rows = sorted(
+        (r for r in res.best if r["beta"] == 0.0 and r["steps_median"] is not None),
+        key=lambda r: r["batch_size"],
+    )
     fit = res.fit(0.0)
     reached = {r["batch_size"] for r in rows}
     stuck = [b for b in res.batch_sizes() if b not in reached]
     examples = {r["batch_size"]: r["steps_median"] * r["batch_size"] for r in rows}
+    steps = {r["batch_size"]: r["steps_median"] for r in rows}
+    tested = res.batch_sizes()
+    costlier = fit is not None and min(tested) < fit.b_crit < max(tested)
+    # A larger batch that needs at least as many steps as a smaller one: the plateau.
+    no_gain = [
+        (a["batch_size"], b["batch_size"])
+        for a, b in itertools.pairwise(rows)
+        if b["steps_min"] >= a["steps_max"]
+    ]
+    not_faster = bool(no_gain)
     times = {
         r["batch_size"]: r["steps_median"] * _time_per_step(res, r["batch_size"], 0.0) for r in rows
     }
     fastest_wall = min(times, key=times.get) if times else None
-    diminishing = fit is not None and fit.b_crit < max(res.batch_sizes())
     accuracy = {
         r["batch_size"]: r["final_test_accuracy"] for r in res.best
         if r["beta"] == 0.0 and r["final_test_accuracy"] is not None
     }  # fmt: skip
-    big, small = max(accuracy), min(accuracy)
+    big, small = (max(accuracy), min(accuracy)) if accuracy else (None, None)
     acc_drop = accuracy[small] - accuracy[big] if accuracy else math.nan
     gets_stuck = bool(stuck and max(stuck) > min(reached, default=math.inf)) or acc_drop > 0.02
-    not_faster = diminishing or (fastest_wall is not None and fastest_wall != max(times))
-    parts = [steadier, not_faster, gets_stuck]
+    parts = [steadier, costlier, not_faster, gets_stuck]
     verdict = SUPPORTED if all(parts) else PARTLY if any(parts) else NOT_SUPPORTED
     lo_b, hi_b = (min(examples), max(examples)) if examples else (None, None)
+    yes = lambda flag: "yes" if flag else "no"
     evidence = (
-        f"steadier: SGD oscillation falls with B ({'yes' if steadier else 'no'}); cost: "
-        f"examples to target {_fmt(examples.get(lo_b), '.3g')} at B = {lo_b} "
-        f"vs {_fmt(examples.get(hi_b), '.3g')} at B = {hi_b}"
-        f", fitted B_crit = {_fmt(fit.b_crit if fit else None)} (S_min = "
-        f"{_fmt(fit.s_min if fit else None)} steps); on this machine the fastest in wall-clock "
-        f"time to target was B = {fastest_wall} ({_fmt(times.get(fastest_wall), '.3g')} s of "
-        f"compute per run); stuck: batch sizes that never reached the target: "
-        f"{stuck or 'none'}; test accuracy at the best lr {_fmt(accuracy.get(small))} at "
-        f"B = {small} vs {_fmt(accuracy.get(big))} at B = {big}"
+        f"steadier: SGD oscillation falls with B ({yes(steadier)}); costlier: examples to target "
+        f"{_fmt(examples.get(lo_b), '.3g')} at B = {lo_b} vs {_fmt(examples.get(hi_b), '.3g')} at "
+        f"B = {hi_b}, fitted B_crit = {_fmt(fit.b_crit if fit else None)} (S_min = "
+        f"{_fmt(fit.s_min if fit else None)} steps), inside the range tested ({yes(costlier)}); "
+        f"not faster: median steps to target "
+        + ", ".join(f"{s:.0f} at B = {b}" for b, s in steps.items())
+        + f", a larger batch needing no fewer steps: "
+        f"{', '.join(f'B = {a} -> {b}' for a, b in no_gain) or 'never'}; "
+        f"not judged (it depends on the machine): the fastest in wall-clock time to target here "
+        f"was B = {fastest_wall} ({_fmt(times.get(fastest_wall), '.3g')} s, its group's wall "
+        f"time per run and step, compilation included, times its steps); stuck: batch sizes "
+        f"that never reached the target: {stuck or 'none'}; test accuracy at the best lr "
+        f"{_fmt(accuracy.get(small))} at B = {small} vs {_fmt(accuracy.get(big))} at B = {big}"
     )
     return _verdict(
         "4. A larger batch is the direct fix (a steadier gradient), but costs more per step, is "
         "not necessarily faster, and large batches easily get stuck at flat saddle points: batch "
         "size is a balance.",
         verdict,
-        "three parts: steadier (SGD's oscillation falls with B); not necessarily faster (the "
-        "fitted B_crit lies inside the range tested, or the largest batch is not the fastest in "
-        "wall-clock time); stuck (a large batch never reaches the target while a smaller one "
-        "does, or test accuracy drops by > 2 points from the smallest to the largest batch). "
-        "Supported if all three hold, partly if some do.",
+        "four parts, at each batch size's best lr: steadier (SGD's oscillation falls with B); "
+        "costlier (the fitted B_crit, beyond which a larger batch needs more examples to reach "
+        "the target, lies inside the range tested); not faster (some larger batch needs at least "
+        "as many steps to the target as a smaller one, seed ranges not overlapping); stuck (a "
+        "large batch never reaches the target while a smaller one does, or test accuracy drops "
+        "by > 2 points from the smallest to the largest batch). Supported if all four hold, "
+        "partly if some do.",
         evidence,
         "Shallue et al. (2019): perfect scaling, then diminishing returns, then a plateau, with "
         "the learning rate retuned per batch size; McCandlish et al.: B_crit ~ the noise scale. "
@@ -767,9 +856,13 @@ def verdict_momentum(res: Results) -> dict:
             if sgd and mom and sgd["steps_median"] and mom["steps_median"]:
                 ratios.append((b, beta, mom["steps_median"] / sgd["steps_median"]))
     like_bigger = bool(positions) and all(p >= 0.5 for p in positions)
-    steadier = bool(triples) and all(
-        m.mean(m.full_loss_jitter) < s.mean(s.full_loss_jitter) for m, s, _ in triples
-    )
+    # Beyond seed spread: every momentum seed below every SGD seed.
+    steadier_at = [
+        m.batch_size for m, s, _ in triples
+        if m.full_loss_jitter and s.full_loss_jitter
+        and max(m.full_loss_jitter) < min(s.full_loss_jitter)
+    ]  # fmt: skip
+    steadier = bool(triples) and len(steadier_at) == len(triples)
     faster_small = bool(ratios) and np.mean([r for *_, r in ratios]) < 0.9
     if like_bigger and faster_small:
         verdict = SUPPORTED
@@ -781,16 +874,22 @@ def verdict_momentum(res: Results) -> dict:
         "steps to target at the small batch sizes, momentum / SGD (each at its best lr): "
         + ", ".join(f"B = {b}: {r:.2f}" for b, _, r in ratios)
     )
+    lines.append(
+        "less full-train-loss jitter than SGD beyond seed spread at B = "
+        + (", ".join(map(str, steadier_at)) or "none")
+        + f" (of B = {', '.join(str(m.batch_size) for m, _, _ in triples)})"
+    )
     return _verdict(
         "5. Momentum gives 'large-batch-like stable gradients at small-batch cost'.",
         verdict,
-        "two parts. At one fixed lr, momentum at B is 'like a bigger batch' if the full-train "
-        "loss it settles at (mean over the last half of training) lies at least half way, on a "
+        "two parts. At one fixed lr, momentum at B is 'like a bigger batch' if its full-train "
+        "loss late in training (the mean over the last half) lies at least half way, on a "
         "log scale, from SGD's at B to SGD's at B (1 + beta) / (1 - beta), at every B tested. "
         "At tuned lrs, it buys small-batch speed if it needs < 0.9x SGD's median steps to the "
         "target, averaged over the three smallest batch sizes. Supported if both hold; partly if "
         "one does, or if momentum at least steadies the parameters (less jitter of the "
-        "full-train loss than SGD at the same B, at every B tested).",
+        "full-train loss than SGD at the same B, every seed below every SGD seed, at every B "
+        "tested).",
         "; ".join(lines),
         "Shallue et al. and Zhang et al. (NQM): momentum matches SGD at small batch sizes and "
         "helps only above a critical batch size, by extending perfect scaling; Kidambi et al. "
@@ -805,35 +904,67 @@ def verdict_damping(res: Results) -> dict:
     if not res.quadratic:
         return _verdict("6. Agreeing gradients accelerate, alternating ones cancel.", UNSETTLED,
                         "-", "the quadratic stage did not run", "-", "-")  # fmt: skip
-    by = {(r["batch_size"], r["beta"] > 0): r["summary"] for r in res.quadratic["runs"]}
+    from experiments.quadratic import summarize
+
+    def summaries(run: dict) -> list[dict]:
+        stored = run.get("seed_summaries") or []
+        if stored and all("flat_half_steps" in x for x in stored):
+            return stored
+        # Written by an older version: summarize the one stored path (its first seed) afresh.
+        return [summarize(run["path"])]
+
+    by = {(r["batch_size"], r["beta"] > 0): summaries(r) for r in res.quadratic["runs"]}
+
+    def halving(runs: list[dict]) -> list[float]:  # a run that never halved is the slowest
+        return [math.inf if r["flat_half_steps"] is None else r["flat_half_steps"] for r in runs]
+
     lines, damp, faster = [], [], []
     for b in sorted({k[0] for k in by}):
         s, m = by[(b, False)], by[(b, True)]
-        damp.append(
-            m["reversal_fraction"] < s["reversal_fraction"]
-            and m["steep_axis_travel"] < s["steep_axis_travel"]
+        # Paired: in a seed both optimizers see the same noise draws.
+        fewer = sum(
+            x["reversal_fraction"] < y["reversal_fraction"] for x, y in zip(m, s, strict=True)
         )
-        faster.append(m["mean_loss_second_half"] < s["mean_loss_second_half"])
+        less = sum(
+            x["steep_axis_travel"] < y["steep_axis_travel"] for x, y in zip(m, s, strict=True)
+        )
+        ahead = sum(x < y for x, y in zip(halving(m), halving(s), strict=True))
+        n = len(s)
+        damp.append(fewer == n and less == n)
+        faster.append(ahead == n)
+        mean = lambda runs, key: float(np.mean([r[key] for r in runs]))
         lines.append(
-            f"B = {b}: successive-step cosine SGD {s['mean_cos_successive']:+.2f} vs momentum "
-            f"{m['mean_cos_successive']:+.2f}, reversals {s['reversal_fraction']:.0%} vs "
-            f"{m['reversal_fraction']:.0%}, back-and-forth across the valley "
-            f"{s['steep_axis_travel']:.3g} vs {m['steep_axis_travel']:.3g}, mean loss over the "
-            f"second half {s['mean_loss_second_half']:.3g} vs {m['mean_loss_second_half']:.3g}"
+            f"B = {b} ({n} noise seeds, SGD vs momentum, means): successive-step cosine "
+            f"{mean(s, 'mean_cos_successive'):+.2f} vs {mean(m, 'mean_cos_successive'):+.2f}, "
+            f"reversals {mean(s, 'reversal_fraction'):.0%} vs {mean(m, 'reversal_fraction'):.0%} "
+            f"(momentum fewer in {fewer}/{n} seeds), back-and-forth across the valley "
+            f"{mean(s, 'steep_axis_travel'):.3g} vs {mean(m, 'steep_axis_travel'):.3g} (less in "
+            f"{less}/{n}); along the flat axis, where gradients agree, steps to halve theta_2 "
+            f"(median) {_fmt(float(np.median(halving(s))))} vs "
+            f"{_fmt(float(np.median(halving(m))))} (momentum faster in {ahead}/{n}); loss over "
+            f"the second half along the flat axis {mean(s, 'flat_loss_second_half'):.3g} vs "
+            f"{mean(m, 'flat_loss_second_half'):.3g}, along the steep axis "
+            f"{mean(s, 'steep_loss_second_half'):.3g} vs {mean(m, 'steep_loss_second_half'):.3g}"
         )
-    verdict = SUPPORTED if all(damp) and all(faster) else PARTLY if any(damp) else NOT_SUPPORTED
+    parts = damp + faster
+    verdict = SUPPORTED if all(parts) else PARTLY if any(parts) else NOT_SUPPORTED
     return _verdict(
         "6. Where gradients agree across steps the velocity grows and steps speed up; where they "
         "alternate they cancel and the oscillation is damped.",
         verdict,
-        "on the noisy 2-D quadratic at one lr, at every batch size: momentum reverses direction "
-        "less often and travels less across the steep axis (damping) and has the lower mean loss "
-        "over the second half (speed-up). Supported if both hold everywhere, partly if damping "
-        "does somewhere.",
+        "on the noisy 2-D quadratic at one lr (the same for both), paired over noise seeds, at "
+        "every batch size: damped if momentum reverses direction less often and travels less "
+        "across the steep axis in every seed; sped up if it halves its distance along the flat "
+        "axis (where the gradient keeps its sign) in fewer steps in every seed. Supported if both "
+        "hold at every batch size, partly if either holds somewhere.",
         "; ".join(lines),
         "Polyak's heavy ball on a quadratic: acceleration along low-curvature directions, damped "
         "oscillation along high-curvature ones (deterministic analysis; noise limits it, Zhang "
-        "et al. 2019).",
+        "et al. 2019). In the EMA form at the same eta, a steady gradient g gives the step "
+        "eta g, as in SGD (the classical form's 1/(1 - beta) gain is absorbed into eta), and the "
+        "EMA starts at zero, so momentum starts behind along agreeing gradients. What it gains is "
+        "stability (it is stable for eta h < 2 (1 + beta)/(1 - beta), SGD only for eta h < 2), "
+        "so it can take a larger eta.",
         "quadratic.png",
     )
 
@@ -874,8 +1005,8 @@ def _setup_section(res: Results) -> str:
         f"- **Grid**: batch sizes {', '.join(map(str, p['batch_sizes']))}; beta "
         f"{', '.join(f'{b:g}' for b in p['betas'])}; {p['seeds']} seeds (a seed fixes the "
         "initialization and the data order, identical across learning rates); five learning "
-        "rates per batch size, half a decade apart around 0.1 sqrt(B/32) (`experiments.study."
-        "sweep_lrs`).",
+        "rates per batch size, half a decade apart from c/3.16 to 31.6c with c = 0.1 sqrt(B/32) "
+        "(the five largest of `sweep --lrs auto`; `experiments.study.sweep_lrs`).",
         f"- **Budget** (in steps): clip({p['example_budget']} examples / B, "
         f"{p['step_range'][0]}, {p['step_range'][1]}) steps per run"
         + (f" ({', '.join(f'B={b}: {s}' for b, s in steps.items())})" if steps else "")
@@ -934,7 +1065,13 @@ def _fits_table(res: Results, best: list[dict] | None = None) -> str:
         if fit is None:
             lines.append(f"| {_label(beta)} | - | - | - | - |")
             continue
-        bound = " (at the search bound)" if fit.b_crit_at_bound else ""
+        sizes = [row["batch_size"] for row in best if row["beta"] == beta]
+        if fit.b_crit_at_bound:
+            bound = " (at the search bound)"
+        elif not min(sizes) <= fit.b_crit <= max(sizes):
+            bound = f" (outside the batch sizes tested, {min(sizes)}-{max(sizes)}: extrapolated)"
+        else:
+            bound = ""
         lines.append(
             f"| {_label(beta)} | {fit.s_min:.3g} | {fit.b_crit:.3g}{bound} | {fit.e_min:.3g} "
             f"| {fit.rms_log_residual:.3f} |"
@@ -1091,7 +1228,9 @@ def build(out: str | Path) -> Path:
             f"gradient noise of std {quad['setup']['noise_std_per_example']:g}/sqrt(B); SGD and "
             f"EMA momentum (beta {quad['setup']['beta']:g}) at the same lr "
             f"{quad['setup']['learning_rate']:g}"
-            f", the same noise draws, {quad['setup']['steps']} steps."
+            f", the same noise draws, {quad['setup']['steps']} steps; drawn: noise seed "
+            f"{quad['setup']['seed']}, of the {quad['setup'].get('seeds', 1)} the verdict on "
+            "claim 6 pairs."
         )
         if quad
         else "",
