@@ -286,3 +286,28 @@ def test_fsdp_sharded_params_train_like_one_device(mesh_name):
     assert float(loss) < 0.5 * float(mlp_loss(params, x, y))
     for name in params:
         np.testing.assert_allclose(got[name], want[name], rtol=2e-5, atol=2e-6, err_msg=name)
+
+
+def test_stochastic_rounding_in_shard_map_needs_a_seed_per_shard():
+    # Inside shard_map each shard sees only its local positions: with one seed every shard
+    # draws the same rounding bits; folding the shard index into the seed (as the README says)
+    # gives each its own.
+    mesh = mesh_of("1d")
+    grads = jnp.full((16, 64), 1 / 3, jnp.bfloat16)
+
+    def velocity(g, per_shard):
+        seed = 7 + jax.lax.axis_index("d") if per_shard else 7
+        tx = emm.ema_momentum(
+            0.99, accumulator_dtype=jnp.bfloat16, rounding="stochastic", seed=seed
+        )
+        _, state = tx.update(g, tx.init(g), g)
+        return state.velocity
+
+    for per_shard in (False, True):
+        mapped = jax.shard_map(
+            lambda g, per_shard=per_shard: velocity(g, per_shard),
+            mesh=mesh, in_specs=P("d"), out_specs=P("d"),
+        )  # fmt: skip
+        shards = np.asarray(jax.jit(mapped)(grads).astype(jnp.float32)).reshape(8, 2, 64)
+        same = [np.array_equal(shards[0], shards[i]) for i in range(1, 8)]
+        assert all(same) if not per_shard else not any(same)
