@@ -1092,6 +1092,14 @@ def _nqm_section(res: Results) -> str:
         [r["momentum_steps"] for r in rows if r["momentum_steps"]],
     )
     first, last = rows[0], rows[-1]
+    grid = [float(beta) for beta in rows[0].get("by_beta", {})]
+    at_edge = [r["batch_size"] for r in rows if grid and r["momentum_beta"] == max(grid)]
+    edge = (
+        f" The tuned beta is the largest of the grid ({max(grid):g}) at B = "
+        f"{', '.join(map(str, at_edge))}: there the optimum may lie beyond it."
+        if at_edge
+        else ""
+    )
     return "\n".join([
         "## 6. The noisy quadratic model (Zhang et al. 2019)",
         "",
@@ -1103,7 +1111,7 @@ def _nqm_section(res: Results) -> str:
         f"0.01. Momentum / SGD steps: {first['momentum_steps'] / first['sgd_steps']:.2f} at "
         f"B = {first['batch_size']}, {last['momentum_steps'] / last['sgd_steps']:.3f} at "
         f"B = {last['batch_size']}. Fitted B_crit: SGD {sgd.b_crit:.3g}, momentum "
-        f"{mom.b_crit:.3g}{' (at the search bound)' if mom.b_crit_at_bound else ''}.",
+        f"{mom.b_crit:.3g}{' (at the search bound)' if mom.b_crit_at_bound else ''}.{edge}",
         "",
         nqm.format_table(rows),
     ])  # fmt: skip
