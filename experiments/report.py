@@ -397,10 +397,9 @@ def fig_oscillation(res: Results, path: Path) -> str:
             records = res.sweep_runs(b, beta, row["lr"]) if row else []
             if not records:
                 continue
-            m = _first_last_tenth(
-                np.stack([analysis.curve(r, res.sweep_curves, "batch_loss") for r in records]),
-                np.stack([analysis.curve(r, res.sweep_curves, "grad_norm") for r in records]),
-            )
+            m = _first_last_tenth(records, res.sweep_curves)
+            if m is None:
+                continue
             sizes.append(b)
             spread.append(m["absolute"][1] / m["absolute"][0])
             grads.append(m["grad"][1] / m["grad"][0])
@@ -621,11 +620,19 @@ def verdict_noise(res: Results) -> dict:
     )
 
 
-def _first_last_tenth(loss: np.ndarray, gnorm: np.ndarray) -> dict[str, np.ndarray]:
-    """Per seed, the first and the last tenth of training: ``[2, seeds]`` arrays (first, last)."""
-    _, absolute = analysis.oscillation_by_window(loss, window=SMOOTHING, log=False)
-    _, relative = analysis.oscillation_by_window(loss, window=SMOOTHING, log=True)
-    _, grads = analysis.window_means(gnorm)
+def _first_last_tenth(records: Sequence[dict], curves: dict) -> dict[str, np.ndarray] | None:
+    """Per seed, the first and the last tenth of training: ``[2, seeds]`` arrays (first, last).
+
+    ``None`` if the runs are too short for ten windows of the moving average (tiny presets).
+    """
+    loss = np.stack([analysis.curve(r, curves, "batch_loss") for r in records])
+    gnorm = np.stack([analysis.curve(r, curves, "grad_norm") for r in records])
+    try:
+        _, absolute = analysis.oscillation_by_window(loss, window=SMOOTHING, log=False)
+        _, relative = analysis.oscillation_by_window(loss, window=SMOOTHING, log=True)
+        _, grads = analysis.window_means(gnorm)
+    except ValueError:
+        return None
     return {
         name: np.stack([a[:, 0], a[:, -1]])
         for name, a in (("absolute", absolute), ("relative", relative), ("grad", grads))
@@ -647,13 +654,12 @@ def verdict_shrinks(res: Results) -> dict:
     for b in res.batch_sizes():
         row = res.best_row(b, 0.0)
         records = res.sweep_runs(b, 0.0, row["lr"]) if row else []
-        if not records:
-            continue
-        loss = np.stack([analysis.curve(r, res.sweep_curves, "batch_loss") for r in records])
-        gnorm = np.stack([analysis.curve(r, res.sweep_curves, "grad_norm") for r in records])
-        per_batch.append((b, row["lr"], _first_last_tenth(loss, gnorm)))
+        m = _first_last_tenth(records, res.sweep_curves) if records else None
+        if m is not None:
+            per_batch.append((b, row["lr"], m))
     if not per_batch:
-        return _verdict(claim, UNSETTLED, "-", "the sweep stage did not run", "-", "-")
+        evidence = "no sweep runs long enough for ten windows of the moving average"
+        return _verdict(claim, UNSETTLED, "-", evidence, "-", "-")
     spread = [b for b, _, m in per_batch if _shrinks(m["absolute"])]
     grads = [b for b, _, m in per_batch if _shrinks(m["grad"])]
     if not spread:
@@ -674,13 +680,9 @@ def verdict_shrinks(res: Results) -> dict:
         for b, lr, m in per_batch
     ]
     triples = effective_triples(res)
-    if triples:
-        _, sgd, _ = triples[0]
-        curves = res.effective_curves
-        m = _first_last_tenth(
-            np.stack([analysis.curve(r, curves, "batch_loss") for r in sgd.records]),
-            np.stack([analysis.curve(r, curves, "grad_norm") for r in sgd.records]),
-        )
+    m = _first_last_tenth(triples[0][1].records, res.effective_curves) if triples else None
+    if m is not None:
+        sgd = triples[0][1]
         lr = res.meta["stages"]["effective"]["lr"]
         lines.append(
             f"the effective-batch run (B = {sgd.batch_size}, lr {lr:.3g}, "

@@ -233,3 +233,10 @@ def test_fits_table_flags_an_extrapolated_critical_batch():
     assert "| 500 (outside the batch sizes tested, 8-128: extrapolated) |" in table
     sweep, curves = _sweep({(b, 0.0): (100 * (1 + 50 / b), FLAT) for b in (8, 16, 32, 64, 128)})
     assert "| 50 | " in report._fits_table(_results(sweep, curves))
+
+
+def test_claim_2_is_unsettled_by_runs_too_short_to_window():
+    sweep, curves = _sweep({(32, 0.0): (100, SHRINKING)})
+    for arrays in curves.values():
+        arrays["batch_loss"], arrays["grad_norm"] = (a[:, :40] for a in arrays.values())
+    assert report.verdict_shrinks(_results(sweep, curves))["verdict"] == report.UNSETTLED
