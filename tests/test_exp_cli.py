@@ -178,7 +178,8 @@ def test_locked_dir_stops_every_process_of_a_job(tmp_path, env):
         results = sweep_on_two_processes([*SWEEP, "--out", str(out)], env)
     assert [code for *_, code in results] == [2, 2]
     (_, err0, _), (_, err1, _) = results
-    assert err0.splitlines()[-1].startswith("error: ") and "lock" in err0.splitlines()[-1]
+    assert err0.splitlines()[-1].startswith("error: ")
+    assert "in use by another process" in err0.splitlines()[-1]
     assert err1.splitlines()[-1] == f"error: process 0 could not lock {out}"
     assert store.read_runs(out) == []
 
@@ -248,49 +249,62 @@ def corrupt_idx(tmp_path):
     return folder
 
 
+# Each bad input and the start of its error line: the shared arguments of test_bad_input are
+# valid on their own (test_the_bad_input_cases_start_from_valid_arguments), so each case fails at
+# its own check.
 BAD = [
-    ["--batch-sizes", "0"],
-    ["--batch-sizes", "8,x"],
-    ["--batch-sizes", "5000"],
-    ["--batch-sizes", "8,8"],
-    ["--betas", "1"],
-    ["--betas", "-0.1"],
-    ["--betas", "abc"],
-    ["--betas", "0,-0"],
-    ["--lrs", "0"],
-    ["--lrs", "-1"],
-    ["--lrs", "abc"],
-    ["--lrs", "nan"],
-    ["--lrs", "inf"],
-    ["--steps", "0"],
-    ["--steps", "2.5"],
-    ["--steps", "x"],
-    ["--seeds", "0"],
-    ["--seeds", "-3"],
-    ["--eval-every", "0"],
-    ["--eval-every", "100", "--steps", "10"],
-    ["--target-loss", "-1"],
-    ["--target-loss", "x"],
-    ["--dataset", "cifar"],
-    ["--model", "rnn"],
-    ["--devices", "99"],
-    ["--data-dir", "/tmp"],
-    ["--no-such-flag"],
-    ["--num-processes", "0"],
-    ["--process-id", "-1"],
-    ["--num-processes", "2", "--process-id", "2"],
-    ["--distributed", "--devices", "1"],
+    (["--batch-sizes", "0"], "argument --batch-sizes: must be an integer >= 1, got '0'"),
+    (["--batch-sizes", "8,x"], "argument --batch-sizes: must be an integer >= 1, got 'x'"),
+    (["--batch-sizes", "5000"], "batch size 5000 is larger than the 1438 training examples"),
+    (["--batch-sizes", "8,8"], "--batch-sizes has duplicates: 8,8"),
+    (["--betas", "1"], "--betas must be in [0, 1), got 1.0"),
+    (["--betas", "-0.1"], "--betas must be in [0, 1), got -0.1"),
+    (["--betas", "abc"], "argument --betas: must be a number, got 'abc'"),
+    (["--betas", "0,-0"], "--betas has duplicates: 0.0,0.0"),
+    (["--lrs", "0"], "argument --lrs: learning rates must be > 0, got '0'"),
+    (["--lrs", "-1"], "argument --lrs: learning rates must be > 0, got '-1'"),
+    (["--lrs", "abc"], "argument --lrs: must be a number, got 'abc'"),
+    (["--lrs", "nan"], "argument --lrs: must be a finite number, got 'nan'"),
+    (["--lrs", "inf"], "argument --lrs: must be a finite number, got 'inf'"),
+    (["--steps", "0"], "argument --steps: must be an integer >= 1, got '0'"),
+    (["--steps", "2.5"], "argument --steps: must be an integer >= 1, got '2.5'"),
+    (["--steps", "x"], "argument --steps: must be an integer >= 1, got 'x'"),
+    (["--seeds", "0"], "argument --seeds: must be an integer >= 1, got '0'"),
+    (["--seeds", "-3"], "argument --seeds: must be an integer >= 1, got '-3'"),
+    (["--eval-every", "0"], "argument --eval-every: must be an integer >= 1, got '0'"),
+    (["--eval-every", "100", "--steps", "10"], "--eval-every (100) must be <= --steps (10)"),
+    (["--target-loss", "-1"], "--target-loss must be >= 0, got -1.0"),
+    (["--target-loss", "x"], "argument --target-loss: must be a number, got 'x'"),
+    (["--dataset", "cifar"], "argument --dataset: invalid choice: 'cifar'"),
+    (["--model", "rnn"], "argument --model: invalid choice: 'rnn'"),
+    (["--devices", "99"], "--devices 99 but only 8 device(s) are available"),
+    (["--data-dir", "/tmp"], "--data-dir is only used with --dataset idx, not digits"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--num-processes", "0"], "argument --num-processes: must be an integer >= 1, got '0'"),
+    (["--process-id", "-1"], "argument --process-id: must be an integer >= 0, got '-1'"),
+    (
+        ["--num-processes", "2", "--process-id", "2"],
+        "--process-id must be < --num-processes (2), got 2",
+    ),
+    (["--distributed", "--devices", "1"], "--devices cannot be combined with --distributed"),
 ]
+BAD_INPUT_BASE = ["--dataset", "digits", "--steps", "20", "--eval-every", "10"]
 
 
-@pytest.mark.parametrize("extra", BAD, ids=" ".join)
-def test_bad_input(extra, tmp_path, capsys):
+@pytest.mark.parametrize("extra, message", BAD, ids=[" ".join(extra) for extra, _ in BAD])
+def test_bad_input(extra, message, tmp_path, capsys):
     out = tmp_path / "out"
-    args = ["sweep", "--dataset", "digits", "--out", str(out), "--steps", "20", *extra]
-    code, captured = main_in_process(args, capsys)
+    code, captured = main_in_process(["sweep", *BAD_INPUT_BASE, "--out", str(out), *extra], capsys)
     assert code == 2
-    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1
+    assert captured.err.startswith(f"error: {message}") and captured.err.count("\n") == 1
     assert not out.exists()
+
+
+def test_the_bad_input_cases_start_from_valid_arguments(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["sweep", *BAD_INPUT_BASE, "--out", str(out), "--batch-sizes", "16", "--lrs", "0.1"]
+    code, _ = main_in_process([*args, "--seeds", "1", "--betas", "0"], capsys)
+    assert code == 0 and len(store.read_runs(out)) == 1
 
 
 @pytest.mark.parametrize("case", ["no_dir", "missing", "corrupt"])
