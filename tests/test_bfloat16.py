@@ -147,6 +147,31 @@ def test_non_finite_gradients_propagate(rounding):
     )
 
 
+def test_stochastic_rounding_draws_different_bits_for_each_leaf():
+    """Two leaves equal in value and shape, at the same step and seed, get independent noise."""
+    value = 1 + 2**-7 / 3  # between two bfloat16 neighbours: rounds up with probability 1/3
+    grads = {"a": jnp.full((256,), value, jnp.float32), "b": jnp.full((256,), value, jnp.float32)}
+    tx = emm.ema_momentum(0.0, accumulator_dtype=jnp.bfloat16, rounding="stochastic")
+    _, state = jax.jit(tx.update)(grads, tx.init(grads))
+    a, b = (np.asarray(state.velocity[k], np.float32) for k in ("a", "b"))
+    assert set(np.unique(a)) == set(np.unique(b)) == set(bf16_neighbours(value))
+    assert np.any(a != b)
+
+
+def test_stochastic_rounding_keeps_nans_whose_low_bits_would_carry():
+    """A NaN with its low 16 bits set (CUDA's canonical 0x7FFFFFFF) must not round to zero.
+
+    Arithmetic keeps the payload of a quiet NaN, so it reaches the rounding intact; adding
+    the noise there carries out of the mantissa: 0x7FFFFFFF becomes -0.0, 0xFFFFFFFF +0.0.
+    """
+    nans = np.array([0x7FFFFFFF, 0xFFFFFFFF] * 8, np.uint32).view(np.float32)
+    tx = emm.ema_momentum(0.5, accumulator_dtype=jnp.bfloat16, rounding="stochastic")
+    grad = jnp.asarray(nans)
+    updates, state = jax.jit(tx.update)(grad, tx.init(grad))
+    assert np.all(np.isnan(np.asarray(state.velocity, np.float32)))
+    assert np.all(np.isnan(np.asarray(updates)))
+
+
 def test_stochastic_rounding_keeps_float32_leaves_exact():
     """Only bfloat16 leaves are rounded stochastically; float32 state is untouched."""
     tx = emm.ema_momentum(0.9, rounding="stochastic")

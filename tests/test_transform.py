@@ -119,6 +119,17 @@ def test_beta_schedule_uses_the_step_count():
     chex.assert_trees_all_close(state.weight_sum, 1 - 0.125)
 
 
+def test_nesterov_mixes_with_the_beta_of_the_same_step():
+    # nu = beta_t, the beta that made v_t: the schedule at count 0 for the first update.
+    schedule = lambda count: jnp.where(count < 1, 0.5, 0.25)
+    g1, g2 = jnp.array([2.0]), jnp.array([-1.0])
+    v1 = 0.5 * g1
+    v2 = 0.25 * v1 + 0.75 * g2
+    (u1, u2), _ = _run(emm.ema_momentum(schedule, nesterov=True), [g1, g2], jnp.zeros(1))
+    chex.assert_trees_all_close((u1, u2), (0.5 * v1 + 0.5 * g1, 0.25 * v2 + 0.75 * g2), rtol=1e-6)
+    chex.assert_trees_all_close((u1, u2), (jnp.array([1.5]), jnp.array([-0.875])), rtol=1e-6)
+
+
 def test_count_saturates():
     tx = emm.ema_momentum(0.9)
     state = tx.init(jnp.zeros(2))._replace(count=jnp.asarray(jnp.iinfo(jnp.int32).max, jnp.int32))
@@ -472,6 +483,17 @@ def test_a_bfloat16_beta_of_one_names_the_fix():
     tx.init(jnp.ones(2, jnp.bfloat16))
 
 
+def test_only_a_narrow_beta_of_one_gets_the_hyperparam_dtype_hint():
+    for beta in (jnp.asarray(0.999, jnp.bfloat16), jnp.asarray(0.9999, jnp.float16)):
+        with pytest.raises(ValueError, match=r"float16 beta rounds .* hyperparam_dtype"):
+            emm.ema_momentum(beta)
+    # A float32 (or wider) 1.0 was not rounded up: it is just out of range.
+    for beta in (np.float32(1.0), np.float64(1.0), 1.0):
+        with pytest.raises(ValueError, match=r"beta must be a finite number in \[0, 1\)") as error:
+            emm.ema_momentum(beta)
+        assert "hyperparam_dtype" not in str(error.value)
+
+
 def test_bfloat16_arithmetic_runs_in_float32():
     # With bf16 everywhere, the EMA is computed in float32 and rounded once.
     v = jnp.asarray([1.0, -3.0, 7.0], jnp.bfloat16)
@@ -600,7 +622,7 @@ def test_bad_rounding_and_seed():
         emm.ema_momentum(0.9, accumulator_dtype=jnp.float32, rounding="stochastic")
     with pytest.raises(ValueError, match=r"seed must be an integer, got seed=1.5"):
         emm.ema_momentum(0.9, seed=1.5)
-    for seed in (-1, 2**32, np.int64(-1), np.ones(2, np.int32)):
+    for seed in (-1, 2**32, np.int64(-1), np.ones(2, np.int32), True, False):
         with pytest.raises(ValueError, match=r"seed must be "):
             emm.ema_momentum(0.9, seed=seed)
     emm.ema_momentum(0.9, seed=2**32 - 1)
