@@ -1,0 +1,124 @@
+"""Tests of experiments.store on hand-made groups: torn lines, leftovers, curve rows, duplicates."""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import store, train
+
+STEPS, EVAL_STEPS = 4, (2, 4)
+
+
+def make_group(lrs, seeds=(0,), batch_size=16, beta=0.0):
+    """A GroupResult as run_group would return it, with distinct made-up curves per run."""
+    spec = train.GroupSpec("digits", "mlp", batch_size, beta, STEPS, 2)
+    grid = [(lr, seed) for lr in lrs for seed in seeds]
+    runs = tuple(
+        train.RunResult(
+            run_id=spec.run_id(lr, seed, None),
+            dataset="digits",
+            model="mlp",
+            batch_size=batch_size,
+            beta=beta,
+            lr=lr,
+            seed=seed,
+            steps=STEPS,
+            eval_every=2,
+            target_loss=None,
+            final_train_loss=lr,
+            final_test_loss=lr,
+            final_test_accuracy=0.5,
+            steps_to_target=None,
+            diverged=False,
+            diverged_at=None,
+            wall_seconds=1.0,
+        )
+        for lr, seed in grid
+    )
+    rows = np.arange(len(grid), dtype=np.float32)[:, None]
+    return train.GroupResult(
+        spec=spec,
+        runs=runs,
+        batch_loss=rows + np.zeros((1, STEPS), np.float32),
+        grad_norm=rows + 10 + np.zeros((1, STEPS), np.float32),
+        eval_steps=np.asarray(EVAL_STEPS),
+        train_loss=rows + np.zeros((1, len(EVAL_STEPS)), np.float32),
+        test_loss=rows + np.zeros((1, len(EVAL_STEPS)), np.float32),
+        test_accuracy=np.full((len(grid), len(EVAL_STEPS)), 0.5, np.float32),
+        wall_seconds=1.0,
+    )
+
+
+def test_complete_but_invalid_last_line_is_dropped_and_removed(tmp_path):
+    with store.ResultStore(tmp_path) as s:
+        s.add_group(make_group([0.1, 0.2]))
+    runs = tmp_path / store.RUNS_FILE
+    good = runs.read_bytes()
+    assert good.count(b"\n") == 2
+    runs.write_bytes(good + b'{"run_id": "bad\n')  # has its newline, yet is not JSON
+
+    expected = [r["run_id"] for r in json_lines(good)]
+    assert [r["run_id"] for r in store.read_runs(tmp_path)] == expected
+    with store.ResultStore(tmp_path) as s:
+        assert [r["run_id"] for r in s.records] == expected
+        assert s.missing(expected) == []
+    assert runs.read_bytes() == good  # the writer truncated the bad line away
+
+    # Only the last line gets that leniency: the same bad line earlier is corruption.
+    runs.write_bytes(b'{"run_id": "bad\n' + good)
+    with pytest.raises(ValueError, match="line 1"):
+        store.read_runs(tmp_path)
+    with pytest.raises(ValueError, match="line 1"):
+        store.ResultStore(tmp_path)
+
+
+def json_lines(data):
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def test_leftover_tmp_curves_are_removed_on_open(tmp_path):
+    with store.ResultStore(tmp_path) as s:
+        s.add_group(make_group([0.1]))
+    curves = tmp_path / store.CURVES_DIR
+    kept = sorted(p.name for p in curves.iterdir())
+    assert len(kept) == 1 and kept[0].endswith(".npz")
+    (curves / "abc123.tmp").write_bytes(b"half an npz")
+    (curves / "def456xyz.tmp").write_bytes(b"")
+    with store.ResultStore(tmp_path):
+        assert sorted(p.name for p in curves.iterdir()) == kept
+    record = store.read_runs(tmp_path)[0]
+    assert store.load_curves(tmp_path, record)["batch_loss"].tolist() == [0.0] * STEPS
+
+
+def test_load_curves_rejects_a_row_of_another_run(tmp_path):
+    with store.ResultStore(tmp_path) as s:
+        first, second = s.add_group(make_group([0.1, 0.2]))
+    assert first["curve_index"] == 0 and second["curve_index"] == 1
+    assert store.load_curves(tmp_path, second)["grad_norm"].tolist() == [11.0] * STEPS
+    with pytest.raises(ValueError, match="not found at row 1"):
+        store.load_curves(tmp_path, {**first, "curve_index": 1})
+    with pytest.raises(ValueError, match="not found at row 0"):
+        store.load_curves(tmp_path, {**second, "curve_index": 0})
+
+
+def test_add_group_skips_runs_already_stored(tmp_path):
+    one, two = make_group([0.1]), make_group([0.1, 0.2])
+    stored = one.runs[0].run_id
+    assert two.runs[0].run_id == stored and two.group_id != one.group_id
+    with store.ResultStore(tmp_path) as s:
+        assert [r["run_id"] for r in s.add_group(one)] == [stored]
+        added = s.add_group(two)
+        assert [r["run_id"] for r in added] == [two.runs[1].run_id]
+        assert added[0]["curve_index"] == 1
+        assert [r["run_id"] for r in s.records] == [stored, two.runs[1].run_id]
+        assert s.add_group(two) == []  # everything already stored
+    ids = [r["run_id"] for r in json_lines((tmp_path / store.RUNS_FILE).read_bytes())]
+    assert ids == [stored, two.runs[1].run_id]
+    # Each record still finds its own row (in the curves file of the group that stored it).
+    for r in store.read_runs(tmp_path):
+        store.load_curves(tmp_path, r)
+    # A reopened store knows what is done, too.
+    with store.ResultStore(tmp_path) as s:
+        assert s.add_group(two) == []
+    assert len(store.read_runs(tmp_path)) == 2

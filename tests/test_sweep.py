@@ -1,0 +1,107 @@
+"""Tests of experiments.sweep in-process: resume skips finished groups, --lrs auto, the summary."""
+
+import pytest
+
+from experiments import data, store, sweep, train
+
+# lrs=None (--lrs auto): 7 runs per group. Both in-process sweeps use the same model, batch sizes
+# and run counts, so the second reuses the first one's compiled programs.
+TINY = dict(lrs=None, steps=4, eval_every=4, seeds=[0], progress=False)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load_dataset("digits")
+
+
+def counting(monkeypatch):
+    """Replaces the run_group that run_sweep calls by a wrapper that records each call."""
+    calls, real = [], train.run_group
+
+    def run_group(data, model, batch_size, beta, *args, **kwargs):
+        calls.append((batch_size, beta))
+        return real(data, model, batch_size, beta, *args, **kwargs)
+
+    monkeypatch.setattr(sweep, "run_group", run_group)
+    return calls
+
+
+def test_resume_does_not_recompute_finished_groups(digits, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    first = sweep.run_sweep(out, digits, "linear", [16], [0.0], **TINY)
+    before = (out / store.RUNS_FILE).read_bytes()
+
+    # A finished sweep: nothing to compute at all.
+    def fail(*args, **kwargs):
+        raise AssertionError("run_group called for a finished group")
+
+    monkeypatch.setattr(sweep, "run_group", fail)
+    again = sweep.run_sweep(out, digits, "linear", [16], [0.0], **TINY)
+    assert again == first
+    assert (out / store.RUNS_FILE).read_bytes() == before
+
+    # A grown sweep: only the new group is computed.
+    calls = counting(monkeypatch)
+    grown = sweep.run_sweep(out, digits, "linear", [16, 8], [0.0], **TINY)
+    assert calls == [(8, 0.0)]
+    assert grown[:7] == first and [r["batch_size"] for r in grown[7:]] == [8] * 7
+    assert (out / store.RUNS_FILE).read_bytes().startswith(before)
+    assert len(store.read_runs(out)) == 14
+
+
+@pytest.mark.parametrize("text", ["auto", " auto "])
+def test_lrs_auto_parses_to_none(text):
+    assert sweep._lrs(text) is None
+
+
+def test_lrs_list_parses():
+    assert sweep._lrs("0.1,3") == [0.1, 3.0]
+
+
+def test_auto_lrs_depend_on_the_batch_size(digits, tmp_path):
+    assert len({tuple(sweep.auto_lrs(b)) for b in (8, 16, 32)}) == 3
+    out = tmp_path / "out"
+    records = sweep.run_sweep(out, digits, "linear", [8, 16], [0.0], **TINY)
+    assert records == store.read_runs(out)
+    for batch_size in (8, 16):
+        lrs = [r["lr"] for r in records if r["batch_size"] == batch_size]
+        assert lrs == sweep.auto_lrs(batch_size)
+
+
+def record(lr, loss, *, batch_size=16, beta=0.0, seed=0, diverged=False):
+    return {
+        "dataset": "digits", "model": "mlp", "steps": 100, "batch_size": batch_size,
+        "beta": beta, "lr": lr, "seed": seed, "final_train_loss": loss,
+        "final_test_loss": 2 * loss if loss is not None else None,
+        "final_test_accuracy": 0.9 if loss is not None else None, "steps_to_target": None,
+        "diverged": diverged, "wall_seconds": 1.0,
+    }  # fmt: skip
+
+
+def rows(text):
+    """The summary's table rows, split into their columns."""
+    return [line.split() for line in text.splitlines()[2:]]
+
+
+def test_summary_picks_the_lr_with_the_lowest_mean_train_loss():
+    records = [
+        *(record(0.01, loss, seed=s) for s, loss in enumerate([0.9, 0.7])),
+        *(record(0.1, loss, seed=s) for s, loss in enumerate([0.2, 0.4])),  # best: mean 0.3
+        *(record(1.0, loss, seed=s) for s, loss in enumerate([0.5, 0.6])),
+        record(10.0, None, seed=0, diverged=True),
+        record(10.0, 0.01, seed=1),  # lowest loss, but a seed diverged: not eligible
+        record(0.5, 1.5, batch_size=64, beta=0.9),  # worst in its group...
+        record(0.05, 1.2, batch_size=64, beta=0.9),  # ...and the best
+    ]
+    text = sweep.summary(records)
+    assert text.splitlines()[0].startswith("digits / mlp: 10 runs of 100 steps")
+    (small, big) = rows(text)
+    assert small[:4] == ["16", "0", "0.1", "0.3000"]
+    assert small[4:6] == ["0.6000", "0.900"] and small[-1] == "1/8"
+    assert big[:4] == ["64", "0.9", "0.05", "1.2000"] and big[-1] == "0/2"
+
+
+def test_summary_of_a_group_that_all_diverged():
+    text = sweep.summary([record(10.0, None, diverged=True), record(20.0, None, diverged=True)])
+    assert rows(text) == [["16", "0", "-", "2/2"]]
+    assert sweep.summary([]) == "no runs"
