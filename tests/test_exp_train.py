@@ -4,9 +4,13 @@ import math
 
 import jax
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
-from experiments import data, train
+import ema_momentum as emm
+from experiments import data, shuffle, train
+from experiments.models import loss_fn, make_model
 
 STEPS, EVAL_EVERY, BATCH = 30, 10, 16
 CURVES = ("batch_loss", "grad_norm", "train_loss", "test_loss", "test_accuracy")
@@ -85,6 +89,79 @@ def test_identical_on_one_and_eight_devices(digits, mixed):
     assert [r.as_record() | {"wall_seconds": 0} for r in sharded.runs] == [
         r.as_record() | {"wall_seconds": 0} for r in mixed.runs
     ]
+
+
+# Linear model, batch 200: an epoch of digits (1438 examples) is 7 steps, so 12 steps reach into a
+# second epoch. lr 1.0 trains; lr 120 blows up through finite losses: its mini-batch loss is about
+# 197 at step 3 and 257 at step 5, so it first exceeds the threshold (100 * ln 10, about 230) at
+# step 5, i.e. diverged_at 6, which is an evaluation step (every 3) after a valid one (step 3).
+LATE = {"batch": 200, "lrs": [1.0, 120.0], "seed": 0, "steps": 12, "eval_every": 3}
+
+
+@pytest.fixture(scope="module")
+def late(digits):
+    """A sane run over two epochs and a run whose finite loss crosses the threshold mid-run."""
+    return train.run_group(
+        digits, "linear", LATE["batch"], 0.0, LATE["lrs"], [LATE["seed"]], LATE["steps"],
+        LATE["eval_every"], devices=jax.devices()[:1],
+    )  # fmt: skip
+
+
+def test_finite_loss_above_threshold_diverges(late):
+    threshold = train.EXPLOSION_FACTOR * math.log(10)
+    run, loss, gnorm = late.runs[1], late.batch_loss[1], late.grad_norm[1]
+    assert run.diverged and run.diverged_at == 6
+    # Nothing was non-finite up to and including the diverging step: only the threshold caught it.
+    assert np.isfinite(loss[:6]).all() and np.isfinite(gnorm[:6]).all()
+    assert (loss[:5] < threshold).all() and loss[5] > threshold
+    assert np.isnan(loss[6:]).all() and np.isnan(gnorm[6:]).all()
+
+
+def test_divergence_at_an_evaluation_step_keeps_the_previous_one(late):
+    run = late.runs[1]
+    assert late.eval_steps.tolist() == [3, 6, 9, 12] and run.diverged_at == 6
+    for curve in (late.train_loss, late.test_loss, late.test_accuracy):
+        assert np.isfinite(curve[1, 0])  # step 3, before divergence
+        assert np.isnan(curve[1, 1:]).all()  # at the diverging step 6 and after
+    assert run.final_train_loss == pytest.approx(float(late.train_loss[1, 0]))
+    assert run.final_test_loss == pytest.approx(float(late.test_loss[1, 0]))
+    assert run.final_test_accuracy == pytest.approx(float(late.test_accuracy[1, 0]))
+    assert run.final_train_loss > 100  # the blown-up but finite evaluation at step 3
+
+
+def test_each_epoch_draws_a_fresh_permutation(digits, late):
+    """The sane run of ``late`` is plain SGD on epoch e's order shuffle.permutation(fold_in(k, e)).
+
+    Tolerance: relative 1e-5 (float32; vmapping may change XLA's fusion and so the last bits).
+    """
+    batch, lr, seed, steps = LATE["batch"], LATE["lrs"][0], LATE["seed"], LATE["steps"]
+    per_epoch = digits.n_train // batch
+    assert per_epoch < steps < 2 * per_epoch
+    with jax.threefry_partitionable(False):
+        init_key, data_key = jax.random.split(jax.random.key(seed))
+        graphdef, params = nnx.split(make_model("linear", digits, nnx.Rngs(params=init_key)))
+        perms = [
+            np.asarray(shuffle.permutation(jax.random.fold_in(data_key, e), digits.n_train))
+            for e in (0, 1)
+        ]
+    assert not np.array_equal(perms[0][: 5 * batch], perms[1][: 5 * batch])
+    tx = emm.ema_sgd(lr, 0.0)
+
+    @jax.jit
+    def sgd_step(params, opt_state, x, y):
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p), x, y))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    opt_state, losses = tx.init(params), []
+    for step in range(steps):
+        epoch, pos = divmod(step, per_epoch)
+        idx = perms[epoch][pos * batch : (pos + 1) * batch]
+        params, opt_state, loss = sgd_step(
+            params, opt_state, digits.x_train[idx], digits.y_train[idx]
+        )
+        losses.append(float(loss))
+    np.testing.assert_allclose(late.batch_loss[0], losses, rtol=1e-5)
 
 
 def test_eval_steps_include_the_last_step():
