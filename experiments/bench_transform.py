@@ -187,6 +187,8 @@ def measure(repeats: int, inner: int, with_torch: bool, scale: float = 1.0) -> d
     rows = []
     for shape_name, (n_leaves, full_size) in SHAPES.items():
         size = max(1, round(full_size * scale))
+        if size != full_size:
+            shape_name = f"{n_leaves} x {size:,}"
         contenders = _contenders(n_leaves, size, with_torch)
         samples = _time_interleaved(contenders, repeats, inner)
         seconds = [statistics.median(s) for s in samples]
@@ -259,16 +261,25 @@ def _scale(text: str) -> float:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the benchmark's options to `parser`."""
     parser.add_argument(
-        "--repeats", type=positive_int, default=41, help="timed repeats per contender (default 41)"
+        "--repeats",
+        metavar="N",
+        type=positive_int,
+        default=41,
+        help="timed repeats per contender (default 41)",
     )
     parser.add_argument(
-        "--inner", type=positive_int, default=3, help="steps per timed repeat (default 3)"
+        "--inner",
+        metavar="N",
+        type=positive_int,
+        default=3,
+        help="steps per timed repeat (default 3)",
     )
     parser.add_argument(
         "--scale",
+        metavar="X",
         type=_scale,
         default=1.0,
-        help="multiply every leaf size by this (default 1; e.g. 0.001 for a smoke test)",
+        help="multiply every leaf size by X in (0, 1] (default 1; e.g. 0.001 for a smoke test)",
     )
     parser.add_argument(
         "--no-torch", action="store_true", help="skip torch.optim.SGD even if torch is importable"

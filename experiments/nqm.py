@@ -535,25 +535,36 @@ def write(rows: Sequence[dict], out_dir: str | pathlib.Path) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of the ``nqm`` subcommand."""
     parser.add_argument(
-        "--out", type=output_dir, default="results", help="output directory (default: results)"
+        "--out",
+        metavar="DIR",
+        type=output_dir,
+        default="results",
+        help="output directory (default: results)",
     )
     parser.add_argument(
         "--batch-sizes",
+        metavar="LIST",
         type=positive_int_list,
         default=",".join(str(b) for b in BATCH_SIZES),
         help="comma-separated batch sizes (default: 1, 2, 4, ..., 65536)",
     )
     parser.add_argument(
         "--betas",
+        metavar="LIST",
         type=finite_float_list,
         default=",".join(f"{beta:g}" for beta in BETAS),
         help="comma-separated momentum grid (default: %(default)s)",
     )
     parser.add_argument(
-        "--dim", type=positive_int, default=DIMENSION, help=f"dimension d (default: {DIMENSION})"
+        "--dim",
+        metavar="N",
+        type=positive_int,
+        default=DIMENSION,
+        help=f"dimension d (default: {DIMENSION})",
     )
     parser.add_argument(
         "--workers",
+        metavar="N",
         type=positive_int,
         default=os.cpu_count() or 1,
         help="processes to share the batch sizes (default: number of CPUs)",

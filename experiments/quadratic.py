@@ -264,16 +264,29 @@ def write(result: dict, out_dir: str | pathlib.Path) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of the ``quadratic`` subcommand."""
     parser.add_argument(
-        "--out", type=output_dir, default="results", help="output directory (default: results)"
+        "--out",
+        metavar="DIR",
+        type=output_dir,
+        default="results",
+        help="output directory (default: results)",
     )
     parser.add_argument(
-        "--steps", type=int, default=STEPS, help="optimizer steps (default: %(default)s)"
+        "--steps",
+        metavar="N",
+        type=int,
+        default=STEPS,
+        help="optimizer steps (default: %(default)s)",
     )
     parser.add_argument(
-        "--seed", type=non_negative_int, default=0, help="first noise seed (default: 0)"
+        "--seed",
+        metavar="N",
+        type=non_negative_int,
+        default=0,
+        help="first noise seed (default: 0)",
     )
     parser.add_argument(
         "--seeds",
+        metavar="N",
         type=positive_int,
         default=SEEDS,
         help="noise seeds summarized, from --seed on; the first is drawn (default: %(default)s)",
