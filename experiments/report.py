@@ -745,7 +745,8 @@ def verdict_learning_rate(res: Results) -> dict:
         verdict,
         "for every (batch size, beta): the smallest lr tried is slower to the target and ends "
         "higher than the best (crawl), and the largest diverges or ends higher (overshoot); "
-        "supported if both hold in >= 75% of them, partly if in >= 25%.",
+        "supported if both hold in >= 75% of them, partly if in >= 25%. (A weak test: any grid "
+        "wide enough to bracket the best lr shows both ends.)",
         f"crawl at the smallest lr in {crawl}/{total}, overshoot at the largest in "
         f"{overshoot}/{total}, both in {both}/{total}; {len(diverged)} of {len(res.sweep)} sweep "
         f"runs diverged, {at_top} of them at the largest lr of their grid",
@@ -821,7 +822,8 @@ def verdict_batch_size(res: Results) -> dict:
         "the target, lies inside the range tested); not faster (some larger batch needs at least "
         "as many steps to the target as a smaller one, seed ranges not overlapping); stuck (a "
         "large batch never reaches the target while a smaller one does, or test accuracy drops "
-        "by > 2 points from the smallest to the largest batch). Supported if all four hold, "
+        "by > 2 points from the smallest to the largest batch; the budgets differ, clip(examples "
+        "/ B) steps, so the largest batches see more examples). Supported if all four hold, "
         "partly if some do.",
         evidence,
         "Shallue et al. (2019): perfect scaling, then diminishing returns, then a plateau, with "
