@@ -818,9 +818,10 @@ def verdict_batch_size(res: Results) -> dict:
         "size is a balance.",
         verdict,
         "four parts, at each batch size's best lr: steadier (SGD's oscillation falls with B); "
-        "costlier (the fitted B_crit, beyond which a larger batch needs more examples to reach "
-        "the target, lies inside the range tested); not faster (some larger batch needs at least "
-        "as many steps to the target as a smaller one, seed ranges not overlapping); stuck (a "
+        "costlier (the fitted B_crit, above which doubling the batch nearly doubles the examples "
+        "needed to reach the target, lies inside the range tested); not faster (some larger "
+        "batch needs at least as many steps to the target as a smaller one, seed ranges not "
+        "overlapping); stuck (a "
         "large batch never reaches the target while a smaller one does, or test accuracy drops "
         "by > 2 points from the smallest to the largest batch; the budgets differ, clip(examples "
         "/ B) steps, so the largest batches see more examples). Supported if all four hold, "
