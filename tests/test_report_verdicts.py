@@ -77,21 +77,26 @@ MILD = (lambda t: 0.1 * (1 - 0.2 * t), lambda t: 1.0 - 0.2 * t)
 
 
 @pytest.mark.parametrize(
-    "shapes, expected, shrinking",
+    "shapes, expected, holds, spread_grows, grad_grows",
     [
-        ((SHRINKING, SHRINKING, SHRINKING), report.SUPPORTED, "32, 64, 128"),
-        ((SPREAD_ONLY, SPREAD_ONLY, SPREAD_ONLY), report.PARTLY, "32, 64, 128"),
-        ((FLAT, FLAT, SHRINKING), report.PARTLY, "128"),
-        ((FLAT, FLAT, FLAT), report.NOT_SUPPORTED, "none"),
+        ((SHRINKING, SHRINKING, SHRINKING), report.SUPPORTED, "32, 64, 128", "none", "none"),
+        # The spread shrinks but its stated cause, the gradient, grows: the claim does not hold.
+        ((SPREAD_ONLY,) * 3, report.NOT_SUPPORTED, "none", "none", "32, 64, 128"),
+        ((FLAT, FLAT, SHRINKING), report.PARTLY, "128", "32, 64", "32, 64"),
+        ((FLAT, FLAT, FLAT), report.NOT_SUPPORTED, "none", "32, 64, 128", "32, 64, 128"),
     ],
 )
-def test_claim_2_is_judged_at_every_batch_size(shapes, expected, shrinking):
+def test_claim_2_is_judged_at_every_batch_size(shapes, expected, holds, spread_grows, grad_grows):
     sweep, curves = _sweep(
         {(b, 0.0): (100, shape) for b, shape in zip((32, 64, 128), shapes, strict=True)}
     )
     verdict = report.verdict_shrinks(_results(sweep, curves))
     assert verdict["verdict"] == expected
-    assert verdict["evidence"].startswith(f"the spread shrinks at B = {shrinking} and")
+    assert verdict["evidence"].startswith(
+        f"the spread and the gradient norm both shrink at B = {holds} (of 3 batch sizes); "
+        f"against it, the spread grows at B = {spread_grows} and the gradient norm at B = "
+        f"{grad_grows};"
+    )
 
 
 def test_claim_2_needs_every_seed_below_every_seed():
@@ -240,3 +245,17 @@ def test_claim_2_is_unsettled_by_runs_too_short_to_window():
     for arrays in curves.values():
         arrays["batch_loss"], arrays["grad_norm"] = (a[:, :40] for a in arrays.values())
     assert report.verdict_shrinks(_results(sweep, curves))["verdict"] == report.UNSETTLED
+
+
+@pytest.mark.parametrize(
+    "low, high, expected",
+    [
+        ([1.0, 2.0], [3.0, 4.0], True),
+        ([1.0, 3.5], [3.0, 4.0], False),
+        ([1.0, float("nan")], [3.0, 4.0], False),
+        ([float("nan"), 1.0], [3.0, 4.0], False),  # wherever the NaN sits
+        ([], [3.0], False),
+    ],
+)
+def test_all_below_needs_finite_values(low, high, expected):
+    assert report._all_below(low, high) is expected
