@@ -9,6 +9,12 @@ import pytest
 
 import ema_momentum as emm
 
+# Older jax has no jax.enable_x64, only jax.experimental.enable_x64.
+if hasattr(jax, "enable_x64"):
+    enable_x64 = jax.enable_x64
+else:
+    from jax.experimental import enable_x64
+
 torch = pytest.importorskip("torch")
 
 
@@ -30,7 +36,7 @@ def test_matches_torch_sgd(beta, nesterov):
         opt.step()
         theirs.append(p.detach().numpy().copy())
 
-    with jax.enable_x64(True):
+    with enable_x64(True):
         tx = emm.ema_sgd(lr, beta, nesterov=nesterov)
         theta = jax.numpy.asarray(theta0)
         state = tx.init(theta)

@@ -14,6 +14,12 @@ from hypothesis import strategies as st
 
 import ema_momentum as emm
 
+# Older jax has no jax.enable_x64, only jax.experimental.enable_x64.
+if hasattr(jax, "enable_x64"):
+    enable_x64 = jax.enable_x64
+else:
+    from jax.experimental import enable_x64
+
 
 def _grads(num_steps, tree, seed=0, dtype=jnp.float32):
     key = jax.random.key(seed)
@@ -153,7 +159,7 @@ def test_equals_optax_ema_bitwise_float32():
 
 @pytest.mark.parametrize("beta", [0.5, 0.9, 0.999])
 def test_debiased_equals_optax_ema_debiased(beta):
-    with jax.enable_x64(True):
+    with enable_x64(True):
         params = jax.tree.map(lambda p: p.astype(jnp.float64), PARAMS)
         grads = _grads(100, params, dtype=jnp.float64)
         ours, _ = _run(emm.ema_momentum(beta, debias=True), grads, params)
@@ -169,7 +175,7 @@ def test_debiased_equals_optax_ema_debiased(beta):
 @pytest.mark.parametrize("beta", [0.0, 0.9, 0.99])
 def test_ema_sgd_equals_heavy_ball_sgd(beta, nesterov):
     lr = 0.3
-    with jax.enable_x64(True):
+    with enable_x64(True):
         params = jax.tree.map(lambda p: p.astype(jnp.float64), PARAMS)
         grads = _grads(200, params, dtype=jnp.float64)
         ours = _descend(emm.ema_sgd(lr, beta, nesterov=nesterov), grads, params)
@@ -183,7 +189,7 @@ def test_ema_sgd_equals_heavy_ball_sgd(beta, nesterov):
 
 
 def test_nu_beta_is_nesterov_and_nu_one_is_default():
-    with jax.enable_x64(True):
+    with enable_x64(True):
         params = jax.tree.map(lambda p: p.astype(jnp.float64), PARAMS)
         grads = _grads(50, params, dtype=jnp.float64)
         nesterov, _ = _run(emm.ema_momentum(0.9, nesterov=True), grads, params)
@@ -221,7 +227,7 @@ _betas = st.floats(0.0, 0.999)
 def test_linear_in_the_gradient_sequence(gs1, gs2, beta, a, c):
     n = min(len(gs1), len(gs2))
     gs1, gs2 = gs1[:n], gs2[:n]
-    with jax.enable_x64(True):
+    with enable_x64(True):
         tx = emm.ema_momentum(beta)
         u1, _ = _run(tx, list(jnp.asarray(gs1)), jnp.zeros(3, jnp.float64))
         u2, _ = _run(tx, list(jnp.asarray(gs2)), jnp.zeros(3, jnp.float64))
@@ -241,7 +247,7 @@ def test_beta_zero_is_the_identity(gs):
 @hypothesis.settings(max_examples=40, deadline=None)
 @hypothesis.given(_sequences, _betas)
 def test_velocity_stays_in_the_range_of_the_gradients(gs, beta):
-    with jax.enable_x64(True):
+    with enable_x64(True):
         grads = list(jnp.asarray(gs))
         outs, _ = _run(emm.ema_momentum(beta), grads, jnp.zeros(3, jnp.float64))
         debiased, _ = _run(emm.ema_momentum(beta, debias=True), grads, jnp.zeros(3, jnp.float64))
@@ -303,12 +309,21 @@ def test_inject_hyperparams():
     chex.assert_trees_all_close(updates, expected, rtol=1e-6)
 
 
+OPTAX_VERSION = tuple(int(part) for part in optax.__version__.split(".")[:3])
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_inject_hyperparams_with_an_accumulator_dtype(dtype):
-    # inject_hyperparams takes the callable jnp.bfloat16 for a schedule and passes the array it
-    # returns; that array's dtype is the accumulator's (pytest turns JAX's deprecation warning
-    # for jnp.dtype(array) into an error).
-    tx = optax.inject_hyperparams(emm.ema_sgd)(learning_rate=0.1, beta=0.9, accumulator_dtype=dtype)
+@pytest.mark.parametrize("static", [True, False], ids=["static_args", "as_a_value"])
+def test_inject_hyperparams_with_an_accumulator_dtype(dtype, static):
+    if not static and OPTAX_VERSION < (0, 2, 8):
+        pytest.skip("before optax 0.2.8, inject_hyperparams casts the value to float32")
+    # As a value, inject_hyperparams takes the callable jnp.bfloat16 for a schedule and passes
+    # the array it returns; that array's dtype is the accumulator's (pytest turns JAX's
+    # deprecation warning for jnp.dtype(array) into an error).
+    inject = optax.inject_hyperparams(
+        emm.ema_sgd, static_args=("accumulator_dtype",) if static else ()
+    )
+    tx = inject(learning_rate=0.1, beta=0.9, accumulator_dtype=dtype)
     state = tx.init(PARAMS)  # eagerly: under jit the value is a tracer, which has a dtype
     _, state = tx.update(_grads(1, PARAMS)[0], state, PARAMS)
     velocity = state.inner_state[0].velocity
@@ -461,7 +476,7 @@ def test_array_hyperparameters_cause_no_implicit_promotion(kwargs):
         updates, state = jax.jit(tx.update)(params, state)
     chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
     # A float32 array beta on float64 params computes in float64, without promotion.
-    with jax.enable_x64(True), jax.numpy_dtype_promotion("strict"):
+    with enable_x64(True), jax.numpy_dtype_promotion("strict"):
         params = {"a": jnp.ones(3, jnp.float64)}
         tx = emm.ema_momentum(np.float32(0.9), nu=np.float32(0.5))
         updates, _ = jax.jit(tx.update)(params, tx.init(params))
