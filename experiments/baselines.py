@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from experiments import data as datasets
 from experiments import models as model_zoo
-from experiments.cli import UsageError, output_dir, positive_int
+from experiments.cli import UsageError, add_out_argument, positive_int
 from experiments.store import write_json
 from experiments.train import GroupResult, run_group
 
@@ -176,9 +176,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the baselines options to ``parser``."""
-    parser.add_argument(
-        "--out", type=output_dir, required=True, metavar="DIR", help="results directory"
-    )
+    add_out_argument(parser)
     parser.add_argument(
         "--steps", type=positive_int, default=STEPS, metavar="N",
         help=f"optimizer steps per run (default: {STEPS}, as in the paper)",

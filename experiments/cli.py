@@ -113,6 +113,22 @@ def output_dir(text: str) -> Path:
     return path
 
 
+def add_out_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """Adds ``--out DIR`` (an :func:`output_dir`): required without a ``default``."""
+    if default is None:
+        parser.add_argument(
+            "--out", type=output_dir, required=True, metavar="DIR", help="results directory"
+        )
+    else:
+        parser.add_argument(
+            "--out",
+            metavar="DIR",
+            type=output_dir,
+            default=default,
+            help=f"output directory (default: {default})",
+        )
+
+
 def usable_cores() -> int:
     """The cores this process may run on (its CPU affinity where the OS has one, as on Linux)."""
     if hasattr(os, "sched_getaffinity"):

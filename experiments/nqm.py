@@ -55,10 +55,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from experiments.cli import (
+    add_out_argument,
     check_betas,
     check_unique,
     finite_float_list,
-    output_dir,
     positive_int,
     positive_int_list,
 )
@@ -534,13 +534,7 @@ def write(rows: Sequence[dict], out_dir: str | pathlib.Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of the ``nqm`` subcommand."""
-    parser.add_argument(
-        "--out",
-        metavar="DIR",
-        type=output_dir,
-        default="results",
-        help="output directory (default: results)",
-    )
+    add_out_argument(parser, default="results")
     parser.add_argument(
         "--batch-sizes",
         metavar="LIST",

@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 import ema_momentum as emm
-from experiments.cli import UsageError, non_negative_int, output_dir, positive_int
+from experiments.cli import UsageError, add_out_argument, non_negative_int, positive_int
 
 HELP = "the course picture: SGD vs EMA momentum on a noisy ill-conditioned 2-D quadratic"
 DESCRIPTION = """\
@@ -263,13 +263,7 @@ def write(result: dict, out_dir: str | pathlib.Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of the ``quadratic`` subcommand."""
-    parser.add_argument(
-        "--out",
-        metavar="DIR",
-        type=output_dir,
-        default="results",
-        help="output directory (default: results)",
-    )
+    add_out_argument(parser, default="results")
     parser.add_argument(
         "--steps",
         metavar="N",

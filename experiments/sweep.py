@@ -39,12 +39,12 @@ from experiments import data as datasets
 from experiments import models
 from experiments.cli import (
     UsageError,
+    add_out_argument,
     check_betas,
     check_unique,
     finite_float,
     finite_float_list,
     non_negative_int,
-    output_dir,
     positive_int,
     positive_int_list,
 )
@@ -75,9 +75,7 @@ def _lrs(text: str) -> list[float] | None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the sweep options to ``parser``."""
-    parser.add_argument(
-        "--out", type=output_dir, required=True, metavar="DIR", help="results directory"
-    )
+    add_out_argument(parser)
     parser.add_argument("--dataset", choices=datasets.DATASETS, default="mnist1d")
     parser.add_argument(
         "--data-dir", metavar="PATH", help="folder of MNIST-format IDX files (--dataset idx only)"
