@@ -352,6 +352,8 @@ BAD_NQM_QUADRATIC = [
     ["quadratic", "--steps", "1"],
     ["quadratic", "--steps", "x"],
     ["quadratic", "--seed", "0.5"],
+    ["quadratic", "--seed", "-1"],
+    ["quadratic", "--seeds", "0"],
 ]
 
 

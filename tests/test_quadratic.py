@@ -73,3 +73,8 @@ def test_cli_writes_json_and_figure(tmp_path, capsys):
     assert all(len(run["path"]) == 13 for run in result["runs"])
     assert (tmp_path / "quadratic.png").stat().st_size > 0
     assert "wrote" in capsys.readouterr().out
+
+
+def test_study_needs_a_seed():
+    with pytest.raises(ValueError, match="seeds must be >= 1, got 0"):
+        quadratic.study(seeds=0)
