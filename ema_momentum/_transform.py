@@ -54,7 +54,12 @@ def _check_beta(beta: Any) -> None:
     if b is not None and not (math.isfinite(b) and 0.0 <= b < 1.0):
         hint = ""
         dtype = getattr(beta, "dtype", None)
-        if b == 1.0 and dtype is not None and jnp.finfo(dtype).bits < 32:
+        if (
+            b == 1.0
+            and dtype is not None
+            and jnp.issubdtype(dtype, jnp.floating)
+            and jnp.finfo(dtype).bits < 32
+        ):
             # optax.inject_hyperparams casts hyperparameters to the params' dtype by default.
             hint = (
                 f" A {jnp.dtype(dtype).name} beta rounds values such as 0.999 up to 1; with "
@@ -147,21 +152,27 @@ def _zeros_like(param: jax.Array, dtype: jnp.dtype | None) -> jax.Array:
             f"accumulator_dtype={dtype} cannot hold {param.dtype} parameters without "
             "dropping their imaginary part; use a complex accumulator_dtype."
         )
+    if dtype is None:
+        # An EMA of integers is not an integer: an integer (or bool) leaf gets a velocity of
+        # the default float dtype, as `optax.ema` computes; a float one keeps its dtype.
+        inexact = jnp.issubdtype(param.dtype, jnp.inexact)
+        dtype = param.dtype if inexact else jax.dtypes.canonicalize_dtype(jnp.float64)
     # Not `jnp.zeros_like`: zeros computed from `param` stay batched like it under
     # `vmap`, so with explicit mesh axes a sharded batch dimension keeps its sharding.
-    zeros = jnp.where(False, param, 0).astype(param.dtype if dtype is None else dtype)
+    zeros = jnp.where(False, param, 0).astype(dtype)
     return shard_alike(zeros, param)[0]
 
 
 def _like(hyperparameter: Any, x: jax.Array) -> Any:
     """A hyperparameter ready to combine with `x`: arrays are cast to its dtype.
 
-    Python numbers are weakly typed and left alone. An array (e.g. from
-    `optax.inject_hyperparams`, or a bfloat16 or float64 one) is cast, so that no
-    arithmetic mixes dtypes (`jax.numpy_dtype_promotion("strict")` holds) and the
-    compute dtype is never widened or narrowed by a hyperparameter.
+    Python numbers are weakly typed and left alone. An array or NumPy scalar (e.g.
+    from `optax.inject_hyperparams`, or a bfloat16 or float64 one) is cast, so that
+    no arithmetic mixes dtypes (`jax.numpy_dtype_promotion("strict")` holds) and
+    the compute dtype is never widened or narrowed by a hyperparameter.
     """
-    if isinstance(hyperparameter, (int, float)):
+    # Not `isinstance(..., float)`: `np.float64` subclasses `float` but is not weakly typed.
+    if isinstance(hyperparameter, (int, float)) and not hasattr(hyperparameter, "dtype"):
         return hyperparameter
     return jnp.asarray(hyperparameter).astype(jnp.result_type(x))
 
@@ -183,6 +194,7 @@ def _rounding_salt(seed: Any, count: jax.Array, index: int) -> jax.Array:
     return _mix32(h ^ jnp.uint32(index))
 
 
+@jax.custom_jvp
 def _stochastic_round_to_bfloat16(x: jax.Array, salt: jax.Array) -> jax.Array:
     """Rounds `x` to bfloat16 up or down with probability given by the remainder.
 
@@ -200,6 +212,14 @@ def _stochastic_round_to_bfloat16(x: jax.Array, salt: jax.Array) -> jax.Array:
     result = jax.lax.bitcast_convert_type(rounded, jnp.float32)
     # A NaN whose payload lives in the dropped bits would otherwise become inf.
     return jnp.where(jnp.isnan(x32), x32, result).astype(jnp.bfloat16)
+
+
+@_stochastic_round_to_bfloat16.defjvp
+def _stochastic_round_jvp(primals, tangents):
+    # Differentiated like round-to-nearest (`x.astype(bfloat16)`): the bit arithmetic above
+    # has a zero derivative, which would silently cut `jax.grad` through the stored velocity.
+    x, salt = primals
+    return _stochastic_round_to_bfloat16(x, salt), tangents[0].astype(jnp.bfloat16)
 
 
 def ema_momentum(
@@ -238,7 +258,9 @@ def ema_momentum(
     so it is exact when ``beta`` follows a schedule (``1 - beta_t ** t``, as in
     :func:`optax.ema`, is not) and free of cancellation when ``beta`` is near 1.
     Arithmetic runs in at least float32 whatever the storage dtype;
-    the returned update has the dtype of the incoming gradient.
+    the returned update has the dtype of the incoming gradient (a float one; an
+    integer gradient's update is float). ``jax.grad`` flows through the stored
+    velocity as through a cast, also with stochastic rounding.
 
     Args:
       beta: Decay of the moving average, in ``[0, 1)``, or a schedule mapping
@@ -249,7 +271,9 @@ def ema_momentum(
         ``nesterov``.
       debias: Divide the velocity by ``1 - prod(beta)`` in the output (Adam-style).
       accumulator_dtype: dtype in which the velocity is stored; ``None`` keeps
-        the dtype of the parameters.
+        the dtype of the parameters (the default float dtype for integer
+        ones). A complex dtype may hold real parameters (for a tree that mixes
+        both); their updates stay real.
       rounding: How the float32 result is rounded into a ``bfloat16`` velocity:
         ``"nearest"`` (round to nearest even) or ``"stochastic"`` (unbiased; the
         EMA does not stall). Leaves stored in another dtype are not affected.
@@ -257,7 +281,9 @@ def ema_momentum(
         bits are derived from it, the step count and each element's position, so
         runs are reproducible and need no key. Under ``jax.vmap`` over models,
         map ``seed`` too (e.g. ``optax.inject_hyperparams``) for independent noise:
-        with one seed every member draws the same bits.
+        with one seed every member draws the same bits. ``inject_hyperparams``
+        makes a Python int an int32: pass a seed of ``2**31`` or more as a
+        ``numpy.uint32``.
 
     Returns:
       An :class:`optax.GradientTransformation` with state :class:`EmaMomentumState`.
@@ -349,7 +375,10 @@ def ema_momentum(
             if weight is not None:
                 w = _like(weight, g_c)
                 u = w * u + (1 - w) * g_c
-            return u.astype(g.dtype), stored
+            if jnp.iscomplexobj(u) and not jnp.iscomplexobj(g):
+                u = jnp.real(u)  # a complex accumulator_dtype for real params: 0 imaginary part
+            # The update has the gradient's dtype; an integer gradient's is the compute dtype.
+            return u.astype(g.dtype if jnp.issubdtype(g.dtype, jnp.inexact) else compute), stored
 
         leaves_g, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
         leaves_v = treedef.flatten_up_to(state.velocity)
@@ -429,6 +458,10 @@ def ema_sgd(
       Array([3., 3., 3.], dtype=float32)
     """
     _check_learning_rate(learning_rate)
+    if not isinstance(learning_rate, jax.Array) and getattr(learning_rate, "shape", None) == ():
+        # A NumPy scalar (np.float64 under x64) would widen optax's `lr * update` beyond the
+        # params' dtype; as a Python float it is weakly typed, like a literal.
+        learning_rate = float(learning_rate)
     return optax.chain(
         ema_momentum(
             beta,

@@ -199,3 +199,63 @@ def test_a_seed_means_the_same_as_a_python_int_or_an_array():
         velocities.append(optax.tree.get(state, "velocity"))
     assert velocities[0].dtype == jnp.bfloat16
     np.testing.assert_array_equal(velocities[0], velocities[1])
+
+
+def test_a_seed_above_int32_passes_through_inject_hyperparams_as_uint32():
+    """inject_hyperparams makes a Python int an int32; 2**31 and above go in as np.uint32."""
+    grad = jnp.full((64,), 0.3, jnp.float32)
+    options = dict(accumulator_dtype=jnp.bfloat16, rounding="stochastic")
+    seed = 2**32 - 5
+    plain = emm.ema_momentum(0.999, seed=seed, **options)
+    injected = optax.inject_hyperparams(
+        emm.ema_momentum, static_args=("accumulator_dtype", "rounding")
+    )(0.999, seed=np.uint32(seed), **options)
+    velocities = []
+    for tx in (plain, injected):
+        state = tx.init(grad)
+        for _ in range(3):
+            _, state = jax.jit(tx.update)(grad, state)
+        velocities.append(optax.tree.get(state, "velocity"))
+    np.testing.assert_array_equal(velocities[0], velocities[1])
+
+
+@pytest.mark.parametrize("debias", [False, True])
+def test_grad_through_a_stochastically_rounded_velocity_is_that_of_nearest(debias):
+    """The rounding's bit arithmetic has no derivative: it is differentiated like a cast."""
+    grads = [jnp.full((8,), 0.3 * (k + 1), jnp.float32) for k in range(4)]
+
+    def last_update(beta, rounding):
+        options = dict(debias=debias, accumulator_dtype=jnp.bfloat16, rounding=rounding)
+        tx = emm.ema_momentum(beta, **options)
+        state = tx.init(grads[0])
+        for g in grads:
+            u, state = tx.update(g, state)
+        return jnp.sum(u)
+
+    nearest = jax.grad(last_update)(jnp.float32(0.5), "nearest")
+    stochastic = jax.grad(last_update)(jnp.float32(0.5), "stochastic")
+    assert abs(float(nearest)) > 1.0
+    np.testing.assert_allclose(stochastic, nearest, rtol=2e-2)
+    # The forward values are still stochastically rounded, bit for bit as without grad.
+    value, _ = jax.value_and_grad(last_update)(jnp.float32(0.5), "stochastic")
+    assert value == last_update(jnp.float32(0.5), "stochastic")
+
+
+def test_under_vmap_one_seed_draws_the_same_bits_for_every_member():
+    """As documented: map the seed too for independent noise across vmapped models."""
+    value = 1 + 2**-7 / 3
+    grads = jnp.full((4, 256), value, jnp.float32)
+    tx = emm.ema_momentum(0.0, accumulator_dtype=jnp.bfloat16, rounding="stochastic")
+    _, state = jax.jit(jax.vmap(tx.update))(grads, jax.vmap(tx.init)(grads))
+    v = np.asarray(state.velocity, np.float32)
+    assert len(np.unique(v[0])) == 2
+    assert all(np.array_equal(v[0], v[k]) for k in range(1, 4))
+
+    def update(seed, g):
+        mapped = optax.inject_hyperparams(
+            emm.ema_momentum, static_args=("accumulator_dtype", "rounding")
+        )(0.0, seed=seed, accumulator_dtype=jnp.bfloat16, rounding="stochastic")
+        return optax.tree.get(mapped.update(g, mapped.init(g))[1], "velocity")
+
+    v = np.asarray(jax.jit(jax.vmap(update))(jnp.arange(4), grads), np.float32)
+    assert not any(np.array_equal(v[0], v[k]) for k in range(1, 4))

@@ -188,6 +188,23 @@ def test_ema_sgd_equals_heavy_ball_sgd(beta, nesterov):
     chex.assert_trees_all_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_ema_sgd_equals_heavy_ball_sgd_on_complex_params(nesterov):
+    lr, beta = 0.3, 0.9
+    with enable_x64(True):
+        params = jax.tree.map(lambda p: p.astype(jnp.complex128), PARAMS)
+        real, imag = _grads(60, PARAMS, seed=1), _grads(60, PARAMS, seed=2)
+        grads = [
+            jax.tree.map(lambda a, b: (a + 1j * b).astype(jnp.complex128), r, i)
+            for r, i in zip(real, imag, strict=True)
+        ]
+        heavy_ball = optax.sgd(lr * (1 - beta), momentum=beta, nesterov=nesterov)
+        ours = _descend(emm.ema_sgd(lr, beta, nesterov=nesterov), grads, params)
+        theirs = _descend(heavy_ball, grads, params)
+        chex.assert_trees_all_close(ours, theirs, rtol=1e-10, atol=1e-12)
+        assert ours[-1]["w"].dtype == jnp.complex128
+
+
 def test_nu_beta_is_nesterov_and_nu_one_is_default():
     with enable_x64(True):
         params = jax.tree.map(lambda p: p.astype(jnp.float64), PARAMS)
@@ -410,6 +427,24 @@ def test_vmap_and_grad_over_hyperparameters():
     jax.jit(final_update)(jnp.asarray(1.5), jnp.asarray(0.5))
 
 
+def test_grad_over_nu_and_learning_rate():
+    g = _grads(5, {"x": jnp.zeros(3)})
+
+    def final_step(lr, nu):
+        outs, _ = _run(emm.ema_sgd(lr, 0.8, nu=nu), g, {"x": jnp.zeros(3)})
+        return jnp.sum(outs[-1]["x"])
+
+    for argnum in (0, 1):
+        grad = jax.grad(final_step, argnums=argnum)(jnp.asarray(0.3), jnp.asarray(0.6))
+        eps = jnp.zeros(2).at[argnum].set(1e-3)
+        fd = (
+            final_step(*(jnp.asarray([0.3, 0.6]) + eps))
+            - final_step(*(jnp.asarray([0.3, 0.6]) - eps))
+        ) / 2e-3
+        chex.assert_trees_all_close(grad, fd, rtol=1e-2)
+        assert abs(float(grad)) > 1e-3
+
+
 # ---------------------------------------------------------------------------
 # Dtypes.
 
@@ -483,11 +518,63 @@ def test_array_hyperparameters_cause_no_implicit_promotion(kwargs):
         assert updates["a"].dtype == jnp.float64
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_numpy_float64_hyperparameters_do_not_widen_the_compute_under_x64(dtype):
+    # np.float64 subclasses Python's float but is not weakly typed: it must be cast too.
+    with enable_x64(True):
+        params = {"a": jnp.ones(3, dtype)}
+        tx = emm.ema_sgd(np.float64(0.1), np.float64(0.9), nu=np.float64(0.5))
+        state = tx.init(params)
+        jaxpr = str(jax.make_jaxpr(tx.update)(params, state))
+        assert "f64[3]" not in jaxpr
+        with jax.numpy_dtype_promotion("strict"):
+            updates, _ = jax.jit(tx.update)(params, state)
+        assert updates["a"].dtype == dtype
+        assert state[0].weight_sum.dtype == jnp.float64  # the scalar debias weight is wide
+
+
 def test_python_scalar_leaves():
     tx = emm.ema_momentum(0.5, debias=True)
     updates, state = tx.update({"a": 2.0}, tx.init({"a": 1.0}))
     chex.assert_trees_all_close(updates["a"], 2.0)
     assert state.count == 1
+
+
+@pytest.mark.parametrize("param", [jnp.int32(0), 0, jnp.zeros(2, jnp.int8), jnp.zeros(2, bool)])
+def test_integer_leaves_get_a_float_velocity(param):
+    # Truncating the velocity to the leaf's integer dtype would stall the EMA; optax.ema
+    # computes it in the default float dtype, and so do we.
+    tx, ema = emm.ema_momentum(0.9), optax.ema(0.9, debias=False)
+    state, ema_state = tx.init({"a": param}), ema.init({"a": param})
+    assert state.velocity["a"].dtype == jnp.float32
+    g = {"a": jnp.full(jnp.shape(param), 10, jnp.int32)}
+    for _ in range(50):
+        updates, state = tx.update(g, state)
+        theirs, ema_state = ema.update(g, ema_state)
+    assert updates["a"].dtype == jnp.float32
+    chex.assert_trees_all_close(updates, theirs, rtol=1e-6)
+    np.testing.assert_allclose(updates["a"], 10 * (1 - 0.9**50), rtol=1e-6)
+
+
+def test_a_complex_accumulator_for_real_params():
+    # A tree that mixes complex and real params needs one complex accumulator_dtype; the real
+    # leaves' updates stay real (without a ComplexWarning-style lossy cast) and exact.
+    params = {"c": jnp.ones(3, jnp.complex64), "r": jnp.ones(3, jnp.float32)}
+    grads = _grads(10, {"r": jnp.zeros(3)})
+    tx = emm.ema_momentum(0.9, accumulator_dtype=jnp.complex64)
+    real, _ = _run(emm.ema_momentum(0.9), grads, {"r": params["r"]})
+    state = tx.init(params)
+    assert state.velocity["r"].dtype == jnp.complex64
+    for g, want in zip(grads, real, strict=True):
+        updates, state = jax.jit(tx.update)({"c": params["c"], **g}, state)
+        assert updates["r"].dtype == jnp.float32
+        chex.assert_trees_all_close(updates["r"], want["r"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("beta", [np.int32(1), jnp.asarray(1), np.bool_(True), 1])
+def test_a_non_float_beta_of_one_is_named(beta):
+    with pytest.raises(ValueError, match=r"beta must be a finite number in \[0, 1\), got beta="):
+        emm.ema_momentum(beta)
 
 
 def test_a_bfloat16_beta_of_one_names_the_fix():
@@ -509,16 +596,17 @@ def test_only_a_narrow_beta_of_one_gets_the_hyperparam_dtype_hint():
         assert "hyperparam_dtype" not in str(error.value)
 
 
-def test_bfloat16_arithmetic_runs_in_float32():
-    # With bf16 everywhere, the EMA is computed in float32 and rounded once.
-    v = jnp.asarray([1.0, -3.0, 7.0], jnp.bfloat16)
-    g = jnp.asarray([0.3, 0.7, -0.1], jnp.bfloat16)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_narrow_arithmetic_runs_in_float32(dtype):
+    # With bf16 (or f16) everywhere, the EMA is computed in float32 and rounded once.
+    v = jnp.asarray([1.0, -3.0, 7.0], dtype)
+    g = jnp.asarray([0.3, 0.7, -0.1], dtype)
     tx = emm.ema_momentum(0.99)
     state = tx.init(v)._replace(velocity=v)
     u, state = tx.update(g, state)
     f32 = 0.01 * g.astype(jnp.float32) + 0.99 * v.astype(jnp.float32)
-    chex.assert_trees_all_equal(state.velocity, f32.astype(jnp.bfloat16))
-    chex.assert_trees_all_equal(u, f32.astype(jnp.bfloat16))
+    chex.assert_trees_all_equal(state.velocity, f32.astype(dtype))
+    chex.assert_trees_all_equal(u, f32.astype(dtype))
 
 
 # ---------------------------------------------------------------------------
