@@ -1232,6 +1232,14 @@ def build(out: str | Path) -> Path:
         )
 
     quad = res.quadratic
+    # The stand-alone commands with the preset's settings (their defaults differ).
+    pr = res.preset
+    join = lambda values: ",".join(f"{v:g}" for v in values)
+    nqm_options = f"--batch-sizes {join(pr['nqm_batch_sizes'])} --betas {join(pr['nqm_betas'])}"
+    baseline_options = (
+        f"--models {','.join(pr['baseline_models'])} --steps {pr['baseline_steps']} "
+        f"--seeds {pr['baseline_seeds']}"
+    )
     parts = [
         "# Batch size and momentum on MNIST-1D: what the course notes claim, measured",
         "",
@@ -1311,8 +1319,8 @@ def build(out: str | Path) -> Path:
         f"python -m experiments --out {res.out} --preset {res.preset['name']}  # all, resumable",
         f"python -m experiments report {res.out}          # this report from the stored results",
         f"python -m experiments quadratic --out {res.out}  # section 1",
-        f"python -m experiments nqm --out {res.out}        # section 6",
-        f"python -m experiments baselines --out {res.out}  # the baselines table",
+        f"python -m experiments nqm --out {res.out} {nqm_options}  # section 6",
+        f"python -m experiments baselines --out {res.out} {baseline_options}  # baselines",
         "```",
         "",
     ]
@@ -1368,8 +1376,11 @@ def export(out: str | Path, dest: str | Path) -> list[Path]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of the ``report`` subcommand."""
     parser.add_argument("dir", metavar="DIR", help="a directory written by the main job")
+    from experiments.cli import output_dir
+
     parser.add_argument(
         "--export",
+        type=output_dir,
         metavar="PATH",
         help="also copy the report and its figures to PATH (e.g. docs/results for the README)",
     )

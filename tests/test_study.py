@@ -65,6 +65,9 @@ def test_main_job_writes_the_report(tiny_study, capsys):
     assert "| linear |" in text  # the baselines table
     assert "### The same sweep with the linear" in text
     assert (out / "sweep_linear" / "runs.jsonl").exists()
+    # The stand-alone commands of "Reproduce" carry the preset's settings, not their defaults.
+    assert f"nqm --out {out} --batch-sizes 1,1024 --betas 0,0.9 " in text
+    assert f"baselines --out {out} --models linear --steps 50 --seeds 1 " in text
 
 
 def test_rerun_resumes_without_training(tiny_study, capsys):
@@ -100,6 +103,23 @@ def _one_error_line(capsys):
     assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
     assert "Traceback" not in captured.err
     return lines[0]
+
+
+@pytest.mark.parametrize("where", ["a_file", "a_file/below"])
+def test_report_export_to_a_file_is_refused_before_anything_is_written(
+    where, tiny_study, tmp_path, capsys
+):
+    (tmp_path / "a_file").write_text("keep")
+    report = tiny_study / "report.md"
+    report.write_text("stale")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["report", str(tiny_study), "--export", str(tmp_path / where)])
+    assert exit_info.value.code == 2
+    assert "--export" in _one_error_line(capsys)
+    assert report.read_text() == "stale"  # not rebuilt
+    assert (tmp_path / "a_file").read_text() == "keep"
+    assert cli.main(["report", str(tiny_study)]) == 0  # restores the fixture's report
+    capsys.readouterr()
 
 
 def test_report_of_a_directory_without_a_study(tmp_path, capsys):
