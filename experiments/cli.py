@@ -12,6 +12,7 @@ import argparse
 import importlib
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ COMMANDS: list[tuple[str, str]] = [
 MAIN_JOB = "experiments.study"  # runs when no command is given
 
 USAGE_ERROR = 2
+INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
 class UsageError(Exception):
@@ -43,13 +45,17 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(USAGE_ERROR)
 
 
+INT_LIMIT = 2**31  # every count and index here is an int32 (steps, seeds, batch sizes, ...)
+
+
 def _int_at_least(text: str, low: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = low - 1
-    if value < low:
+    # Plain ASCII digits only: int() would also take "4_0" (as 40), "+4" and other scripts' digits.
+    digits = text.strip()
+    if not re.fullmatch(r"[0-9]+", digits) or int(digits) < low:
         raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+    value = int(digits)
+    if value >= INT_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be an integer < 2**31, got {text!r}")
     return value
 
 
@@ -107,9 +113,11 @@ def output_dir(text: str) -> Path:
         raise argparse.ArgumentTypeError("must be a directory path, got ''")
     path = Path(text)
     existing = next(p for p in (path, *path.parents) if p.exists())
+    where = "" if existing == path else f" (its parent {str(existing)!r})"
     if not existing.is_dir():
-        where = "" if existing == path else f" (its parent {str(existing)!r})"
         raise argparse.ArgumentTypeError(f"{text!r}{where} exists and is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text!r}{where} is not writable")
     return path
 
 
@@ -154,6 +162,11 @@ def use_one_cpu_device_per_core() -> None:
     os.environ["XLA_FLAGS"] = flags.strip()
 
 
+def _plain(doc: str) -> str:
+    """A module docstring as plain text for a terminal: without reST's ``literal`` marks."""
+    return doc.replace("``", "").replace("::\n", ":\n")
+
+
 def build_parser() -> ArgumentParser:
     """The parser with every registered command."""
     main_job = importlib.import_module(MAIN_JOB)
@@ -170,7 +183,7 @@ def build_parser() -> ArgumentParser:
         sub = commands.add_parser(
             name,
             help=module.HELP,
-            description=getattr(module, "DESCRIPTION", module.__doc__),  # plain text for a terminal
+            description=getattr(module, "DESCRIPTION", None) or _plain(module.__doc__),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         sub.set_defaults(run=module.run)
@@ -188,3 +201,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         sys.stderr.write(f"error: {e}\n")
         return USAGE_ERROR
+    except OSError as e:
+        # What the file system refused (a read-only or full disk, a file where a folder is
+        # expected, ...): one line instead of a traceback. Stored results stay valid.
+        sys.stderr.write(f"error: {e}\n")
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted; finished runs and stages are kept: rerun to resume\n")
+        return INTERRUPTED

@@ -15,6 +15,7 @@ import datetime
 import functools
 import itertools
 import math
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -101,12 +102,26 @@ class Results:
 
 def load(out: str | Path) -> Results:
     """Loads a study directory; raises ValueError if it holds no study."""
-    from experiments.study import EFFECTIVE_DIR, STUDY_FILE, SWEEP_DIR, sweep_dir
+    from experiments.study import (
+        EFFECTIVE_DIR,
+        STUDY_FILE,
+        SWEEP_DIR,
+        Preset,
+        sweep_dir,
+        valid_meta,
+    )
 
     out = Path(out)
     meta = _read_json(out / STUDY_FILE)
     if meta is None:
         raise ValueError(f"{str(out)!r} holds no study ({STUDY_FILE} is missing)")
+    required = {
+        f.name
+        for f in dataclasses.fields(Preset)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    if not valid_meta(meta) or not required <= meta["preset"].keys():
+        raise ValueError(f"{str(out / STUDY_FILE)!r} is not a study's record")
     sweep = read_runs(out / SWEEP_DIR)
     effective = read_runs(out / EFFECTIVE_DIR)
     return Results(
@@ -1392,7 +1407,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         path = build(args.dir)
-    except ValueError as e:
+    except (ValueError, zipfile.BadZipFile) as e:  # no study, or a corrupt one
         raise UsageError(str(e)) from None
     print(summary(args.dir))
     print(f"report: {path}")

@@ -55,6 +55,31 @@ class StoreLockedError(RuntimeError):
     """Another process is writing the same results directory."""
 
 
+class CorruptStoreError(ValueError):
+    """``runs.jsonl`` has a line, other than a torn last one, that is not a run's record."""
+
+
+def lock_directory(root: Path) -> int:
+    """Takes the exclusive ``flock`` on ``root/.lock``; returns its descriptor.
+
+    Closing the descriptor releases the lock, and so does the process's end, however it ends: a
+    killed writer leaves no stale lock behind.
+
+    Raises:
+      StoreLockedError: if another process holds it.
+    """
+    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreLockedError(
+            f"{str(root)!r} is in use by another process (it holds "
+            f"{str(root / LOCK_FILE)!r}); wait for it or use another --out."
+        ) from None
+    return fd
+
+
 def _parse_lines(data: bytes, path: Path) -> tuple[list[dict[str, Any]], int]:
     """Parses the JSON lines of ``runs.jsonl``; returns the records and the valid prefix length.
 
@@ -65,13 +90,28 @@ def _parse_lines(data: bytes, path: Path) -> tuple[list[dict[str, Any]], int]:
     records, valid = [], 0
     for number, line in enumerate(complete, start=1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
-            if number == len(complete):
+            record = None
+        if not _is_record(record):
+            if number == len(complete) and record is None:
                 break
-            raise ValueError(f"corrupt record on line {number} of {str(path)!r}.") from None
+            raise CorruptStoreError(
+                f"corrupt record on line {number} of {str(path)!r}; move the file away to start "
+                "afresh, or delete that line to recompute its run."
+            )
+        records.append(record)
         valid += len(line) + 1
     return records, valid
+
+
+def _is_record(record: Any) -> bool:
+    return (
+        isinstance(record, dict)
+        and isinstance(record.get("run_id"), str)
+        and isinstance(record.get("curves"), str)
+        and isinstance(record.get("curve_index"), int)
+    )
 
 
 def read_runs(root: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -84,7 +124,7 @@ def read_runs(root: str | os.PathLike[str]) -> list[dict[str, Any]]:
       The records in the order they were written; empty if there is no ``runs.jsonl``.
 
     Raises:
-      ValueError: if a line other than the last is not valid JSON.
+      CorruptStoreError: if a line other than a torn last one is not a run's record.
     """
     path = Path(root) / RUNS_FILE
     if not path.exists():
@@ -124,21 +164,20 @@ class ResultStore:
 
     Raises:
       StoreLockedError: if another process has the directory open.
-      ValueError: if ``runs.jsonl`` has a corrupt line before its last.
+      CorruptStoreError: if ``runs.jsonl`` has a corrupt line before its last.
     """
 
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        self._lock = lock_directory(self.root)
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            self._open()
+        except BaseException:
             os.close(self._lock)
-            raise StoreLockedError(
-                f"{str(self.root)!r} is in use by another process (it holds "
-                f"{str(self.root / LOCK_FILE)!r}); wait for it or use another --out."
-            ) from None
+            raise
+
+    def _open(self) -> None:
         (self.root / CURVES_DIR).mkdir(exist_ok=True)
         path = self.root / RUNS_FILE
         data = path.read_bytes() if path.exists() else b""
@@ -147,6 +186,17 @@ class ResultStore:
         if valid < len(data):
             os.ftruncate(self._runs, valid)
             os.fsync(self._runs)
+        # Every record's curves file is written before the record, so a missing one was removed
+        # by hand: refused here rather than failing later in a report.
+        lost = sorted({r["curves"] for r in self._records} - {
+            f"{CURVES_DIR}/{p.name}" for p in (self.root / CURVES_DIR).glob("*.npz")
+        })  # fmt: skip
+        if lost:
+            raise CorruptStoreError(
+                f"{str(self.root)!r} has records whose curves file is missing ({lost[0]}"
+                f"{f' and {len(lost) - 1} more' if len(lost) > 1 else ''}); move the directory "
+                "away to start afresh."
+            )
         self._done = {r["run_id"] for r in self._records}
         for leftover in (self.root / CURVES_DIR).glob("*.tmp"):
             leftover.unlink()  # from a crash during a curves write; never referenced

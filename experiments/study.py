@@ -207,6 +207,16 @@ def sweep_dir(model: str, study_model: str) -> str:
     return SWEEP_DIR if model == study_model else f"{SWEEP_DIR}_{model}"
 
 
+def valid_meta(meta: Any) -> bool:
+    """Whether ``meta`` (read from ``DIR/study.json``) has the shape the study writes."""
+    return (
+        isinstance(meta, dict)
+        and isinstance(meta.get("preset"), dict)
+        and isinstance(meta["preset"].get("name"), str)
+        and isinstance(meta.get("stages", {}), dict)
+    )
+
+
 class Study:
     """Runs the stages of one preset into one directory, remembering which are done.
 
@@ -216,8 +226,14 @@ class Study:
 
     def __init__(self, out: Path, preset: Preset, *, progress: bool = True):
         self.out, self.preset, self.progress = out, preset, progress
-        self.meta = read_json(out / STUDY_FILE) or {}
-        if self.meta and self.meta.get("preset", {}).get("name") != preset.name:
+        self.meta = read_json(out / STUDY_FILE)
+        if self.meta is None:
+            self.meta = {}
+        elif not valid_meta(self.meta):
+            raise ValueError(
+                f"{str(out / STUDY_FILE)!r} is not a study's record; use another --out."
+            )
+        if self.meta and self.meta["preset"]["name"] != preset.name:
             raise ValueError(
                 f"{str(out)!r} holds a {self.meta['preset']['name']!r} study; use another --out "
                 f"for --preset {preset.name}."
@@ -256,8 +272,17 @@ class Study:
             print(message, file=sys.stderr, flush=True)
 
     def run_all(self) -> None:
-        """Every stage, in order."""
+        """Every stage, in order; one process at a time per directory (``DIR/.lock``)."""
+        from experiments.store import lock_directory
+
         self.out.mkdir(parents=True, exist_ok=True)
+        lock = lock_directory(self.out)
+        try:
+            self._run_all()
+        finally:
+            os.close(lock)
+
+    def _run_all(self) -> None:
         self._save()
         self.stage("quadratic", self.quadratic)
         self.stage("nqm", self.nqm)
@@ -357,6 +382,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out",
         type=output_dir,
         default="results",
+        metavar="DIR",
         help="results and report directory (default: %(default)s)",
     )
     parser.add_argument(
@@ -377,11 +403,11 @@ def run(args: argparse.Namespace) -> int:
         study = Study(out, PRESETS[args.preset])
     except ValueError as e:
         raise UsageError(str(e)) from None
-    from experiments.store import StoreLockedError
+    from experiments.store import CorruptStoreError, StoreLockedError
 
     try:
         study.run_all()
-    except StoreLockedError as e:
+    except (StoreLockedError, CorruptStoreError) as e:
         raise UsageError(str(e)) from None
     from experiments import report
 

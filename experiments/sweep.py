@@ -32,6 +32,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
@@ -48,8 +49,8 @@ from experiments.cli import (
     positive_int,
     positive_int_list,
 )
-from experiments.store import ResultStore, StoreLockedError
-from experiments.train import GroupSpec, run_group
+from experiments.store import CorruptStoreError, ResultStore, StoreLockedError
+from experiments.train import FLOAT32_MAX, GroupSpec, positive_float32, run_group
 
 HELP = "train a batch size x beta x lr x seed grid (resumable)"
 
@@ -68,8 +69,10 @@ def _lrs(text: str) -> list[float] | None:
     if text.strip() == "auto":
         return None
     lrs = finite_float_list(text)
-    if any(lr <= 0 for lr in lrs):
-        raise argparse.ArgumentTypeError(f"learning rates must be > 0, got {text!r}")
+    if not all(positive_float32(lr) for lr in lrs):
+        raise argparse.ArgumentTypeError(
+            f"learning rates must be > 0 and finite as float32 (the engine's), got {text!r}"
+        )
     return lrs
 
 
@@ -142,14 +145,17 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset != "idx" and args.data_dir is not None:
         raise UsageError(f"--data-dir is only used with --dataset idx, not {args.dataset}")
     check_betas(args.betas)
+    rounded = [beta for beta in args.betas if np.float32(beta) >= 1.0]
+    if rounded:
+        raise UsageError(f"--betas {rounded[0]} is 1 in float32 (the engine's precision)")
     check_unique("--batch-sizes", args.batch_sizes)
     check_unique("--betas", args.betas)
     if args.lrs is not None:
         check_unique("--lrs", args.lrs)
     if args.eval_every > args.steps:
         raise UsageError(f"--eval-every ({args.eval_every}) must be <= --steps ({args.steps})")
-    if args.target_loss is not None and args.target_loss < 0:
-        raise UsageError(f"--target-loss must be >= 0, got {args.target_loss}")
+    if args.target_loss is not None and not 0 <= args.target_loss <= FLOAT32_MAX:
+        raise UsageError(f"--target-loss must be in [0, {FLOAT32_MAX:.4g}], got {args.target_loss}")
     distributed = args.distributed or any(
         value is not None for value in (args.coordinator, args.num_processes, args.process_id)
     )
@@ -168,6 +174,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(
             f"batch size {too_big[0]} is larger than the {data.n_train} training examples"
         )
+    try:  # e.g. images too small for the CNN's three stride-2 convolutions; before DIR is opened
+        nnx.eval_shape(lambda: models.make_model(args.model, data, nnx.Rngs(0)))
+    except ValueError as e:
+        raise UsageError(f"--model {args.model}: {e}") from None
     try:
         records = run_sweep(
             out,
@@ -182,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
             target_loss=args.target_loss,
             devices=None if args.devices is None else jax.devices()[: args.devices],
         )
-    except (StoreLockedError, SweepMismatchError) as e:
+    except (StoreLockedError, CorruptStoreError, SweepMismatchError) as e:
         raise UsageError(str(e)) from None
     if jax.process_index() == 0:
         print(summary(records))
@@ -242,6 +252,7 @@ def run_sweep(
 
     Raises:
       experiments.store.StoreLockedError: if another process is writing ``out_dir``.
+      experiments.store.CorruptStoreError: if ``out_dir`` holds a corrupt ``runs.jsonl``.
       SweepMismatchError: in a multi-process job, if the processes were given different sweeps.
     """
     seeds = list(seeds)
@@ -249,7 +260,10 @@ def run_sweep(
     for batch_size in batch_sizes:
         group_lrs = auto_lrs(batch_size) if lrs is None else [float(lr) for lr in lrs]
         for beta in betas:
-            spec = GroupSpec(data.name, model, int(batch_size), float(beta), steps, eval_every)
+            spec = GroupSpec(
+                data.name, model, int(batch_size), float(beta), steps, eval_every,
+                data_digest=data.digest,
+            )  # fmt: skip
             ids = [spec.run_id(lr, s, target_loss) for lr in group_lrs for s in seeds]
             plan.append((spec, group_lrs, ids))
 
@@ -257,22 +271,22 @@ def run_sweep(
         _check_same_plan(plan)
     lead = jax.process_index() == 0
     with contextlib.ExitStack() as stack:
-        store, locked = None, None
+        store, refused = None, None
         if lead:
             try:
                 store = stack.enter_context(ResultStore(out_dir))
-            except StoreLockedError as e:
-                locked = e
+            except (StoreLockedError, CorruptStoreError) as e:
+                refused = e
         missing = [0 if store is None else len(store.missing(ids)) for *_, ids in plan]
         if jax.process_count() > 1:  # process 0's store decides for every process
             agreed = multihost_utils.broadcast_one_to_all(
-                np.asarray([locked is not None, *missing], np.int32)
+                np.asarray([refused is not None, *missing], np.int32)
             )
-            if agreed[0] and locked is None:
-                raise StoreLockedError(f"process 0 could not lock {out_dir}")
+            if agreed[0] and refused is None:
+                raise StoreLockedError(f"process 0 could not open the results in {out_dir}")
             missing = [int(m) for m in agreed[1:]]
-        if locked is not None:
-            raise locked
+        if refused is not None:
+            raise refused
         total = sum(len(ids) for *_, ids in plan)
         runs_bar = tqdm(
             total=total, initial=total - sum(missing), desc="runs", unit="run",

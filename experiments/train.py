@@ -75,6 +75,7 @@ class GroupSpec:
     steps: int
     eval_every: int
     optimizer: str = DEFAULT_OPTIMIZER
+    data_digest: str | None = None  # Dataset.digest: which files an ``idx`` dataset was
 
     def __post_init__(self) -> None:
         # A beta of -0.0 is 0.0; normalized so both name the same group and the same run ids.
@@ -89,14 +90,18 @@ class GroupSpec:
         return tuple(points)
 
     def config(self) -> dict[str, Any]:
-        """The fields that identify the group; ``optimizer`` only when it is not ``ema_sgd``.
+        """The fields that identify the group; ``optimizer`` only when it is not ``ema_sgd``,
+        ``data_digest`` only when there is one (``idx`` data).
 
-        Leaving out the default keeps the run and group ids of ``ema_sgd`` runs what they were
-        before the optimizer became a choice, so existing results stores stay valid.
+        Leaving out the defaults keeps the run and group ids of ``ema_sgd`` runs on the built-in
+        datasets what they were before these fields existed, so existing results stores stay
+        valid.
         """
         config = dataclasses.asdict(self)
         if config["optimizer"] == DEFAULT_OPTIMIZER:
             del config["optimizer"]
+        if config["data_digest"] is None:
+            del config["data_digest"]
         return config
 
     def run_id(self, lr: float, seed: int, target_loss: float | None) -> str:
@@ -385,18 +390,32 @@ def _validate(
             f"batch_size must be an int in [1, {data.n_train}] (the training set size), "
             f"got batch_size={batch_size!r}."
         )
-    if not (math.isfinite(beta) and 0.0 <= beta < 1.0):
-        raise ValueError(f"beta must be in [0, 1), got beta={beta!r}.")
-    if not lrs or not all(math.isfinite(lr) and lr > 0 for lr in lrs):
-        raise ValueError(f"lrs must be a non-empty list of finite numbers > 0, got lrs={lrs!r}.")
+    # The engine trains in float32: a beta such as 0.99999999 would become 1 (no learning), an lr
+    # of 1e-50 would become 0 and one of 1e39 infinite.
+    if not (math.isfinite(beta) and 0.0 <= beta < 1.0 and np.float32(beta) < 1.0):
+        raise ValueError(f"beta must be in [0, 1) (also as a float32), got beta={beta!r}.")
+    if not lrs or not all(positive_float32(lr) for lr in lrs):
+        raise ValueError(
+            f"lrs must be a non-empty list of numbers > 0 and finite as float32, got lrs={lrs!r}."
+        )
     if not seeds or not all(is_int(s) and 0 <= s < 2**31 for s in seeds):
         raise ValueError(f"seeds must be a non-empty list of ints in [0, 2**31), got {seeds!r}.")
     if not is_int(steps) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got steps={steps!r}.")
     if not is_int(eval_every) or not 1 <= eval_every <= steps:
         raise ValueError(f"eval_every must be an int in [1, steps], got eval_every={eval_every!r}.")
-    if target_loss is not None and not (math.isfinite(target_loss) and target_loss >= 0):
-        raise ValueError(f"target_loss must be a finite number >= 0, got {target_loss!r}.")
+    if target_loss is not None and not (
+        math.isfinite(target_loss) and target_loss >= 0 and target_loss <= FLOAT32_MAX
+    ):
+        raise ValueError(f"target_loss must be a float32 number >= 0, got {target_loss!r}.")
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def positive_float32(value: float) -> bool:
+    """Whether ``value`` is a number > 0 that stays finite and > 0 as a float32."""
+    return math.isfinite(value) and 0.0 < value <= FLOAT32_MAX and np.float32(value) > 0
 
 
 def _put(tree: Any, sharding: NamedSharding) -> Any:
@@ -474,8 +493,9 @@ def run_group(
             f"optimizer must be one of {', '.join(OPTIMIZERS)}, got optimizer={optimizer!r}."
         )
     spec = GroupSpec(
-        data.name, model, int(batch_size), beta, int(steps), int(eval_every), optimizer
-    )
+        data.name, model, int(batch_size), beta, int(steps), int(eval_every), optimizer,
+        data.digest,
+    )  # fmt: skip
     st = _Static(
         model, data.input_shape, data.num_classes, data.n_train, int(batch_size), optimizer
     )

@@ -180,7 +180,7 @@ def test_locked_dir_stops_every_process_of_a_job(tmp_path, env):
     (_, err0, _), (_, err1, _) = results
     assert err0.splitlines()[-1].startswith("error: ")
     assert "in use by another process" in err0.splitlines()[-1]
-    assert err1.splitlines()[-1] == f"error: process 0 could not lock {out}"
+    assert err1.splitlines()[-1] == f"error: process 0 could not open the results in {out}"
     assert store.read_runs(out) == []
 
 
@@ -222,13 +222,19 @@ def test_store_refuses_second_writer_in_process(tmp_path):
 
 def test_store_repairs_torn_last_line_and_rejects_corruption(tmp_path):
     runs = tmp_path / "runs.jsonl"
-    runs.write_bytes(b'{"run_id": "a"}\n{"run_id": "b"}\n{"run_')
+    (tmp_path / "curves").mkdir()
+    (tmp_path / "curves" / "g.npz").write_bytes(b"")
+    a, b = (
+        b'{"run_id": "%s", "curves": "curves/g.npz", "curve_index": 0}\n' % name
+        for name in (b"a", b"b")
+    )
+    runs.write_bytes(a + b + b'{"run_')
     assert [r["run_id"] for r in store.read_runs(tmp_path)] == ["a", "b"]
     with store.ResultStore(tmp_path) as s:
         assert s.missing(["a", "b", "c"]) == ["c"]
-    assert runs.read_bytes() == b'{"run_id": "a"}\n{"run_id": "b"}\n'
-    runs.write_bytes(b'{"run_id": "a"}\nnot json\n{"run_id": "b"}\n')
-    with pytest.raises(ValueError, match="line 2"):
+    assert runs.read_bytes() == a + b
+    runs.write_bytes(a + b"not json\n" + b)
+    with pytest.raises(store.CorruptStoreError, match="line 2"):
         store.read_runs(tmp_path)
 
 
@@ -261,8 +267,16 @@ BAD = [
     (["--betas", "-0.1"], "--betas must be in [0, 1), got -0.1"),
     (["--betas", "abc"], "argument --betas: must be a number, got 'abc'"),
     (["--betas", "0,-0"], "--betas has duplicates: 0.0,0.0"),
-    (["--lrs", "0"], "argument --lrs: learning rates must be > 0, got '0'"),
-    (["--lrs", "-1"], "argument --lrs: learning rates must be > 0, got '-1'"),
+    (["--lrs", "0"], "argument --lrs: learning rates must be > 0 and finite as float32"),
+    (["--lrs", "-1"], "argument --lrs: learning rates must be > 0 and finite as float32"),
+    (["--lrs", "1e-50"], "argument --lrs: learning rates must be > 0 and finite as float32"),
+    (["--lrs", "1e39"], "argument --lrs: learning rates must be > 0 and finite as float32"),
+    (["--betas", "0.99999999"], "--betas 0.99999999 is 1 in float32"),
+    (["--target-loss", "1e39"], "--target-loss must be in [0, 3.403e+38], got 1e+39"),
+    (["--steps", "2147483648"], "argument --steps: must be an integer < 2**31, got '2147483648'"),
+    (["--seeds", "4_0"], "argument --seeds: must be an integer >= 1, got '4_0'"),
+    (["--seeds", "+4"], "argument --seeds: must be an integer >= 1, got '+4'"),
+    (["--seeds", "\uff14"], "argument --seeds: must be an integer >= 1, got '\uff14'"),
     (["--lrs", "abc"], "argument --lrs: must be a number, got 'abc'"),
     (["--lrs", "nan"], "argument --lrs: must be a finite number, got 'nan'"),
     (["--lrs", "inf"], "argument --lrs: must be a finite number, got 'inf'"),
@@ -273,7 +287,7 @@ BAD = [
     (["--seeds", "-3"], "argument --seeds: must be an integer >= 1, got '-3'"),
     (["--eval-every", "0"], "argument --eval-every: must be an integer >= 1, got '0'"),
     (["--eval-every", "100", "--steps", "10"], "--eval-every (100) must be <= --steps (10)"),
-    (["--target-loss", "-1"], "--target-loss must be >= 0, got -1.0"),
+    (["--target-loss", "-1"], "--target-loss must be in [0, 3.403e+38], got -1.0"),
     (["--target-loss", "x"], "argument --target-loss: must be a number, got 'x'"),
     (["--dataset", "cifar"], "argument --dataset: invalid choice: 'cifar'"),
     (["--model", "rnn"], "argument --model: invalid choice: 'rnn'"),
@@ -318,6 +332,96 @@ def test_bad_idx_data(case, tmp_path, capsys, corrupt_idx):
     )
     assert code == 2 and captured.err.startswith("error: ") and captured.err.count("\n") == 1
     assert not out.exists()
+
+
+def test_idx_runs_of_other_files_are_not_taken_for_done(tmp_path, capsys):
+    # The run id holds a digest of the IDX data: MNIST and Fashion-MNIST never pass for each other.
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder in (first, second):
+        folder.mkdir()
+        write_mnist(folder, n_train=16, n_test=4, rows=8, cols=8)
+    labels = np.arange(16)[::-1] % 10  # same images and shapes, other training labels
+    write_idx(second / "train-labels-idx1-ubyte", data.IDX_LABELS_MAGIC, labels)
+    out = tmp_path / "out"
+    argv = ["sweep", "--dataset", "idx", "--out", str(out), "--batch-sizes", "4", "--betas", "0",
+            "--lrs", "0.1", "--seeds", "1", "--steps", "4", "--eval-every", "2"]  # fmt: skip
+    for folder in (first, second, first):
+        assert main_in_process([*argv, "--data-dir", str(folder)], capsys)[0] == 0
+    records = store.read_runs(out)
+    assert len(records) == 2 and records[0]["run_id"] != records[1]["run_id"]
+    assert data.load_dataset("idx", first).digest != data.load_dataset("idx", second).digest
+
+
+def test_model_that_cannot_take_the_images_is_refused_before_writing(tmp_path, capsys):
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    write_mnist(folder, rows=1, cols=1)
+    out = tmp_path / "out"
+    argv = ["sweep", "--dataset", "idx", "--data-dir", str(folder), "--model", "cnn"]
+    argv += ["--batch-sizes", "2"]
+    code, captured = main_in_process([*argv, "--out", str(out)], capsys)
+    assert code == 2 and captured.err.count("\n") == 1
+    assert captured.err.startswith("error: --model cnn: input_shape=(1, 1) is too small")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("line", [b"{garbage", b"{}", b"[1, 2]", b'{"run_id": 3}'])
+def test_a_corrupt_record_before_the_last_is_one_error_line(line, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["sweep", *BAD_INPUT_BASE, "--out", str(out), "--batch-sizes", "16", "--lrs", "0.1"]
+    args += ["--seeds", "2", "--betas", "0"]
+    assert main_in_process(args, capsys)[0] == 0
+    good = (out / "runs.jsonl").read_bytes().splitlines(keepends=True)
+    corrupt = line + b"\n" + good[1]
+    (out / "runs.jsonl").write_bytes(corrupt)
+    code, captured = main_in_process(args, capsys)
+    assert code == 2 and captured.err.count("\n") == 1
+    assert captured.err.startswith("error: corrupt record on line 1 of ")
+    assert (out / "runs.jsonl").read_bytes() == corrupt  # left as it was
+
+
+def test_a_missing_curves_file_is_one_error_line(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["sweep", *BAD_INPUT_BASE, "--out", str(out), "--batch-sizes", "16", "--lrs", "0.1"]
+    args += ["--seeds", "1", "--betas", "0"]
+    assert main_in_process(args, capsys)[0] == 0
+    for curves in (out / "curves").glob("*.npz"):
+        curves.unlink()
+    code, captured = main_in_process(args, capsys)
+    assert code == 2 and captured.err.count("\n") == 1
+    assert "whose curves file is missing (curves/" in captured.err
+
+
+@pytest.mark.parametrize("blocker", ["runs.jsonl", "curves"])
+def test_what_the_file_system_refuses_is_one_error_line(blocker, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / blocker).mkdir() if blocker == "runs.jsonl" else (out / blocker).write_text("x")
+    args = ["sweep", *BAD_INPUT_BASE, "--out", str(out), "--batch-sizes", "16", "--lrs", "0.1"]
+    code, captured = main_in_process(args, capsys)
+    assert code == 2 and captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith("error: [Errno ")
+
+
+def test_an_unwritable_out_is_refused_when_the_arguments_are_parsed(tmp_path, capsys, monkeypatch):
+    # os.access is patched: the tests may run as root, for whom every directory is writable.
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(tmp_path))
+    code, captured = main_in_process(["quadratic", "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and captured.err.count("\n") == 1
+    assert "(its parent" in captured.err and captured.err.rstrip().endswith("is not writable")
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    from experiments import sweep
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "run_sweep", interrupted)
+    args = ["sweep", *BAD_INPUT_BASE, "--out", str(tmp_path / "out"), "--batch-sizes", "16"]
+    code, captured = main_in_process(args, capsys)
+    assert code == 130 and captured.err.count("\n") == 1
+    assert captured.err.startswith("interrupted; finished runs and stages are kept")
 
 
 def test_out_is_a_file(tmp_path, capsys):

@@ -2,10 +2,11 @@
 
 import dataclasses
 import json
+import os
 
 import pytest
 
-from experiments import cli, report, study
+from experiments import cli, report, store, study
 
 TINY = dataclasses.replace(
     study.PRESETS["quick"],
@@ -120,6 +121,31 @@ def test_report_export_to_a_file_is_refused_before_anything_is_written(
     assert (tmp_path / "a_file").read_text() == "keep"
     assert cli.main(["report", str(tiny_study)]) == 0  # restores the fixture's report
     capsys.readouterr()
+
+
+def test_a_second_main_job_on_the_same_directory_is_refused(tiny_study, capsys):
+    study.PRESETS["tiny"] = TINY
+    before = (tiny_study / "study.json").read_bytes()
+    held = store.lock_directory(tiny_study)  # as another process running the main job would
+    try:
+        assert cli.main(["--out", str(tiny_study), "--preset", "tiny"]) == 2
+    finally:
+        os.close(held)
+    assert "is in use by another process" in _one_error_line(capsys)
+    assert (tiny_study / "study.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "text", ["{}", "[]", '{"preset": {"name": "quick", "model": "mlp"}, "stages": {}}']
+)
+def test_report_of_a_malformed_study_record(text, tmp_path, capsys):
+    (tmp_path / "study.json").write_text(text)
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert "is not a study's record" in _one_error_line(capsys)
+    assert [p.name for p in tmp_path.iterdir()] == ["study.json"]
+    if text in ("{}", "[]"):  # the main job refuses them too, before running anything
+        with pytest.raises(ValueError, match="is not a study's record"):
+            study.Study(tmp_path, TINY)
 
 
 def test_report_of_a_directory_without_a_study(tmp_path, capsys):
