@@ -377,8 +377,8 @@ def ema_momentum(
                 u = w * u + (1 - w) * g_c
             if jnp.iscomplexobj(u) and not jnp.iscomplexobj(g):
                 u = jnp.real(u)  # a complex accumulator_dtype for real params: 0 imaginary part
-            # The update has the gradient's dtype; an integer gradient's is the compute dtype.
-            return u.astype(g.dtype if jnp.issubdtype(g.dtype, jnp.inexact) else compute), stored
+            # The update has the gradient's dtype; an integer gradient's is float (as computed).
+            return u.astype(g.dtype if jnp.issubdtype(g.dtype, jnp.inexact) else u.dtype), stored
 
         leaves_g, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
         leaves_v = treedef.flatten_up_to(state.velocity)

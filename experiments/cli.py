@@ -14,7 +14,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -48,14 +48,15 @@ class ArgumentParser(argparse.ArgumentParser):
 INT_LIMIT = 2**31  # every count and index here is an int32 (steps, seeds, batch sizes, ...)
 
 
-def _int_at_least(text: str, low: int) -> int:
+def _int_at_least(text: str, low: int, limit: int | None = INT_LIMIT) -> int:
     # Plain ASCII digits only: int() would also take "4_0" (as 40), "+4" and other scripts' digits.
     digits = text.strip()
     if not re.fullmatch(r"[0-9]+", digits) or int(digits) < low:
         raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
     value = int(digits)
-    if value >= INT_LIMIT:
-        raise argparse.ArgumentTypeError(f"must be an integer < 2**31, got {text!r}")
+    if limit is not None and value >= limit:
+        shown = "2**31" if limit == INT_LIMIT else f"{limit:_}"
+        raise argparse.ArgumentTypeError(f"must be an integer < {shown}, got {text!r}")
     return value
 
 
@@ -80,9 +81,21 @@ def finite_float(text: str) -> float:
     return value + 0.0
 
 
-def positive_int_list(text: str) -> list[int]:
-    """An argparse ``type``: comma-separated integers >= 1."""
-    return [positive_int(part.strip()) for part in text.split(",")]
+def positive_int_list(text: str, limit: int | None = INT_LIMIT) -> list[int]:
+    """An argparse ``type``: comma-separated integers >= 1 (and < ``limit``)."""
+    return [_int_at_least(part.strip(), 1, limit) for part in text.split(",")]
+
+
+def int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer in ``[low, high]``."""
+
+    def parse(text: str) -> int:
+        value = _int_at_least(text, low)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be an integer <= {high:_}, got {text!r}")
+        return value
+
+    return parse
 
 
 def finite_float_list(text: str) -> list[float]:

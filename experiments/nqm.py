@@ -538,7 +538,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-sizes",
         metavar="LIST",
-        type=positive_int_list,
+        type=functools.partial(positive_int_list, limit=None),  # closed form: any size
         default=",".join(str(b) for b in BATCH_SIZES),
         help="comma-separated batch sizes (default: 1, 2, 4, ..., 65536)",
     )

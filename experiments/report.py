@@ -1249,7 +1249,7 @@ def build(out: str | Path) -> Path:
     quad = res.quadratic
     # The stand-alone commands with the preset's settings (their defaults differ).
     pr = res.preset
-    join = lambda values: ",".join(f"{v:g}" for v in values)
+    join = lambda values: ",".join(str(v) for v in values)  # exact, as the options parse them
     nqm_options = f"--batch-sizes {join(pr['nqm_batch_sizes'])} --betas {join(pr['nqm_betas'])}"
     baseline_options = (
         f"--models {','.join(pr['baseline_models'])} --steps {pr['baseline_steps']} "

@@ -182,10 +182,6 @@ class ResultStore:
         path = self.root / RUNS_FILE
         data = path.read_bytes() if path.exists() else b""
         self._records, valid = _parse_lines(data, path)
-        self._runs = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        if valid < len(data):
-            os.ftruncate(self._runs, valid)
-            os.fsync(self._runs)
         # Every record's curves file is written before the record, so a missing one was removed
         # by hand: refused here rather than failing later in a report.
         lost = sorted({r["curves"] for r in self._records} - {
@@ -198,8 +194,16 @@ class ResultStore:
                 "away to start afresh."
             )
         self._done = {r["run_id"] for r in self._records}
-        for leftover in (self.root / CURVES_DIR).glob("*.tmp"):
-            leftover.unlink()  # from a crash during a curves write; never referenced
+        self._runs = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            if valid < len(data):
+                os.ftruncate(self._runs, valid)
+                os.fsync(self._runs)
+            for leftover in (self.root / CURVES_DIR).glob("*.tmp"):
+                leftover.unlink()  # from a crash during a curves write; never referenced
+        except BaseException:
+            os.close(self._runs)
+            raise
 
     def __enter__(self) -> ResultStore:
         return self

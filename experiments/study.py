@@ -226,22 +226,27 @@ class Study:
 
     def __init__(self, out: Path, preset: Preset, *, progress: bool = True):
         self.out, self.preset, self.progress = out, preset, progress
-        self.meta = read_json(out / STUDY_FILE)
-        if self.meta is None:
-            self.meta = {}
-        elif not valid_meta(self.meta):
-            raise ValueError(
-                f"{str(out / STUDY_FILE)!r} is not a study's record; use another --out."
-            )
-        if self.meta and self.meta["preset"]["name"] != preset.name:
-            raise ValueError(
-                f"{str(out)!r} holds a {self.meta['preset']['name']!r} study; use another --out "
-                f"for --preset {preset.name}."
-            )
-        self.meta["preset"] = dataclasses.asdict(preset)
-        self.meta.setdefault("stages", {})
-        self.meta["machine"] = machine()
+        self._read_meta()
         self._data = None
+
+    def _read_meta(self) -> None:
+        """Reads ``study.json`` (the stages done so far); refuses another preset's study."""
+        meta = read_json(self.out / STUDY_FILE)
+        if meta is None:
+            meta = {}
+        elif not valid_meta(meta):
+            raise ValueError(
+                f"{str(self.out / STUDY_FILE)!r} is not a study's record; use another --out."
+            )
+        if meta and meta["preset"]["name"] != self.preset.name:
+            raise ValueError(
+                f"{str(self.out)!r} holds a {meta['preset']['name']!r} study; use another --out "
+                f"for --preset {self.preset.name}."
+            )
+        meta["preset"] = dataclasses.asdict(self.preset)
+        meta.setdefault("stages", {})
+        meta["machine"] = machine()
+        self.meta = meta
 
     @property
     def data(self):
@@ -278,6 +283,7 @@ class Study:
         self.out.mkdir(parents=True, exist_ok=True)
         lock = lock_directory(self.out)
         try:
+            self._read_meta()  # again, under the lock: another job may have finished stages since
             self._run_all()
         finally:
             os.close(lock)

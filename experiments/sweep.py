@@ -50,7 +50,7 @@ from experiments.cli import (
     positive_int_list,
 )
 from experiments.store import CorruptStoreError, ResultStore, StoreLockedError
-from experiments.train import FLOAT32_MAX, GroupSpec, positive_float32, run_group
+from experiments.train import FLOAT32_MAX, FLOAT32_TINY, GroupSpec, positive_float32, run_group
 
 HELP = "train a batch size x beta x lr x seed grid (resumable)"
 
@@ -71,7 +71,8 @@ def _lrs(text: str) -> list[float] | None:
     lrs = finite_float_list(text)
     if not all(positive_float32(lr) for lr in lrs):
         raise argparse.ArgumentTypeError(
-            f"learning rates must be > 0 and finite as float32 (the engine's), got {text!r}"
+            f"learning rates must be in [{FLOAT32_TINY:.3g}, {FLOAT32_MAX:.3g}] (normal float32 "
+            f"numbers, the engine's), got {text!r}"
         )
     return lrs
 

@@ -139,10 +139,14 @@ class RunResult:
     diverged: bool
     diverged_at: int | None
     wall_seconds: float
+    data_digest: str | None = None  # which files an ``idx`` dataset was (Dataset.digest)
 
     def as_record(self) -> dict[str, Any]:
-        """The fields as a JSON-ready dict."""
-        return dataclasses.asdict(self)
+        """The fields as a JSON-ready dict; ``data_digest`` only when there is one."""
+        record = dataclasses.asdict(self)
+        if record["data_digest"] is None:
+            del record["data_digest"]
+        return record
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -396,7 +400,7 @@ def _validate(
         raise ValueError(f"beta must be in [0, 1) (also as a float32), got beta={beta!r}.")
     if not lrs or not all(positive_float32(lr) for lr in lrs):
         raise ValueError(
-            f"lrs must be a non-empty list of numbers > 0 and finite as float32, got lrs={lrs!r}."
+            f"lrs must be a non-empty list of normal float32 numbers > 0, got lrs={lrs!r}."
         )
     if not seeds or not all(is_int(s) and 0 <= s < 2**31 for s in seeds):
         raise ValueError(f"seeds must be a non-empty list of ints in [0, 2**31), got {seeds!r}.")
@@ -411,11 +415,12 @@ def _validate(
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # below it XLA may flush to zero (CPU does)
 
 
 def positive_float32(value: float) -> bool:
-    """Whether ``value`` is a number > 0 that stays finite and > 0 as a float32."""
-    return math.isfinite(value) and 0.0 < value <= FLOAT32_MAX and np.float32(value) > 0
+    """Whether ``value`` is a normal float32 number > 0: not 0, inf or a denormal as one."""
+    return math.isfinite(value) and FLOAT32_TINY <= value <= FLOAT32_MAX
 
 
 def _put(tree: Any, sharding: NamedSharding) -> Any:
@@ -571,6 +576,7 @@ def run_group(
                 diverged=bool(diverged_at[r] >= 0),
                 diverged_at=int(diverged_at[r]) if diverged_at[r] >= 0 else None,
                 wall_seconds=wall / n_runs,
+                data_digest=spec.data_digest,
             )
         )
     return GroupResult(

@@ -67,7 +67,7 @@ def test_main_job_writes_the_report(tiny_study, capsys):
     assert "### The same sweep with the linear" in text
     assert (out / "sweep_linear" / "runs.jsonl").exists()
     # The stand-alone commands of "Reproduce" carry the preset's settings, not their defaults.
-    assert f"nqm --out {out} --batch-sizes 1,1024 --betas 0,0.9 " in text
+    assert f"nqm --out {out} --batch-sizes 1,1024 --betas 0.0,0.9 " in text
     assert f"baselines --out {out} --models linear --steps 50 --seeds 1 " in text
 
 

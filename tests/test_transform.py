@@ -528,7 +528,7 @@ def test_numpy_float64_hyperparameters_do_not_widen_the_compute_under_x64(dtype)
         jaxpr = str(jax.make_jaxpr(tx.update)(params, state))
         assert "f64[3]" not in jaxpr
         with jax.numpy_dtype_promotion("strict"):
-            updates, _ = jax.jit(tx.update)(params, state)
+            updates, state = jax.jit(tx.update)(params, state)
         assert updates["a"].dtype == dtype
         assert state[0].weight_sum.dtype == jnp.float64  # the scalar debias weight is wide
 
@@ -569,6 +569,9 @@ def test_a_complex_accumulator_for_real_params():
         updates, state = jax.jit(tx.update)({"c": params["c"], **g}, state)
         assert updates["r"].dtype == jnp.float32
         chex.assert_trees_all_close(updates["r"], want["r"], rtol=1e-6)
+    # An integer leaf's update is real too (float, as without the complex accumulator).
+    updates, _ = tx.update({"i": jnp.arange(3)}, tx.init({"i": jnp.arange(3)}))
+    assert updates["i"].dtype == jnp.float32
 
 
 @pytest.mark.parametrize("beta", [np.int32(1), jnp.asarray(1), np.bool_(True), 1])
