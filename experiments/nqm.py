@@ -43,13 +43,13 @@ first grid cell that reaches the target (see :func:`steps_to_target`).
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import functools
 import json
 import math
 import multiprocessing
 import os
 import pathlib
+import signal
 from collections.abc import Sequence
 
 import numpy as np
@@ -417,9 +417,12 @@ def study(
     if workers <= 1 or len(batch_sizes) <= 1:
         return [task(batch_size) for batch_size in batch_sizes]
     # spawn, not fork: the parent may have started JAX's threads.
+    # A multiprocessing Pool, not a ProcessPoolExecutor: leaving the block terminates the workers,
+    # so Ctrl-C stops at once instead of waiting for the batch sizes in progress. The workers
+    # ignore SIGINT (a terminal sends it to them too): the parent alone reports it.
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        return list(pool.map(task, batch_sizes))
+    with context.Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) as pool:
+        return pool.map(task, batch_sizes, chunksize=1)
 
 
 def _study_one(

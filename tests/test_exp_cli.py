@@ -574,3 +574,19 @@ def test_usable_cores_without_cpu_affinity(monkeypatch):
     assert cli.usable_cores() == 6
     monkeypatch.setattr(os, "cpu_count", lambda: None)
     assert cli.usable_cores() == 1
+
+
+def test_ctrl_c_stops_the_nqm_workers_at_once(tmp_path, env):
+    """A terminal's Ctrl-C reaches the whole process group: one line, exit 130, nothing written."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments", "nqm", "--out", str(out), "--workers", "2"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    time.sleep(8)  # the workers are spawned and tuning (the whole job takes about a minute)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=30)  # it used to wait for the batch sizes in progress
+    assert proc.returncode == 130
+    assert err.splitlines() == ["interrupted; finished runs and stages are kept: rerun to resume"]
+    assert not (out / "nqm.json").exists()
