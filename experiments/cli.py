@@ -211,12 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except UsageError as e:
-        sys.stderr.write(f"error: {e}\n")
-        return USAGE_ERROR
-    except OSError as e:
-        # What the file system refused (a read-only or full disk, a file where a folder is
-        # expected, ...): one line instead of a traceback. Stored results stay valid.
+    except (UsageError, OSError) as e:
+        # OSError: what the file system refused (a read-only or full disk, a file where a folder
+        # is expected, ...): one line instead of a traceback. Stored results stay valid.
         sys.stderr.write(f"error: {e}\n")
         return USAGE_ERROR
     except KeyboardInterrupt:

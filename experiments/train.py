@@ -58,6 +58,8 @@ from experiments.data import Dataset
 from experiments.models import cross_entropy, loss_fn, make_model, ordered_sum
 
 EXPLOSION_FACTOR = 100.0
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # below it XLA may flush to zero (CPU does)
 EVAL_CHUNK = 256  # examples per evaluation step; bounds memory on large datasets
 MIN_RUNS_PER_DEVICE = 2
 OPTIMIZERS = ("ema_sgd", "adam")
@@ -408,19 +410,13 @@ def _validate(
         raise ValueError(f"steps must be an int >= 1, got steps={steps!r}.")
     if not is_int(eval_every) or not 1 <= eval_every <= steps:
         raise ValueError(f"eval_every must be an int in [1, steps], got eval_every={eval_every!r}.")
-    if target_loss is not None and not (
-        math.isfinite(target_loss) and target_loss >= 0 and target_loss <= FLOAT32_MAX
-    ):
+    if target_loss is not None and not 0 <= target_loss <= FLOAT32_MAX:  # NaN and inf fail too
         raise ValueError(f"target_loss must be a float32 number >= 0, got {target_loss!r}.")
 
 
-FLOAT32_MAX = float(np.finfo(np.float32).max)
-FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # below it XLA may flush to zero (CPU does)
-
-
 def positive_float32(value: float) -> bool:
-    """Whether ``value`` is a normal float32 number > 0: not 0, inf or a denormal as one."""
-    return math.isfinite(value) and FLOAT32_TINY <= value <= FLOAT32_MAX
+    """Whether ``value`` is a normal float32 number > 0: not 0, inf, NaN or a denormal as one."""
+    return FLOAT32_TINY <= value <= FLOAT32_MAX
 
 
 def _put(tree: Any, sharding: NamedSharding) -> Any:
