@@ -66,17 +66,21 @@ def seed_stats(records: Sequence[Record]) -> dict:
       (over all seeds, a seed that never reached counting as infinitely slow, so
       it is ``None`` unless more than half reached); ``steps_mean``,
       ``steps_std`` (population std), ``steps_min``, ``steps_max`` over the seeds
-      that reached; ``final_train_loss`` (median; ``None`` if all diverged),
-      ``final_test_accuracy`` (mean over seeds that have one); ``diverged``
+      that reached; ``final_train_loss`` (median over all seeds, a seed without
+      a finite one, e.g. diverged, counting as infinitely high, so it is ``None``
+      unless more than half have one),
+      ``final_test_accuracy`` (mean over seeds that have a finite one); ``diverged``
       (count).
     """
     steps = np.array([_steps(r) for r in records])
     reached = steps[np.isfinite(steps)]
     median = float(np.median(steps)) if steps.size else math.inf
     losses = np.array([_final_loss(r) for r in records])
+    loss = float(np.median(losses)) if losses.size else math.inf
     accuracy = [
-        r["final_test_accuracy"] for r in records if r.get("final_test_accuracy") is not None
-    ]
+        r["final_test_accuracy"] for r in records
+        if r.get("final_test_accuracy") is not None and math.isfinite(r["final_test_accuracy"])
+    ]  # fmt: skip
     return {
         "seeds": len(records),
         "reached": int(reached.size),
@@ -85,7 +89,7 @@ def seed_stats(records: Sequence[Record]) -> dict:
         "steps_std": float(reached.std()) if reached.size else None,
         "steps_min": float(reached.min()) if reached.size else None,
         "steps_max": float(reached.max()) if reached.size else None,
-        "final_train_loss": float(np.median(losses)) if np.isfinite(losses).any() else None,
+        "final_train_loss": loss if math.isfinite(loss) else None,
         "final_test_accuracy": float(np.mean(accuracy)) if accuracy else None,
         "diverged": int(sum(bool(r.get("diverged")) for r in records)),
     }

@@ -30,6 +30,7 @@ HELP = "rebuild DIR/report.md and its figures from stored results (no training)"
 FIGURES_DIR = "figures"
 SMOOTHING = 51  # steps of the moving average drawn over raw batch-loss curves
 FULL_LOSS_WINDOW = 11  # evaluations (of the full training set) in the effective test's trend
+DATASET_TITLES = {"mnist1d": "MNIST-1D", "digits": "8x8 digits"}  # the report's title
 DATASETS = {
     "mnist1d": "MNIST-1D (4000 training / 1000 test signals of length 40, 10 classes, generated "
     "offline by the `mnist1d` package)",
@@ -114,7 +115,13 @@ def load(out: str | Path) -> Results:
     out = Path(out)
     meta = _read_json(out / STUDY_FILE)
     if meta is None:
-        raise ValueError(f"{str(out)!r} holds no study ({STUDY_FILE} is missing)")
+        hint = (
+            "; it holds a sweep's results, and the report reads the directory of the main job "
+            "(python -m experiments --out DIR)"
+            if (out / "runs.jsonl").exists()
+            else ""
+        )
+        raise ValueError(f"{str(out)!r} holds no study ({STUDY_FILE} is missing){hint}")
     required = {
         f.name
         for f in dataclasses.fields(Preset)
@@ -124,22 +131,58 @@ def load(out: str | Path) -> Results:
         raise ValueError(f"{str(out / STUDY_FILE)!r} is not a study's record")
     sweep = read_runs(out / SWEEP_DIR)
     effective = read_runs(out / EFFECTIVE_DIR)
+    sweep_curves = analysis.load_curves(out / SWEEP_DIR, sweep)
+    effective_curves = analysis.load_curves(out / EFFECTIVE_DIR, effective)
+    _check_records(out / SWEEP_DIR, sweep, sweep_curves)
+    _check_records(out / EFFECTIVE_DIR, effective, effective_curves)
+    extra_sweeps = {
+        model: read_runs(out / sweep_dir(model, meta["preset"]["model"]))
+        for model in meta["preset"].get("extra_models", [])
+    }
+    for model, records in extra_sweeps.items():
+        _check_records(out / sweep_dir(model, meta["preset"]["model"]), records)
     return Results(
         out=out,
         meta=meta,
         sweep=sweep,
-        sweep_curves=analysis.load_curves(out / SWEEP_DIR, sweep),
+        sweep_curves=sweep_curves,
         effective=effective,
-        effective_curves=analysis.load_curves(out / EFFECTIVE_DIR, effective),
+        effective_curves=effective_curves,
         quadratic=_read_json(out / "quadratic.json"),
         nqm=_read_json(out / "nqm.json"),
         noise=_read_json(out / "noise_scale.json"),
         baselines=_read_json(out / "baselines.json"),
-        extra_sweeps={
-            model: read_runs(out / sweep_dir(model, meta["preset"]["model"]))
-            for model in meta["preset"].get("extra_models", [])
-        },
+        extra_sweeps=extra_sweeps,
     )
+
+
+NUMBER_FIELDS = ("batch_size", "beta", "lr", "seed", "steps", "wall_seconds")  # of every record
+CURVES_READ = ("batch_loss", "grad_norm")  # the arrays of a record's curves the report reads
+
+
+def _check_records(where: Path, records: Sequence[dict], curves: dict | None = None) -> None:
+    """Raises ValueError, before anything is written, unless the report can read every record
+    (one written by hand, or by another tool, may lack a field or point past its curves)."""
+    for number, record in enumerate(records, start=1):
+        bad = [
+            key for key in NUMBER_FIELDS
+            if not isinstance(record.get(key), int | float) or isinstance(record.get(key), bool)
+        ]  # fmt: skip
+        if not isinstance(record.get("diverged"), bool):
+            bad.append("diverged")
+        if curves is not None and not bad:
+            arrays = curves[record["curves"]]
+            if any(
+                name not in arrays or not 0 <= record["curve_index"] < len(arrays[name])
+                for name in CURVES_READ
+            ):
+                bad.append(f"its curves in {record['curves']}")
+        if bad:
+            raise ValueError(
+                f"record {number} of {str(where / 'runs.jsonl')!r} is not a run the report can "
+                f"read ({', '.join(bad)} missing or invalid); remove that line to recompute the "
+                "run, or move the directory away"
+            )
 
 
 # ---------------------------------------------------------------------------
@@ -166,6 +209,8 @@ def late_window_oscillation(res: Results, batch_size: int, beta: float) -> list[
         return []
     values = []
     for record in res.sweep_runs(batch_size, beta, row["lr"]):
+        if record.get("diverged"):  # its curves are NaN from the divergence on
+            continue
         loss = analysis.curve(record, res.sweep_curves, "batch_loss")
         values.append(float(analysis.oscillation(loss[None], window=SMOOTHING)[0]))
     return [v for v in values if math.isfinite(v)]
@@ -252,6 +297,12 @@ def _null_locator():
     return NullLocator()
 
 
+def _legend(ax, **kwargs) -> None:
+    """``ax.legend(**kwargs)`` if anything drawn has a label (an empty panel gets none, quietly)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
+
+
 def _figure(**kwargs):
     from matplotlib.figure import Figure
 
@@ -284,7 +335,7 @@ def fig_loss_curves(res: Results, path: Path) -> str:
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_title(f"batch size {batch_size}")
-        ax.legend(fontsize=8, loc="lower left")
+        _legend(ax, fontsize=8, loc="lower left")
     axes[0].set_ylabel("mini-batch cross-entropy (log scale)")
     fig.suptitle("Training loss at each batch size's best learning rate (seed 0)")
     fig.savefig(path, dpi=110)
@@ -332,11 +383,11 @@ def fig_steps(res: Results, path: Path) -> str:
     ax.set_yscale("log")
     ax.set_ylabel(f"steps to full-train loss {res.preset['target_loss']:g}")
     ax.set_title("Steps to result (learning rate tuned per batch size)")
-    ax.legend(fontsize=7)
+    _legend(ax, fontsize=7)
     _batch_axis(ax_e, res.batch_sizes())
     ax_e.set_ylabel("examples to target (steps x B)")
     ax_e.set_title("Examples (compute) to result")
-    ax_e.legend(fontsize=8)
+    _legend(ax_e, fontsize=8)
     fig.savefig(path, dpi=110)
     return (
         "Left: Shallue et al.'s steps-to-result, the median over seeds of the first evaluation at "
@@ -354,14 +405,20 @@ def fig_best_lr(res: Results, path: Path) -> str:
     ax = fig.subplots()
     anchor = None
     for beta in betas:
-        rows = [r for r in res.best if math.isclose(r["beta"], beta)]
+        # Where most seeds diverged at every lr there is no best lr (the tie-break's pick is not).
+        rows = [
+            r for r in res.best
+            if math.isclose(r["beta"], beta) and r["final_train_loss"] is not None
+        ]  # fmt: skip
+        if not rows:
+            continue
         b = np.array([r["batch_size"] for r in rows], float)
         lr = np.array([r["lr"] for r in rows], float)
         edge = np.array([r["lr_at_grid_edge"] for r in rows], bool)
         color = _color(beta, betas)
         ax.plot(b, lr, "o-", color=color, label=_label(beta))
         ax.plot(b[edge], lr[edge], "o", mfc="white", color=color)
-        if anchor is None and rows:
+        if anchor is None:
             anchor = (b[0], lr[0])
     if anchor is not None:
         grid = np.geomspace(min(res.batch_sizes()), max(res.batch_sizes()), 50)
@@ -374,7 +431,7 @@ def fig_best_lr(res: Results, path: Path) -> str:
     ax.set_yscale("log")
     ax.set_ylabel("best learning rate eta (EMA form)")
     ax.set_title("Best learning rate vs batch size")
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
     fig.savefig(path, dpi=110)
     return (
         "The learning rate with the fewest median steps to the target, per batch size and "
@@ -397,22 +454,20 @@ def fig_oscillation(res: Results, path: Path) -> str:
                 sizes.append(b)
                 means.append(np.mean(values))
                 stds.append(np.std(values))
+        if not sizes:  # an empty series would leave the log axis without a range
+            continue
         ax_b.errorbar(sizes, means, yerr=stds, fmt="o-", capsize=3, color=_color(beta, betas),
                       label=_label(beta))  # fmt: skip
     _batch_axis(ax_b, res.batch_sizes())
     ax_b.set_yscale("log")
     ax_b.set_ylabel("std of log batch loss around its trend")
     ax_b.set_title("Late-training oscillation at the best lr")
-    ax_b.legend(fontsize=8)
+    _legend(ax_b, fontsize=8)
 
     for beta in betas:
         sizes, spread, grads = [], [], []
         for b in res.batch_sizes():
-            row = res.best_row(b, beta)
-            records = res.sweep_runs(b, beta, row["lr"]) if row else []
-            if not records:
-                continue
-            m = _first_last_tenth(records, res.sweep_curves)
+            m = _best_lr_first_last_tenth(res, b, beta)
             if m is None:
                 continue
             sizes.append(b)
@@ -420,17 +475,22 @@ def fig_oscillation(res: Results, path: Path) -> str:
             grads.append(m["grad"][1] / m["grad"][0])
         color = _color(beta, betas)
         for values, marker, what in ((spread, "o-", "batch-loss spread"), (grads, "s:", "|g|")):
-            mid = np.array([np.nanmedian(v) for v in values])
-            lo = mid - np.array([np.nanmin(v) for v in values])
-            hi = np.array([np.nanmax(v) for v in values]) - mid
-            ax_r.errorbar(sizes, mid, yerr=[lo, hi], fmt=marker, capsize=3, color=color,
-                          label=f"{_label(beta)}: {what}")  # fmt: skip
+            # Per batch size, the seeds' finite ratios (a NaN one: too short a window, say).
+            points = [(b, v[np.isfinite(v)]) for b, v in zip(sizes, values, strict=True)]
+            points = [(b, v) for b, v in points if v.size]
+            if not points:
+                continue
+            mid = np.array([np.median(v) for _, v in points])
+            lo = mid - np.array([v.min() for _, v in points])
+            hi = np.array([v.max() for _, v in points]) - mid
+            ax_r.errorbar([b for b, _ in points], mid, yerr=[lo, hi], fmt=marker, capsize=3,
+                          color=color, label=f"{_label(beta)}: {what}")  # fmt: skip
     ax_r.axhline(1.0, color="gray", lw=0.8)
     _batch_axis(ax_r, res.batch_sizes())
     ax_r.set_yscale("log")
     ax_r.set_ylabel("last tenth / first tenth of training")
     ax_r.set_title("Does it shrink during training? (best lr; min-max over seeds)")
-    ax_r.legend(fontsize=7)
+    _legend(ax_r, fontsize=7)
 
     triples = effective_triples(res)
     if triples:
@@ -457,10 +517,10 @@ def fig_oscillation(res: Results, path: Path) -> str:
     ax_t.set_yscale("log")
     ax_t.set_xlabel("step")
     ax_t.set_ylabel("std of batch loss around its trend")
-    ax_t.legend(fontsize=7)
+    _legend(ax_t, fontsize=7)
     ax_g.set_xlabel("step")
     ax_g.set_ylabel("mean |g| per window")
-    ax_g.legend(fontsize=8)
+    _legend(ax_g, fontsize=8)
     fig.savefig(path, dpi=110)
     return (
         "Left: the oscillation measure, the standard deviation of log(batch loss) around its "
@@ -491,7 +551,7 @@ def fig_effective(res: Results, path: Path) -> str:
     ax_c.set_xlabel("step")
     ax_c.set_ylabel("full training-set loss (log scale)")
     ax_c.set_title(f"One fixed lr {stage['lr']:.3g}, seed 0")
-    ax_c.legend(fontsize=8)
+    _legend(ax_c, fontsize=8)
     labels, positions = [], []
     for i, (m, s, g) in enumerate(triples):
         for j, (case, color) in enumerate(((s, "C0"), (m, "C1"), (g, "C2"))):
@@ -545,7 +605,7 @@ def fig_noise_scale(res: Results, path: Path) -> str:
     ax.set_xlabel("training step (step 0 drawn at 1)")
     ax.set_ylabel("batch size")
     ax.set_title(f"Gradient noise scale along SGD training (lr {res.noise['lr']:.3g})")
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
     twin = ax.twinx()
     twin.plot(steps, [r["train_loss"] for r in rows], "s:", color="gray", alpha=0.7)
     twin.set_ylabel("full training loss (gray)")
@@ -609,7 +669,7 @@ def verdict_noise(res: Results) -> dict:
     verdict = (
         SUPPORTED if fixed_ok and sweep_ok else PARTLY if fixed_ok or sweep_ok else NOT_SUPPORTED
     )
-    if not fixed and not sizes:
+    if not fixed and not math.isfinite(rho):  # neither part measured
         verdict = UNSETTLED
     lines = [
         f"SGD at a fixed lr, batch B = {b} -> B' = {g}: batch-loss oscillation {_fmt(bs)} -> "
@@ -620,14 +680,17 @@ def verdict_noise(res: Results) -> dict:
         f"SGD at each batch size's best lr: oscillation {_fmt(osc[0]) if osc else '-'} at B = "
         f"{sizes[0] if sizes else '-'} to {_fmt(osc[-1]) if osc else '-'} at B = "
         f"{sizes[-1] if sizes else '-'}; rank correlation with B {_fmt(rho, '+.2f')}"
+        + ("" if math.isfinite(rho) else f" (needs 3 batch sizes, has {len(sizes)})")
     )
     return _verdict(
         "1. The loss oscillates from step to step because each mini-batch differs.",
         verdict,
         "supported if, at one fixed lr, SGD with a 19x larger batch has less batch-loss "
         "oscillation at every B tested, and the oscillation at the tuned lr falls with B (rank "
-        "correlation < 0); partly if only one holds. (The jitter of the full-train loss is "
-        "reported, not judged: it depends on the loss level, which the batch size also changes.)",
+        "correlation < 0); partly if only one holds; not settled if neither could be measured "
+        "(no effective-batch test, fewer than 3 batch sizes). (The jitter of the full-train "
+        "loss is reported, not judged: it depends on the loss level, which the batch size also "
+        "changes.)",
         "; ".join(lines),
         "Mini-batch gradient noise has covariance Sigma/B (McCandlish et al. 2018); Smith & Le "
         "(2018) put the SGD noise scale at eps N / (B (1 - m)).",
@@ -672,6 +735,15 @@ def _grows(first_last: np.ndarray) -> bool:
     return _shrinks(-np.asarray(first_last))
 
 
+def _best_lr_first_last_tenth(res: Results, batch_size: int, beta: float) -> dict | None:
+    """:func:`_first_last_tenth` of the seeds at the best lr of ``(batch_size, beta)`` that did
+    not diverge (a diverged run's curves are NaN from its divergence on); ``None`` if none."""
+    row = res.best_row(batch_size, beta)
+    records = res.sweep_runs(batch_size, beta, row["lr"]) if row else []
+    records = [r for r in records if not r.get("diverged")]
+    return _first_last_tenth(records, res.sweep_curves) if records else None
+
+
 def verdict_shrinks(res: Results) -> dict:
     claim = (
         "2. Oscillation shrinks during training even at a fixed learning rate, because the "
@@ -679,13 +751,16 @@ def verdict_shrinks(res: Results) -> dict:
     )
     per_batch = []
     for b in res.batch_sizes():
-        row = res.best_row(b, 0.0)
-        records = res.sweep_runs(b, 0.0, row["lr"]) if row else []
-        m = _first_last_tenth(records, res.sweep_curves) if records else None
+        m = _best_lr_first_last_tenth(res, b, 0.0)
         if m is not None:
-            per_batch.append((b, row["lr"], m))
+            per_batch.append((b, res.best_row(b, 0.0)["lr"], m))
     if not per_batch:
-        evidence = "no sweep runs long enough for ten windows of the moving average"
+        evidence = (
+            "no SGD (beta 0) runs in the sweep"
+            if not any(r["beta"] == 0.0 for r in res.best)
+            else "no SGD run at a best lr that did not diverge and is long enough for ten "
+            "windows of the moving average"
+        )
         return _verdict(claim, UNSETTLED, "-", evidence, "-", "-")
     # The claim holds at B if the oscillation shrinks and so does its stated cause, the gradient.
     holds = [b for b, _, m in per_batch if _shrinks(m["absolute"]) and _shrinks(m["grad"])]
@@ -709,6 +784,7 @@ def verdict_shrinks(res: Results) -> dict:
         f"{_fmt(mean(m['grad'][1]))}"
         for b, lr, m in per_batch
     ]
+    seeds = min(m["grad"].shape[1] for _, _, m in per_batch)  # the fewest at any B
     triples = effective_triples(res)
     m = _first_last_tenth(triples[0][1].records, res.effective_curves) if triples else None
     if m is not None:
@@ -735,8 +811,9 @@ def verdict_shrinks(res: Results) -> dict:
         "absolute spread of the batch loss (std around its moving average) and the mean "
         "mini-batch gradient norm shrink (or grow) at B if every seed's last value lies below "
         "(above) every seed's first. The claim holds at B if both shrink. Supported if it holds "
-        "at every B, partly if at some (the regime is named), not supported if at none. (With 2 "
-        "seeds a quantity that does not change passes one such test by chance 1 time in 6.)",
+        "at every B, partly if at some (the regime is named), not supported if at none. (With "
+        f"{seeds} seed{'s' if seeds > 1 else ''} a quantity that does not change passes one such "
+        f"test by chance 1 time in {math.comb(2 * seeds, seeds)}.)",
         "; ".join(lines),
         "At a fixed learning rate SGD reaches a noise floor proportional to lr/B rather than "
         "zero (the NQM's stationary loss, Zhang et al. 2019); McCandlish et al. find the noise "
@@ -746,20 +823,26 @@ def verdict_shrinks(res: Results) -> dict:
 
 
 def verdict_learning_rate(res: Results) -> dict:
-    both = crawl = overshoot = total = 0
+    both = crawl = overshoot = total = untrained = 0
+    loss = lambda stats: (
+        math.inf if stats["final_train_loss"] is None else stats["final_train_loss"]
+    )
     for row in res.best:
         tried = row["lrs_tried"]
         if len(tried) < 3:
             continue
+        if row["final_train_loss"] is None:  # most seeds diverged at every lr: no best lr
+            untrained += 1
+            continue
         total += 1
-        best_loss = row["final_train_loss"] if row["final_train_loss"] is not None else math.inf
+        best_loss = row["final_train_loss"]
         small = analysis.seed_stats(res.sweep_runs(row["batch_size"], row["beta"], tried[0]))
         large = analysis.seed_stats(res.sweep_runs(row["batch_size"], row["beta"], tried[-1]))
         slow = small["steps_median"] is None or (
             row["steps_median"] is not None and small["steps_median"] > row["steps_median"]
         )
-        is_crawl = slow and (small["final_train_loss"] or math.inf) > best_loss
-        is_over = large["diverged"] > 0 or (large["final_train_loss"] or math.inf) > best_loss
+        is_crawl = slow and loss(small) > best_loss
+        is_over = large["diverged"] > 0 or loss(large) > best_loss
         crawl += is_crawl
         overshoot += is_over
         both += is_crawl and is_over
@@ -777,10 +860,12 @@ def verdict_learning_rate(res: Results) -> dict:
         "for every (batch size, beta): the smallest lr tried is slower to the target and ends "
         "higher than the best (crawl), and the largest diverges or ends higher (overshoot); "
         "supported if both hold in >= 75% of them, partly if in >= 25%. (A weak test: any grid "
-        "wide enough to bracket the best lr shows both ends.)",
+        "wide enough to bracket the best lr shows both ends.) A (batch size, beta) with fewer "
+        "than 3 lrs, or where most seeds diverged at every lr (no best lr), is left out.",
         f"crawl at the smallest lr in {crawl}/{total}, overshoot at the largest in "
         f"{overshoot}/{total}, both in {both}/{total}; {len(diverged)} of {len(res.sweep)} sweep "
-        f"runs diverged, {at_top} of them at the largest lr of their grid",
+        f"runs diverged, {at_top} of them at the largest lr of their grid"
+        + (f"; left out, most seeds diverged at every lr: {untrained}" if untrained else ""),
         "The learning rate must be retuned for every batch size (Shallue et al. 2019; the Deep "
         "Learning Tuning Playbook).",
         "best_lr.png, loss_curves.png",
@@ -793,26 +878,56 @@ def _time_per_step(res: Results, batch_size: int, beta: float) -> float:
 
 
 def verdict_batch_size(res: Results) -> dict:
+    claim = (
+        "4. A larger batch is the direct fix (a steadier gradient), but costs more per step, is "
+        "not necessarily faster, and large batches easily get stuck at flat saddle points: batch "
+        "size is a balance."
+    )
+    rule = (
+        "four parts, at each batch size's best lr: steadier (SGD's oscillation falls with B); "
+        "costlier (the fitted B_crit lies inside the range tested: well above it, doubling the "
+        "batch nearly doubles the examples needed to reach the target); not faster (some larger "
+        "batch needs at least as many steps to the target as a smaller one, seed ranges not "
+        "overlapping); stuck (a "
+        "large batch never reaches the target while a smaller one does, or test accuracy drops "
+        "by > 2 points from the smallest to the largest batch; the budgets differ, clip(examples "
+        "/ B) steps, so the largest batches see more examples). Supported if all four hold, "
+        "partly if some do; a part the results cannot measure (too few batch sizes, or too few "
+        "reaching the target) counts for neither, and with none measured it is not settled."
+    )
+    literature = (
+        "Shallue et al. (2019): perfect scaling, then diminishing returns, then a plateau, with "
+        "the learning rate retuned per batch size; McCandlish et al.: B_crit ~ the noise scale. "
+        "Shallue et al. attribute most reported large-batch generalization gaps to insufficient "
+        "tuning and budgets."
+    )
+    figures = "steps_to_target.png, loss_curves.png"
+    tested = sorted({r["batch_size"] for r in res.best if r["beta"] == 0.0})
+    if len(tested) < 2:
+        evidence = (
+            "needs SGD (beta 0) runs at 2 or more batch sizes; the sweep has them at B = "
+            + (", ".join(map(str, tested)) or "none")
+        )
+        return _verdict(claim, UNSETTLED, rule, evidence, literature, figures)
     sizes, osc = _sgd_oscillation_by_batch(res)
-    steadier = len(osc) >= 2 and _rank_correlation(sizes, osc) < 0
+    steadier = _rank_correlation(sizes, osc) < 0 if len(osc) >= 3 else None
     rows = sorted(
         (r for r in res.best if r["beta"] == 0.0 and r["steps_median"] is not None),
         key=lambda r: r["batch_size"],
     )
     fit = res.fit(0.0)
     reached = {r["batch_size"] for r in rows}
-    stuck = [b for b in res.batch_sizes() if b not in reached]
+    stuck = [b for b in tested if b not in reached]
     examples = {r["batch_size"]: r["steps_median"] * r["batch_size"] for r in rows}
     steps = {r["batch_size"]: r["steps_median"] for r in rows}
-    tested = res.batch_sizes()
-    costlier = fit is not None and min(tested) < fit.b_crit < max(tested)
+    costlier = None if fit is None else min(tested) < fit.b_crit < max(tested)
     # A larger batch that needs at least as many steps as a smaller one: the plateau.
     no_gain = [
         (a["batch_size"], b["batch_size"])
         for a, b in itertools.pairwise(rows)
         if b["steps_min"] >= a["steps_max"]
     ]
-    not_faster = bool(no_gain)
+    not_faster = bool(no_gain) if len(rows) >= 2 else None
     times = {
         r["batch_size"]: r["steps_median"] * _time_per_step(res, r["batch_size"], 0.0) for r in rows
     }
@@ -823,47 +938,40 @@ def verdict_batch_size(res: Results) -> dict:
     }  # fmt: skip
     big, small = (max(accuracy), min(accuracy)) if accuracy else (None, None)
     acc_drop = accuracy[small] - accuracy[big] if accuracy else math.nan
-    gets_stuck = bool(stuck and max(stuck) > min(reached, default=math.inf)) or acc_drop > 0.02
+    gets_stuck = (
+        bool(stuck and reached and max(stuck) > min(reached)) or acc_drop > 0.02
+        if reached or len(accuracy) >= 2
+        else None
+    )
     parts = [steadier, costlier, not_faster, gets_stuck]
-    verdict = SUPPORTED if all(parts) else PARTLY if any(parts) else NOT_SUPPORTED
+    measured = [part for part in parts if part is not None]
+    if not measured:
+        verdict = UNSETTLED
+    elif len(measured) == len(parts) and all(measured):
+        verdict = SUPPORTED
+    else:
+        verdict = PARTLY if any(measured) else NOT_SUPPORTED
     lo_b, hi_b = (min(examples), max(examples)) if examples else (None, None)
-    yes = lambda flag: "yes" if flag else "no"
+    yes = lambda flag: "not measured" if flag is None else "yes" if flag else "no"
+    at = lambda b: "-" if b is None else b
     evidence = (
         f"steadier: SGD oscillation falls with B ({yes(steadier)}); costlier: examples to target "
-        f"{_fmt(examples.get(lo_b), '.3g')} at B = {lo_b} vs {_fmt(examples.get(hi_b), '.3g')} at "
-        f"B = {hi_b}, fitted B_crit = {_fmt(fit.b_crit if fit else None)} (S_min = "
-        f"{_fmt(fit.s_min if fit else None)} steps), inside the range tested ({yes(costlier)}); "
-        f"not faster: median steps to target "
-        + ", ".join(f"{s:.0f} at B = {b}" for b, s in steps.items())
+        f"{_fmt(examples.get(lo_b), '.3g')} at B = {at(lo_b)} vs "
+        f"{_fmt(examples.get(hi_b), '.3g')} at B = {at(hi_b)}, fitted B_crit = "
+        f"{_fmt(fit.b_crit if fit else None)} (S_min = {_fmt(fit.s_min if fit else None)} "
+        f"steps), inside the range tested ({yes(costlier)}); not faster ({yes(not_faster)}): "
+        "median steps to target "
+        + (", ".join(f"{s:.0f} at B = {b}" for b, s in steps.items()) or "none reached")
         + f", a larger batch needing no fewer steps: "
         f"{', '.join(f'B = {a} -> {b}' for a, b in no_gain) or 'never'}; "
         f"not judged (it depends on the machine): the fastest in wall-clock time to target here "
-        f"was B = {fastest_wall} ({_fmt(times.get(fastest_wall), '.3g')} s, its group's wall "
-        f"time per run and step, compilation included, times its steps); stuck: batch sizes "
-        f"that never reached the target: {stuck or 'none'}; test accuracy at the best lr "
-        f"{_fmt(accuracy.get(small))} at B = {small} vs {_fmt(accuracy.get(big))} at B = {big}"
+        f"was B = {at(fastest_wall)} ({_fmt(times.get(fastest_wall), '.3g')} s, its group's wall "
+        f"time per run and step, compilation included, times its steps); stuck "
+        f"({yes(gets_stuck)}): batch sizes that never reached the target: {stuck or 'none'}; "
+        f"test accuracy at the best lr {_fmt(accuracy.get(small))} at B = {at(small)} vs "
+        f"{_fmt(accuracy.get(big))} at B = {at(big)}"
     )
-    return _verdict(
-        "4. A larger batch is the direct fix (a steadier gradient), but costs more per step, is "
-        "not necessarily faster, and large batches easily get stuck at flat saddle points: batch "
-        "size is a balance.",
-        verdict,
-        "four parts, at each batch size's best lr: steadier (SGD's oscillation falls with B); "
-        "costlier (the fitted B_crit lies inside the range tested: well above it, doubling the "
-        "batch nearly doubles the examples needed to reach the target); not faster (some larger "
-        "batch needs at least as many steps to the target as a smaller one, seed ranges not "
-        "overlapping); stuck (a "
-        "large batch never reaches the target while a smaller one does, or test accuracy drops "
-        "by > 2 points from the smallest to the largest batch; the budgets differ, clip(examples "
-        "/ B) steps, so the largest batches see more examples). Supported if all four hold, "
-        "partly if some do.",
-        evidence,
-        "Shallue et al. (2019): perfect scaling, then diminishing returns, then a plateau, with "
-        "the learning rate retuned per batch size; McCandlish et al.: B_crit ~ the noise scale. "
-        "Shallue et al. attribute most reported large-batch generalization gaps to insufficient "
-        "tuning and budgets.",
-        "steps_to_target.png, loss_curves.png",
-    )
+    return _verdict(claim, verdict, rule, evidence, literature, figures)
 
 
 def verdict_momentum(res: Results) -> dict:
@@ -906,12 +1014,15 @@ def verdict_momentum(res: Results) -> dict:
         verdict = NOT_SUPPORTED if positions or ratios else UNSETTLED
     lines.append(
         "steps to target at the small batch sizes, momentum / SGD (each at its best lr): "
-        + ", ".join(f"B = {b}: {r:.2f}" for b, _, r in ratios)
+        + (", ".join(f"B = {b}: {r:.2f}" for b, _, r in ratios) or "none where both reached it")
     )
     lines.append(
         "less full-train-loss jitter than SGD beyond seed spread at B = "
         + (", ".join(map(str, steadier_at)) or "none")
         + f" (of B = {', '.join(str(m.batch_size) for m, _, _ in triples)})"
+        if triples
+        else "no effective-batch test (momentum at B against SGD at B and at B (1 + beta) / "
+        "(1 - beta), one lr) in these results"
     )
     return _verdict(
         "5. Momentum gives 'large-batch-like stable gradients at small-batch cost'.",
@@ -1226,25 +1337,26 @@ def build(out: str | Path) -> Path:
     figures = res.out / FIGURES_DIR
     figures.mkdir(exist_ok=True)
     captions = {}
+    sweep_figures = {
+        "loss_curves": fig_loss_curves,
+        "steps_to_target": fig_steps,
+        "best_lr": fig_best_lr,
+        "oscillation": fig_oscillation,
+    }
     if res.sweep:
-        for name, draw in (
-            ("loss_curves", fig_loss_curves),
-            ("steps_to_target", fig_steps),
-            ("best_lr", fig_best_lr),
-            ("oscillation", fig_oscillation),
-        ):
+        for name, draw in sweep_figures.items():
             captions[name] = draw(res, figures / f"{name}.png")
     if effective_triples(res):
         captions["effective_batch"] = fig_effective(res, figures / "effective_batch.png")
     if res.noise:
         captions["noise_scale"] = fig_noise_scale(res, figures / "noise_scale.png")
-    items = verdicts(res) if res.sweep else []
+    items = verdicts(res)  # each one "not settled" where its results are missing
     write_json(res.out / "verdicts.json", items)
 
     def figure(name: str) -> str:
-        return (
-            f"![{name}]({FIGURES_DIR}/{name}.png)\n\n*{captions[name]}*" if name in captions else ""
-        )
+        if name in captions:
+            return f"![{name}]({FIGURES_DIR}/{name}.png)\n\n*{captions[name]}*"
+        return "" if res.sweep or name not in sweep_figures else "Not run: no sweep results yet."
 
     quad = res.quadratic
     # The stand-alone commands with the preset's settings (their defaults differ).
@@ -1256,7 +1368,8 @@ def build(out: str | Path) -> Path:
         f"--seeds {pr['baseline_seeds']}"
     )
     parts = [
-        "# Batch size and momentum on MNIST-1D: what the course notes claim, measured",
+        f"# Batch size and momentum on {DATASET_TITLES.get(pr['dataset'], pr['dataset'])}: what "
+        "the course notes claim, measured",
         "",
         f"Generated by `python -m experiments report {res.out}` on "
         f"{datetime.date.today().isoformat()} from the stored results of the `{res.preset['name']}`"
@@ -1274,9 +1387,8 @@ def build(out: str | Path) -> Path:
         "",
         "## 1. The course picture: a noisy, ill-conditioned quadratic",
         "",
-        "![quadratic](quadratic.png)",
-        "",
         (
+            "![quadratic](quadratic.png)\n\n"
             f"Loss 0.5 (theta_1^2 + {quad['setup']['curvatures'][1]:g} theta_2^2) with Gaussian "
             f"gradient noise of std {quad['setup']['noise_std_per_example']:g}/sqrt(B); SGD and "
             f"EMA momentum (beta {quad['setup']['beta']:g}) at the same lr "
@@ -1286,7 +1398,7 @@ def build(out: str | Path) -> Path:
             "claim 6 pairs."
         )
         if quad
-        else "",
+        else "Not run.",
         "",
         "## 2. Loss curves",
         "",

@@ -219,3 +219,39 @@ def test_effective_batch_comparison_without_sgd_runs():
     result = analysis.effective_batch_comparison(records, curves, lr=0.5, beta=0.9, batch_size=16)
     assert result["sgd_same_batch"] is None and result["sgd_effective_batch"] is None
     assert result["momentum"]["seeds"] == 1
+
+
+def test_best_lr_counts_a_seed_that_never_reached_as_slowest():
+    # lr 0.1: one seed fast, two never reach (median: never); lr 0.3: every seed at 50 steps.
+    records = [_record(8, 0.0, 0.1, 0, 10, 0.05)] + [
+        _record(8, 0.0, 0.1, seed, None, 0.5) for seed in (1, 2)
+    ]
+    records += [_record(8, 0.0, 0.3, seed, 50, 0.08) for seed in range(3)]
+    row = analysis.best_settings(records)[0]
+    assert row["lr"] == 0.3 and row["steps_median"] == 50
+
+
+@pytest.mark.parametrize("diverged_seeds, expected", [(1, 0.5), (2, None), (3, None)])
+def test_median_final_loss_counts_a_diverged_seed_as_highest(diverged_seeds, expected):
+    # 3 seeds: the median is a number only while most seeds have one (it was inf, printed so).
+    records = [
+        _record(16, 0.0, 0.1, seed, None, 0.5, diverged=seed < diverged_seeds) for seed in range(3)
+    ]
+    assert analysis.seed_stats(records)["final_train_loss"] == expected
+    table = analysis.steps_table_markdown(analysis.best_settings(records))
+    assert "inf" not in table and "nan" not in table
+    accuracy = "-" if diverged_seeds == 3 else "0.900"  # the mean over seeds that have one
+    assert table.endswith(f"| 0/3 | {'-' if expected is None else '0.5000'} | {accuracy} |")
+
+
+def test_seed_stats_of_non_finite_metrics_written_by_hand():
+    # The store writes no NaN (allow_nan=False), but a hand-edited runs.jsonl can hold one.
+    records = [_record(16, 0.0, 0.1, seed, 100, 0.5) for seed in range(3)]
+    records[0]["final_test_accuracy"] = math.nan
+    records[1]["final_train_loss"] = math.inf
+    records[2]["steps_to_target"] = math.nan
+    stats = analysis.seed_stats(records)
+    assert stats["final_test_accuracy"] == 0.9
+    assert stats["final_train_loss"] == 0.5 and stats["reached"] == 2
+    table = analysis.steps_table_markdown(analysis.best_settings(records))
+    assert "nan" not in table and "inf" not in table

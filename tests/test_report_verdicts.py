@@ -4,6 +4,8 @@ Each test builds the stored results a rule reads, with the answer known by const
 checks the verdict the rule gives: these pin the rules stated in the report, not the data.
 """
 
+import re
+
 import numpy as np
 import pytest
 
@@ -36,6 +38,7 @@ def _sweep(settings, *, seeds=2):
         for seed in range(seeds):
             records.append(
                 {
+                    "run_id": f"{name}:{seed}",
                     "batch_size": batch,
                     "beta": beta,
                     "lr": 0.1,
@@ -259,3 +262,230 @@ def test_claim_2_is_unsettled_by_runs_too_short_to_window():
 )
 def test_all_below_needs_finite_values(low, high, expected):
     assert report._all_below(low, high) is expected
+
+
+# ---------------------------------------------------------------------------
+# Odd but legal results: too little data gives "not settled", never a verdict either way.
+
+
+def _diverged(records, curves, at=100):
+    """Marks every run diverged at step ``at``: NaN curves from there on, as the engine stores."""
+    for record in records:
+        record.update(diverged=True, steps_to_target=None, final_train_loss=None)
+        record.update(final_test_accuracy=None)
+        for name in ("batch_loss", "grad_norm"):
+            curves[record["curves"]][name][record["curve_index"], at:] = np.nan
+
+
+def test_claim_1_is_unsettled_without_three_batch_sizes_or_the_effective_test():
+    # Two batch sizes, no effective-batch test: a rank correlation needs 3, so nothing measured
+    # (it said "not supported").
+    sweep, curves = _sweep({(32, 0.0): (100, SHRINKING), (64, 0.0): (100, MILD)})
+    verdict = report.verdict_noise(_results(sweep, curves))
+    assert verdict["verdict"] == report.UNSETTLED
+    assert "(needs 3 batch sizes, has 2)" in verdict["evidence"]
+
+
+def test_claim_2_leaves_out_diverged_runs():
+    sweep, curves = _sweep({(32, 0.0): (100, SHRINKING), (64, 0.0): (100, SHRINKING)})
+    assert report.verdict_shrinks(_results(sweep, curves))["verdict"] == report.SUPPORTED
+    _diverged([r for r in sweep if r["batch_size"] == 64], curves)
+    verdict = report.verdict_shrinks(_results(sweep, curves))
+    assert verdict["verdict"] == report.SUPPORTED  # at the only B it can be judged at
+    assert verdict["evidence"].startswith(
+        "the spread and the gradient norm both shrink at B = 32 (of 1"
+    )
+    _diverged(sweep, curves)
+    verdict = report.verdict_shrinks(_results(sweep, curves))
+    assert verdict["verdict"] == report.UNSETTLED
+    assert "did not diverge" in verdict["evidence"]
+
+
+def test_claim_2_without_sgd_runs_says_so():
+    sweep, curves = _sweep({(32, 0.9): (100, SHRINKING)})
+    verdict = report.verdict_shrinks(_results(sweep, curves))
+    assert (verdict["verdict"], verdict["evidence"]) == (
+        report.UNSETTLED,
+        "no SGD (beta 0) runs in the sweep",
+    )
+
+
+def test_claim_2_states_the_chance_for_the_seeds_it_has():
+    for seeds, chance in ((1, 2), (2, 6), (3, 20)):
+        sweep, curves = _sweep({(32, 0.0): (100, SHRINKING)}, seeds=seeds)
+        rule = report.verdict_shrinks(_results(sweep, curves))["rule"]
+        assert f"by chance 1 time in {chance}.)" in rule
+
+
+def _lr_grid(batch, beta, losses, *, diverged=()):
+    """Records of one (batch, beta) over three lrs, two seeds; ``losses`` per lr, none reach."""
+    records = []
+    for lr, loss in zip((0.01, 0.1, 1.0), losses, strict=True):
+        for seed in range(2):
+            records.append(
+                {"batch_size": batch, "beta": beta, "lr": lr, "seed": seed, "steps": STEPS,
+                 "steps_to_target": None, "final_train_loss": None if lr in diverged else loss,
+                 "final_test_accuracy": 0.5, "diverged": lr in diverged, "wall_seconds": 1.0}
+            )  # fmt: skip
+    return records
+
+
+def test_claim_3_leaves_out_settings_where_every_lr_diverged():
+    bracketed = _lr_grid(32, 0.0, [0.9, 0.3, 0.6])  # crawl at 0.01, overshoot at 1.0
+    every_lr_diverged = _lr_grid(32, 0.9, [0, 0, 0], diverged=(0.01, 0.1, 1.0))
+    verdict = report.verdict_learning_rate(_results(bracketed + every_lr_diverged))
+    assert verdict["verdict"] == report.SUPPORTED
+    assert verdict["evidence"].startswith(
+        "crawl at the smallest lr in 1/1, overshoot at the largest"
+    )
+    assert verdict["evidence"].endswith("; left out, most seeds diverged at every lr: 1")
+    verdict = report.verdict_learning_rate(_results(every_lr_diverged))
+    assert verdict["verdict"] == report.UNSETTLED
+
+
+def test_claim_4_is_unsettled_with_one_sgd_batch_size():
+    sweep, curves = _sweep({(32, 0.0): (100, SHRINKING), (32, 0.9): (50, SHRINKING),
+                            (64, 0.9): (30, SHRINKING)})  # fmt: skip
+    verdict = report.verdict_batch_size(_results(sweep, curves))
+    assert verdict["verdict"] == report.UNSETTLED
+    assert verdict["evidence"] == (
+        "needs SGD (beta 0) runs at 2 or more batch sizes; the sweep has them at B = 32"
+    )
+
+
+def test_claim_4_judges_sgd_batch_sizes_only_and_names_what_it_cannot_measure():
+    # SGD at 32 and 64 (both reach the target), momentum also at 128: B = 128 is no SGD batch
+    # that "never reached the target", and 2 batch sizes give no rank correlation.
+    sweep, curves = _sweep({(32, 0.0): (100, SHRINKING), (64, 0.0): (60, SHRINKING),
+                            (128, 0.9): (30, SHRINKING)})  # fmt: skip
+    verdict = report.verdict_batch_size(_results(sweep, curves))
+    assert "stuck (no): batch sizes that never reached the target: none;" in verdict["evidence"]
+    assert "steadier: SGD oscillation falls with B (not measured);" in verdict["evidence"]
+    # Costlier: the fit through (32, 100) and (64, 60) gives B_crit = 128, outside 32-64; not
+    # faster: 60 < 100 steps; stuck: no. Every part measured fails (B = 128 made it "stuck").
+    assert "fitted B_crit = 128 " in verdict["evidence"]
+    assert verdict["verdict"] == report.NOT_SUPPORTED
+
+
+def test_claim_4_with_no_batch_size_reaching_the_target_prints_no_none():
+    sweep, curves = _sweep({(32, 0.0): (None, SHRINKING), (64, 0.0): (None, SHRINKING)})
+    evidence = report.verdict_batch_size(_results(sweep, curves))["evidence"]
+    assert "None" not in evidence
+    assert "not faster (not measured): median steps to target none reached," in evidence
+
+
+def test_claim_5_without_the_effective_test_says_so():
+    sweep, curves = _sweep({(8, 0.0): (100, FLAT), (8, 0.9): (50, FLAT)})
+    evidence = report.verdict_momentum(_results(sweep, curves))["evidence"]
+    assert "(of B = )" not in evidence
+    assert evidence.endswith(
+        "B = 8: 0.50; no effective-batch test (momentum at B against SGD at B and at B (1 + beta) "
+        "/ (1 - beta), one lr) in these results"
+    )
+
+
+def _study_dir(path, sweep=(), curves=None, dataset="digits"):
+    """A main job's directory holding only ``study.json`` and (if any) the sweep's records."""
+    import dataclasses
+    import json
+
+    from experiments import study
+
+    preset = dataclasses.replace(study.PRESETS["quick"], dataset=dataset)
+    (path / "study.json").write_text(json.dumps({"preset": dataclasses.asdict(preset)}))
+    if sweep:
+        (path / "sweep" / "curves").mkdir(parents=True)
+        for name, arrays in (curves or {}).items():
+            np.savez(path / "sweep" / "curves" / name, **arrays)
+        lines = [json.dumps({**r, "curves": f"curves/{r['curves']}"}) + "\n" for r in sweep]
+        (path / "sweep" / "runs.jsonl").write_text("".join(lines))
+    return path
+
+
+def _build_quietly(path):
+    """``report.build`` with every warning an error (a legend without entries, an all-NaN mean)."""
+    import json
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report.build(path)
+    return (path / "report.md").read_text(), json.loads((path / "verdicts.json").read_text())
+
+
+def test_report_of_a_sweep_where_every_run_diverged(tmp_path):
+    # It stopped with "error: Data cannot be log-scaled" (and warnings) after writing 3 figures.
+    sweep, curves = _sweep({(b, beta): (100, SHRINKING) for b in (16, 32, 64) for beta in (0, 0.9)})
+    _diverged(sweep, curves, at=2)
+    text, verdicts = _build_quietly(_study_dir(tmp_path, sweep, curves))
+    assert [v["verdict"] for v in verdicts[:5]] == [report.UNSETTLED] * 5
+    assert "figures/oscillation.png" in text
+    assert not re.search(r"\b(nan|inf)\b", text, re.IGNORECASE)  # no NaN shown as a number
+
+
+def test_report_of_a_small_sweep_without_the_other_stages(tmp_path):
+    sweep, curves = _sweep({(b, beta): (100, SHRINKING) for b in (16, 64) for beta in (0, 0.9)})
+    text, verdicts = _build_quietly(_study_dir(tmp_path, sweep, curves))
+    assert len(verdicts) == 6
+    assert text.startswith("# Batch size and momentum on 8x8 digits: ")  # not "MNIST-1D"
+    section = text.split("## 1. The course picture")[1].split("## 2.")[0]
+    assert "quadratic.png" not in section and "Not run." in section  # no link to a missing image
+
+
+def test_report_of_a_study_without_sweep_results_yet(tmp_path):
+    text, verdicts = _build_quietly(_study_dir(tmp_path))
+    # Every claim is listed, not settled (the verdict table was empty).
+    assert [v["claim"].split(".")[0] for v in verdicts] == ["1", "2", "3", "4", "5", "6"]
+    assert {v["verdict"] for v in verdicts} == {report.UNSETTLED}
+    assert text.count("Not run: no sweep results yet.") == 4
+    assert "| 6. " in text
+
+
+@pytest.mark.parametrize(
+    "edit, what",
+    [
+        (lambda r: r.pop("batch_size"), "batch_size missing or invalid"),
+        (lambda r: r.update(curve_index=99), "its curves in curves/b16_beta0.npz"),
+    ],
+)
+def test_report_of_a_record_it_cannot_read_is_one_error_line(edit, what, tmp_path, capsys):
+    # A record written by hand: it was a traceback (KeyError, IndexError) after `figures/`.
+    from experiments import cli
+
+    sweep, curves = _sweep({(16, 0): (100, SHRINKING), (64, 0): (100, SHRINKING)})
+    edit(sweep[1])
+    path = _study_dir(tmp_path, sweep, curves)
+    assert cli.main(["report", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: record 2 of "), err
+    assert what in err[0]
+    assert sorted(p.name for p in path.iterdir()) == ["study.json", "sweep"]  # nothing written
+
+
+def test_best_lr_figure_leaves_out_settings_where_every_lr_diverged(tmp_path, monkeypatch):
+    # With no lr that trained, the tie-break's pick (the smallest lr) was drawn as "best".
+    figures, make = [], report._figure
+
+    def keep(**kwargs):
+        figures.append(make(**kwargs))
+        return figures[-1]
+
+    monkeypatch.setattr(report, "_figure", keep)
+    sgd = _lr_grid(32, 0.0, [0.9, 0.3, 0.6]) + _lr_grid(64, 0.0, [0.9, 0.3, 0.6])
+    momentum = _lr_grid(32, 0.9, [0, 0, 0], diverged=(0.01, 0.1, 1.0))
+    report.fig_best_lr(_results(sgd + momentum), tmp_path / "best_lr.png")
+    lines = {line.get_label(): line.get_xydata().tolist() for line in figures[0].axes[0].lines}
+    assert lines["SGD (beta 0)"] == [[32, 0.1], [64, 0.1]]
+    assert "EMA momentum (beta 0.9)" not in lines
+
+
+def test_report_of_a_sweep_directory_says_what_it_reads(tmp_path, capsys):
+    from experiments import cli
+
+    sweep, curves = _sweep({(16, 0): (100, SHRINKING)})
+    path = _study_dir(tmp_path, sweep, curves) / "sweep"  # what `sweep --out DIR` writes
+    assert cli.main(["report", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no study (study.json is missing); it holds a sweep's" in err[0]
+    assert "python -m experiments --out DIR" in err[0]
+    assert sorted(p.name for p in path.iterdir()) == ["curves", "runs.jsonl"]
