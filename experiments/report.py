@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from experiments import analysis
-from experiments.store import read_runs
+from experiments.store import CorruptStoreError, read_runs
 
 HELP = "rebuild DIR/report.md and its figures from stored results (no training)"
 
@@ -161,8 +161,9 @@ CURVES_READ = ("batch_loss", "grad_norm")  # the arrays of a record's curves the
 
 
 def _check_records(where: Path, records: Sequence[dict], curves: dict | None = None) -> None:
-    """Raises ValueError, before anything is written, unless the report can read every record
-    (one written by hand, or by another tool, may lack a field or point past its curves)."""
+    """Raises CorruptStoreError (a ValueError), before anything is written, unless the report
+    can read every record (one written by hand, or by another tool, may lack a field or point
+    past its curves)."""
     for number, record in enumerate(records, start=1):
         bad = [
             key for key in NUMBER_FIELDS
@@ -178,7 +179,7 @@ def _check_records(where: Path, records: Sequence[dict], curves: dict | None = N
             ):
                 bad.append(f"its curves in {record['curves']}")
         if bad:
-            raise ValueError(
+            raise CorruptStoreError(
                 f"record {number} of {str(where / 'runs.jsonl')!r} is not a run the report can "
                 f"read ({', '.join(bad)} missing or invalid); remove that line to recompute the "
                 "run, or move the directory away"
@@ -263,7 +264,7 @@ def effective_case(res: Results, batch_size: int, beta: float) -> EffectiveCase 
 def effective_triples(res: Results) -> list[tuple[EffectiveCase, EffectiveCase, EffectiveCase]]:
     """(momentum at B, SGD at B, SGD at B (1+beta)/(1-beta)) for every tested B."""
     stage = res.meta.get("stages", {}).get("effective")
-    if not stage:
+    if not stage or "skipped" in stage:
         return []
     beta = float(stage["beta"])
     triples = []
@@ -297,6 +298,12 @@ def _null_locator():
     return NullLocator()
 
 
+def _skipped(res: Results, stage: str) -> str:
+    """Why a stage of the main job was skipped, as its section's text ("" if it was not)."""
+    reason = res.meta.get("stages", {}).get(stage, {}).get("skipped")
+    return f"Not run: {reason}." if reason else ""
+
+
 def _legend(ax, **kwargs) -> None:
     """``ax.legend(**kwargs)`` if anything drawn has a label (an empty panel gets none, quietly)."""
     if ax.get_legend_handles_labels()[0]:
@@ -326,9 +333,10 @@ def fig_loss_curves(res: Results, path: Path) -> str:
             steps = np.arange(1, loss.size + 1)
             color = _color(beta, betas)
             ax.plot(steps, loss, color=color, alpha=0.25, lw=0.6)
-            smooth = _moving_average(loss, SMOOTHING)
+            smooth = _moving_average(loss, SMOOTHING)  # centred; shorter runs, a shorter window
+            lag = (loss.size - smooth.size) // 2
             ax.plot(
-                steps[SMOOTHING // 2 : SMOOTHING // 2 + smooth.size], smooth, color=color, lw=1.8,
+                steps[lag : lag + smooth.size], smooth, color=color, lw=1.8,
                 label=f"{_label(beta)}, lr {row['lr']:.3g}",
             )  # fmt: skip
         ax.axhline(res.preset["target_loss"], color="gray", ls=":", lw=1, label="target (full set)")
@@ -1423,7 +1431,7 @@ def build(out: str | Path) -> Path:
         "",
         figure("effective_batch"),
         "",
-        _effective_table(res) if effective_triples(res) else "",
+        _effective_table(res) if effective_triples(res) else _skipped(res, "effective"),
         "",
         _nqm_section(res) if res.nqm else "## 6. The noisy quadratic model\n\nNot run.",
         "",
@@ -1431,7 +1439,7 @@ def build(out: str | Path) -> Path:
         "",
         figure("noise_scale"),
         "",
-        _noise_section(res) if res.noise else "Not run.",
+        _noise_section(res) if res.noise else _skipped(res, "noise_scale") or "Not run.",
         "",
         "## Baselines: is the training pipeline right?",
         "",

@@ -270,7 +270,8 @@ class Study:
         seconds = time.perf_counter() - start
         self.meta["stages"][name] = {"wall_seconds": round(seconds, 1), **extra}
         self._save()
-        self._log(f"[{name}] {seconds:.0f} s")
+        skipped = f", skipped: {extra['skipped']}" if "skipped" in extra else ""
+        self._log(f"[{name}] {seconds:.0f} s{skipped}")
 
     def _log(self, message: str) -> None:
         if self.progress:
@@ -330,8 +331,9 @@ class Study:
             "eval_every": {str(b): p.sweep_eval_every(b) for b in p.batch_sizes},
         }
 
-    def best_sgd_lr(self, batch_size: int) -> float:
-        """The sweep's best SGD learning rate at ``batch_size`` (``analysis.best_settings``)."""
+    def best_sgd_lr(self, batch_size: int) -> float | None:
+        """The sweep's best SGD learning rate at ``batch_size`` (``analysis.best_settings``);
+        ``None`` if at every learning rate most seeds diverged (no learning rate trained)."""
         from experiments import analysis
         from experiments.store import read_runs
 
@@ -340,13 +342,24 @@ class Study:
         )
         if not records:
             raise ValueError(f"the sweep has no SGD runs at batch size {batch_size}")
-        return analysis.best_settings(records)[0]["lr"]
+        best = analysis.best_settings(records)[0]
+        return None if best["final_train_loss"] is None else best["lr"]
+
+    @staticmethod
+    def _no_lr(batch_size: int) -> dict[str, Any]:
+        """A stage's record when it has no learning rate to run at (the report says why)."""
+        return {
+            "skipped": f"at batch size {batch_size} most seeds of the sweep diverged at every SGD "
+            "learning rate, so there was none to run it at"
+        }
 
     def effective(self) -> dict[str, Any]:
         from experiments.sweep import run_sweep
 
         p = self.preset
         lr = self.best_sgd_lr(min(p.effective_batches))
+        if lr is None:
+            return self._no_lr(min(p.effective_batches))
         common = dict(
             lrs=[lr], seeds=range(p.seeds), steps=p.effective_steps,
             eval_every=p.effective_eval_every, progress=self.progress,
@@ -362,6 +375,8 @@ class Study:
         p = self.preset
         b_small, b_big = p.noise_scale_batches
         lr = self.best_sgd_lr(b_small)
+        if lr is None:
+            return self._no_lr(b_small)
         rows = noise_scale.along_training(
             self.data, p.model, lr=lr, batch_size=b_small, checkpoints=p.noise_scale_checkpoints,
             b_small=b_small, b_big=b_big, num_pairs=p.noise_scale_pairs, seed=0,

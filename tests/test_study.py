@@ -193,3 +193,35 @@ def test_baselines_table_shows_a_spread_only_over_several_seeds():
     assert "| mlp | 0.68 | 0.500 | 0.500 (beta 0.9, lr 0.3) | 1 |" in table
     assert "Not run" not in table
     assert "| cnn | 0.68 | 0.500 ± 0.013 | 0.500 ± 0.013 (beta 0.9, lr 0.3) | 3 |" in table
+
+
+def test_stages_without_a_trained_sgd_lr_are_skipped_and_the_report_says_why(tmp_path):
+    # Every SGD lr diverged at the effective test's batch size: the stages ran at the tie-break's
+    # pick (the smallest lr, diverged) as if it were the best one.
+    import numpy as np
+
+    out = tmp_path / "results"
+    (out / "sweep" / "curves").mkdir(parents=True)
+    nan = np.full((2, 10), np.nan)
+    np.savez(out / "sweep" / "curves" / "b16.npz", batch_loss=nan, grad_norm=nan)
+    records = [
+        {
+            "run_id": f"{lr}:{seed}", "batch_size": 16, "beta": 0.0, "lr": lr, "seed": seed,
+            "steps": 10, "steps_to_target": None, "final_train_loss": None,
+            "final_test_accuracy": None, "diverged": True, "wall_seconds": 1.0,
+            "curves": "curves/b16.npz", "curve_index": seed,
+        }
+        for lr in (1e3, 1e4)
+        for seed in range(2)
+    ]  # fmt: skip
+    (out / "sweep" / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    job = study.Study(out, TINY, progress=False)
+    assert job.best_sgd_lr(16) is None
+    job.stage("effective", job.effective)
+    job.stage("noise_scale", job.noise_scale)
+    stages = json.loads((out / "study.json").read_text())["stages"]
+    for name in ("effective", "noise_scale"):
+        assert "most seeds of the sweep diverged at every SGD" in stages[name]["skipped"]
+    assert not (out / "effective").exists() and not (out / "noise_scale.json").exists()
+    text = report.build(out).read_text()
+    assert text.count("Not run: at batch size 16 most seeds of the sweep diverged") == 2
