@@ -255,8 +255,11 @@ def steps_to_target(
     crossing unless the expected loss dips below the target and comes back
     within a single grid cell (tests compare it with step-by-step iteration).
 
-    Unstable settings (``a h_max >= 2 (1 + b)``) are reported as ``inf`` without
-    being run, as are settings that do not reach the target by ``max_steps``.
+    Unstable settings (``a h_max >= 2 (1 + b)``) and settings whose stationary
+    loss (:func:`stationary_loss`) is above the target are reported as ``inf``
+    without being run (the latter can only touch the target in a transient dip of
+    the expected loss, which is not counted), as are settings that do not reach
+    the target by ``max_steps``.
 
     Args:
       lr: Heavy-ball steps ``a``, shape ``[n]``.
@@ -315,6 +318,8 @@ def steps_to_target(
         if t == 2 * grid_per_octave * stride:
             matrix, offset = _compose_square(matrix, offset)
             stride *= 2
+    # The last grid cell may end past max_steps (when max_steps is not on the grid).
+    result[result > max_steps] = np.inf
     return result
 
 

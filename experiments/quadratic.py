@@ -9,9 +9,12 @@ learning rate :math:`\eta` (``beta = 0`` is plain SGD): in the EMA form a
 constant gradient moves both by the same :math:`\eta g` per step, so the
 comparison isolates what averaging does. Both see the same noise draws.
 
-The step size is chosen near the steep axis' stability limit
+The step size is chosen near SGD's stability limit on the steep axis
 (:math:`\eta h_1 = 1.6 < 2`), which is where SGD's zig-zag lives: each step
-overshoots the valley floor and flips the sign of :math:`\theta_1`.
+overshoots the valley floor and flips the sign of :math:`\theta_1`. EMA momentum
+is heavy ball with step :math:`a = \eta (1 - \beta)`, stable for
+:math:`a h < 2 (1 + \beta)`, i.e. :math:`\eta h < 2 (1 + \beta) / (1 - \beta)`
+(38 at :math:`\beta = 0.9`), so at this :math:`\eta` it is far from its limit.
 
 Each comparison is repeated over ``SEEDS`` noise seeds (both optimizers see the
 same draws in a seed, so the comparison is paired); the figure draws the first.
@@ -39,7 +42,8 @@ The course picture: SGD vs EMA momentum on a noisy, ill-conditioned 2-D quadrati
 Loss 0.5 (h1 theta1^2 + h2 theta2^2) with a steep axis (h1 = 1) and a flat one (h2 = 0.03). A
 mini-batch gradient is the true gradient plus Gaussian noise of std 1/sqrt(B) per coordinate.
 Both optimizers are ema_sgd with the same learning rate eta = 1.6 (beta = 0 is plain SGD), near
-the steep axis' stability limit (eta h1 < 2), where SGD zig-zags across the valley. Both see the
+SGD's stability limit on the steep axis (eta h1 < 2), where SGD zig-zags across the valley (EMA
+momentum is stable up to eta h < 2 (1 + beta) / (1 - beta), 38 at beta = 0.9). Both see the
 same noise draws in a seed; --seeds seeds are summarized and the first is drawn.
 
 Writes OUT/quadratic.json (paths and per-seed summaries) and OUT/quadratic.png."""

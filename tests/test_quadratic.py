@@ -27,6 +27,40 @@ def test_noiseless_momentum_is_heavy_ball_with_a_equal_eta_times_one_minus_beta(
     np.testing.assert_allclose(got, np.array(expected), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.9])
+def test_ema_form_is_stable_for_eta_h_below_2_1_plus_beta_over_1_minus_beta(beta):
+    # EMA form = heavy ball with a = eta (1 - beta), stable iff a h < 2 (1 + beta), i.e.
+    # eta h < 2 (1 + beta) / (1 - beta): 2 for SGD, 6 at beta 0.5, 38 at beta 0.9. 2% either
+    # side of it the largest root's modulus is at most 0.98 (400 steps: < 3e-4) or at least 1.04.
+    limit = 2 * (1 + beta) / (1 - beta)
+    for factor, decays in ((0.98, True), (1.02, False)):
+        path = quadratic.trajectory(
+            factor * limit, beta, 1, steps=400, curvatures=(1.0, 0.0), noise_std=0.0
+        )
+        if decays:
+            assert abs(path[-1, 0] / path[0, 0]) < 1e-3
+        else:  # it overflows to inf (then nan) in float32 at beta 0.9
+            assert np.nanmax(np.abs(path[:, 0] / path[0, 0])) > 1e3
+
+
+def test_gradient_noise_has_std_sigma_over_sqrt_batch_and_is_shared_by_optimizers():
+    # With zero curvature the gradient is the noise alone: SGD at lr 1 steps by -eps.
+    flat = dict(steps=5000, curvatures=(0.0, 0.0), noise_std=3.0, seed=1)
+    eps = -np.diff(quadratic.trajectory(1.0, 0.0, 4, **flat), axis=0)
+    # 10^4 Gaussian draws: the sample std has relative error ~ 1/sqrt(2 * 10^4) = 0.7%.
+    assert eps.std() == pytest.approx(3.0 / np.sqrt(4), rel=0.04)
+    assert abs(eps.mean()) < 4 * 1.5 / np.sqrt(eps.size)
+    # The same draws at another batch size, scaled by sqrt(4 / 16); the positions reach ~10^2,
+    # so differences of float32 positions carry rounding errors of ~10^-5.
+    eps_16 = -np.diff(quadratic.trajectory(1.0, 0.0, 16, **flat), axis=0)
+    np.testing.assert_allclose(eps_16, eps / 2, atol=1e-4)
+    # Momentum sees the same draws: invert v_t = b v_{t-1} + (1 - b) g_t, theta -= eta v_t.
+    eta, beta = 0.5, 0.9
+    velocity = -np.diff(quadratic.trajectory(eta, beta, 4, **flat), axis=0) / eta
+    previous = np.concatenate([np.zeros((1, 2)), velocity[:-1]])
+    np.testing.assert_allclose((velocity - beta * previous) / (1 - beta), eps, atol=2e-3)
+
+
 def test_trajectories_are_seeded():
     first = quadratic.trajectory(1.0, 0.9, 4, steps=20, seed=3)
     np.testing.assert_array_equal(first, quadratic.trajectory(1.0, 0.9, 4, steps=20, seed=3))
@@ -46,10 +80,31 @@ def test_summary_of_known_paths():
     assert summary["final_loss"] == 0.0
 
 
+def test_every_summary_field_of_a_hand_computed_path():
+    # Steps (1, 0), (-1/4, -1), (-1, 1/8), (1, 0), (0, -9/8), (0, -1); curvatures (2, 1), so
+    # the loss is theta_1^2 + theta_2^2 / 2. Binary fractions keep every value exact.
+    path = np.array([(1, 4), (2, 4), (1.75, 3), (0.75, 3.125), (1.75, 3.125), (1.75, 2), (1.75, 1)])
+    summary = quadratic.summarize(path, curvatures=(2.0, 1.0))
+    # Cosines: -0.24 (a turn of 104 degrees), +0.12, -0.99, 0 (90 degrees: no reversal), +1.
+    cosines = [-0.25 / np.sqrt(1.0625), 0.125 / np.sqrt(1.0625 * 1.015625)]
+    cosines += [-1 / np.sqrt(1.015625), 0.0, 1.0]
+    assert summary["reversal_fraction"] == pytest.approx(2 / 5)
+    assert summary["mean_cos_successive"] == pytest.approx(np.mean(cosines))
+    assert summary["path_length"] == pytest.approx(4.125 + np.sqrt(1.0625) + np.sqrt(1.015625))
+    assert summary["steep_axis_travel"] == pytest.approx(3.25)
+    # Losses 9, 12, 7.5625, 5.4453125, 7.9453125, 5.0625, 3.5625; the second half is steps 3..6.
+    assert summary["final_loss"] == 3.5625
+    assert summary["mean_loss_second_half"] == pytest.approx(22.015625 / 4)
+    assert summary["steep_loss_second_half"] == pytest.approx(9.75 / 4)
+    assert summary["flat_loss_second_half"] == pytest.approx(12.265625 / 4)
+    # |theta_2| first reaches half its start (2) at step 5; theta_1 never halves.
+    assert summary["flat_half_steps"] == 5
+
+
 def test_sgd_zigzags_at_eta_h_above_one():
     # eta * h_1 = 1.6 > 1: each SGD step overshoots the valley floor, so the
     # steep coordinate flips sign and successive steps point back and forth.
-    # Momentum's steep-axis roots are complex with angle ~0.44 rad: it turns
+    # Momentum's steep-axis roots (z^2 - 1.74 z + 0.9) are complex with angle 0.41 rad: it turns
     # slowly instead. The large batch keeps the noise from blurring this.
     result = quadratic.study(batch_sizes=(256,), steps=40)
     sgd, momentum = (run["summary"] for run in result["runs"])
