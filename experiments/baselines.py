@@ -40,6 +40,7 @@ from experiments.store import write_json
 from experiments.train import GroupResult, run_group
 
 HELP = "reproduce the MNIST-1D paper's baselines (Adam) beside ema_sgd"
+ON_INTERRUPT = "interrupted; nothing was written"  # printed on Ctrl-C
 
 PAPER_TEST_ACCURACY = {"linear": 0.32, "mlp": 0.68, "cnn": 0.94}  # on mnist1d only
 ADAM_LR = 1e-2

@@ -3,8 +3,9 @@
 Contenders, all the same model, optimizer (EMA momentum, beta 0.9) and per-epoch shuffling:
   naive_loop   a Python loop calling a jitted single-run step (one device)
   scan         the engine's compiled lax.scan chunk, one run (one device)
-  scan_vmap    the engine's compiled lax.scan chunk, 8 runs vmapped and sharded over all devices
-               (on CPU, the command line makes one device per core)
+  scan_vmap    the engine's compiled lax.scan chunk, 8 runs vmapped and sharded over the devices
+               (on CPU, the command line makes one device per core): all of them when 8 runs split
+               evenly over them, else the most that do (2 of 3, 4 of 6, 8 of 16)
   torch_eager  a PyTorch eager loop, torch.optim.SGD(lr*(1-beta), momentum=beta), started from
                the same initial weights, on one torch thread (only if torch is importable): its
                fastest setting at batch 32 on 2 cores (with two threads we measured 880 vs 970
@@ -13,9 +14,12 @@ Contenders, all the same model, optimizer (EMA momentum, beta 0.9) and per-epoch
 Throughput is in run-steps per second (one optimizer step of one run). Everything is compiled and
 warmed up first; the contenders are timed in turn, round after round, and the median round is
 reported. A speed-up is the median over rounds of that round's ratio to torch eager. Also
-reported: the model FLOP rate of scan_vmap at batch 1024 (6 x batch x weights FLOPs per run-step:
-forward, input and weight gradients) against the machine's float32 matmul rate (2048x2048 jnp.dot
-on every device at once).
+reported: the model FLOP rate of scan_vmap at batch 1024 (the matmuls of a run-step: per layer
+2 x batch x weights FLOPs for the forward product, as many for the weight gradient and for the
+input gradient, except the first layer's, whose input is the data) against the float32 matmul rate
+of the same devices (2048x2048 jnp.dot on each of them at once).
+
+Ctrl-C stops it: one line on stderr, exit status 130, nothing on stdout.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from experiments import train
 from experiments.data import load_dataset
 
 HELP = "measure run-steps/s: naive loop, scan, scan+vmap, torch eager"
+ON_INTERRUPT = "interrupted; nothing was measured"  # printed on Ctrl-C
 
 MODEL, BATCH, BETA, LR = "mlp", 32, 0.9, 0.1
 VMAP_RUNS = 8
@@ -51,6 +56,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object instead of a table"
     )
+
+
+def _engine_devices(devices: list[jax.Device]) -> list[jax.Device]:
+    """The first devices of ``devices``, as many as the most that ``VMAP_RUNS`` splits evenly over.
+
+    A sharded run axis must divide evenly: 8 runs over 3 (or 16) devices would fail.
+    """
+    n = max(d for d in range(1, min(len(devices), VMAP_RUNS) + 1) if VMAP_RUNS % d == 0)
+    return devices[:n]
+
+
+def _flops_per_example(params: nnx.State) -> int:
+    """The matmul FLOPs of one example's forward and backward pass through the MLP.
+
+    Each layer's forward product and kernel gradient cost 2 x n_in x n_out FLOPs per example; so
+    does its input gradient, except the first layer's (its input is the data, whose gradient is not
+    computed): 8 matmuls per step, not 9. ``params`` may be stacked along a leading run axis.
+    """
+    kernels = {
+        name: math.prod(layer["layer"]["kernel"].shape[-2:])
+        for name, layer in nnx.to_pure_dict(params).items()
+    }
+    return 2 * (3 * sum(kernels.values()) - kernels["hidden1"])
 
 
 def _engine(n_runs: int, batch_size: int, devices: list[jax.Device]):
@@ -144,7 +172,7 @@ def _matmul_gflops(devices: list[jax.Device]) -> float:
 
 def measure() -> dict:
     """Runs the benchmark; returns the JSON-ready results."""
-    devices = jax.devices()
+    devices = _engine_devices(jax.devices())
     with jax.threefry_partitionable(False):
         scan_vmap, state, _, _ = _engine(VMAP_RUNS, BATCH, devices)
         contenders = {
@@ -171,12 +199,8 @@ def measure() -> dict:
         name: None if not times[name] else runs * STEPS / statistics.median(times[name])
         for name, (_, runs) in contenders.items()
     }
-    weights = sum(
-        math.prod(p.shape[1:])
-        for path, p in jax.tree_util.tree_leaves_with_path(big_state.params)
-        if "kernel" in jax.tree_util.keystr(path)
-    )
-    achieved = 6 * FLOPS_BATCH * weights * VMAP_RUNS * FLOPS_STEPS / statistics.median(big_times)
+    flops_per_run_step = _flops_per_example(big_state.params) * FLOPS_BATCH
+    achieved = flops_per_run_step * VMAP_RUNS * FLOPS_STEPS / statistics.median(big_times)
     peak = _matmul_gflops(devices)
     speedups = round_speedups = None
     if times["torch_eager"]:
@@ -198,6 +222,7 @@ def measure() -> dict:
             "scan_vmap_batch_1024": achieved / 1e9,
             "matmul_peak": peak,
             "fraction_of_peak": achieved / 1e9 / peak,
+            "flops_per_run_step": flops_per_run_step,
         },
         "config": {
             "model": MODEL,

@@ -15,7 +15,9 @@ read, state read and written (20 bytes per float32 parameter with a float32 stat
 is a jitted, donated ``x + y`` over the same leaves (12 bytes per element), the fastest an
 elementwise pass over memory goes on this machine.
 
-Run as ``python -m experiments bench-transform`` (or ``python -m experiments.bench_transform``).
+Run as ``python -m experiments bench-transform`` (or ``python -m experiments.bench_transform``,
+the same command: the same CPU devices, errors and Ctrl-C). Ctrl-C stops it: one line on stderr,
+exit status 130, nothing on stdout.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import statistics
 import sys
 import time
@@ -30,14 +33,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from experiments import cli
+
+if __name__ == "__main__":
+    # Run as a script: the CPU devices `python -m experiments` makes, set before jax is imported
+    # (with jax imported first, XLA would get a single CPU device).
+    cli.use_one_cpu_device_per_core()
+
 import jax
 import jax.numpy as jnp
 import optax
 
 import ema_momentum as emm
-from experiments.cli import positive_int
 
 HELP = "time one optimizer step: ema_sgd vs optax.sgd(momentum), optax.ema, torch SGD"
+ON_INTERRUPT = "interrupted; nothing was measured"  # printed on Ctrl-C
 
 LEARNING_RATE = 0.01
 BETA = 0.9
@@ -252,9 +262,13 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def _scale(text: str) -> float:
+    # Plain ASCII numbers only, as for the integer options: float() would also take "0.0_1" and
+    # other scripts' digits ("\u0661" as 1).
+    if not re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", text, flags=re.ASCII):
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
     value = float(text)
     if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
     return value
 
 
@@ -263,14 +277,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--repeats",
         metavar="N",
-        type=positive_int,
+        type=cli.positive_int,
         default=41,
         help="timed repeats per contender (default 41)",
     )
     parser.add_argument(
         "--inner",
         metavar="N",
-        type=positive_int,
+        type=cli.positive_int,
         default=3,
         help="steps per timed repeat (default 3)",
     )
@@ -307,6 +321,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(_parser)
-    sys.exit(run(_parser.parse_args()))
+    sys.exit(cli.main(["bench-transform", *sys.argv[1:]]))

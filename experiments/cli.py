@@ -3,7 +3,8 @@
 Adding a command is one line in :data:`COMMANDS`: a module with a one-line ``HELP`` string,
 ``add_arguments(parser)`` and ``run(args) -> int`` (the exit status). Bad input is reported by
 raising :class:`UsageError` (or through ``parser.error``): the user sees exactly one line
-``error: ...`` on stderr and the exit status is 2.
+``error: ...`` on stderr and the exit status is 2. On Ctrl-C the user sees the module's
+``ON_INTERRUPT`` line (what was kept), else "interrupted", and the exit status is 130.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 COMMANDS: list[tuple[str, str]] = [
     ("sweep", "experiments.sweep"),
@@ -189,7 +190,7 @@ def build_parser() -> ArgumentParser:
         "With no command: the main job, " + main_job.HELP + ".",
     )
     main_job.add_arguments(parser)
-    parser.set_defaults(run=main_job.run)
+    parser.set_defaults(run=main_job.run, on_interrupt=_on_interrupt(main_job))
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in COMMANDS:
         module = importlib.import_module(module_name)
@@ -199,17 +200,23 @@ def build_parser() -> ArgumentParser:
             description=getattr(module, "DESCRIPTION", None) or _plain(module.__doc__),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        sub.set_defaults(run=module.run)
+        sub.set_defaults(run=module.run, on_interrupt=_on_interrupt(module))
         module.add_arguments(sub)
     return parser
+
+
+def _on_interrupt(module: Any) -> str:
+    """The line a command prints on Ctrl-C: its module's ``ON_INTERRUPT``, else "interrupted"."""
+    return getattr(module, "ON_INTERRUPT", "interrupted")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status."""
     use_one_cpu_device_per_core()
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    on_interrupt = "interrupted"  # until the command is known (Ctrl-C while jax is imported)
     try:
+        args = build_parser().parse_args(argv)
+        on_interrupt = args.on_interrupt
         return args.run(args)
     except (UsageError, OSError) as e:
         # OSError: what the file system refused (a read-only or full disk, a file where a folder
@@ -217,5 +224,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"error: {e}\n")
         return USAGE_ERROR
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted; finished runs and stages are kept: rerun to resume\n")
+        sys.stderr.write(on_interrupt + "\n")
         return INTERRUPTED

@@ -64,6 +64,7 @@ from experiments.cli import (
 )
 
 HELP = "noisy quadratic model (Zhang et al. 2019): steps to target vs batch size, closed form"
+ON_INTERRUPT = "interrupted; nothing was written"  # printed on Ctrl-C
 DESCRIPTION = """\
 The noisy quadratic model (NQM) of Zhang et al. (2019), in closed form.
 

@@ -38,6 +38,7 @@ from typing import Any
 from experiments.store import write_json
 
 HELP = "the whole study into --out (default: results), then its report"
+ON_INTERRUPT = "interrupted; finished runs and stages are kept: rerun to resume"
 
 
 @dataclasses.dataclass(frozen=True)

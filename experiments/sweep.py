@@ -53,6 +53,7 @@ from experiments.store import CorruptStoreError, ResultStore, StoreLockedError
 from experiments.train import FLOAT32_MAX, FLOAT32_TINY, GroupSpec, positive_float32, run_group
 
 HELP = "train a batch size x beta x lr x seed grid (resumable)"
+ON_INTERRUPT = "interrupted; finished runs are kept: rerun to resume"  # printed on Ctrl-C
 
 AUTO_LR_CENTER = 0.1  # at batch size AUTO_LR_BATCH
 AUTO_LR_BATCH = 32

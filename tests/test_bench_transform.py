@@ -1,8 +1,12 @@
 """The optimizer-step benchmark (experiments/bench_transform.py) at a tiny size: its bookkeeping."""
 
+import json
+import subprocess
+import sys
+
 import pytest
 
-from experiments import bench_transform
+from experiments import bench_transform, cli
 
 
 def test_tiny_benchmark_rows(monkeypatch):
@@ -26,3 +30,53 @@ def test_tiny_benchmark_rows(monkeypatch):
             1, abs=0.01
         )
         assert all(rows[(shape, c)]["ms_per_step"] > 0 for s, c in rows if s == shape)
+
+
+def _tiny(monkeypatch):
+    monkeypatch.setattr(bench_transform, "SHAPES", {"1 x 1k": (1, 1000), "3 x 1k": (3, 1000)})
+
+
+def test_without_torch_the_row_is_left_out(monkeypatch):
+    _tiny(monkeypatch)
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+    result = bench_transform.measure(repeats=1, inner=1, with_torch=True)
+    assert not any("torch" in row["contender"] for row in result["rows"])
+    json.loads(json.dumps(result, allow_nan=False))
+
+
+def test_torch_row_counts_the_same_bytes(monkeypatch):
+    pytest.importorskip("torch")
+    _tiny(monkeypatch)
+    result = bench_transform.measure(repeats=1, inner=1, with_torch=True)
+    torch_rows = [row for row in result["rows"] if row["contender"].startswith("torch.optim.SGD")]
+    assert [row["shape"] for row in torch_rows] == ["1 x 1k", "3 x 1k"]
+    for row, n_params in zip(torch_rows, (1000, 3000), strict=True):
+        assert row["bytes_per_step"] == 20 * n_params
+        assert row["state_bytes_over_params_bytes"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "value", ["0", "-0.5", "1.5", "nan", "inf", "abc", "", "+0.5", "0.0_1", "\u0661", "1e5"]
+)
+def test_bad_scale_is_one_error_line(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench-transform", "--scale", value])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and captured.out == ""
+    assert captured.err == f"error: argument --scale: must be a number in (0, 1], got {value!r}\n"
+
+
+@pytest.mark.parametrize("value", ["1", "0.5", ".5", "1e-3", "5E-1"])
+def test_scale_takes_plain_numbers(value):
+    assert bench_transform._scale(value) == float(value)
+
+
+def test_run_as_a_module_is_the_same_command():
+    """`python -m experiments.bench_transform`: one error line (it printed the usage too)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.bench_transform", "--inner", "0"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == "error: argument --inner: must be an integer >= 1, got '0'\n"

@@ -430,7 +430,17 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
     args = ["sweep", *BAD_INPUT_BASE, "--out", str(tmp_path / "out"), "--batch-sizes", "16"]
     code, captured = main_in_process(args, capsys)
     assert code == 130 and captured.err.count("\n") == 1
-    assert captured.err.startswith("interrupted; finished runs and stages are kept")
+    assert captured.err == "interrupted; finished runs are kept: rerun to resume\n"
+
+
+def test_ctrl_c_while_the_commands_are_imported_is_one_line(monkeypatch, capsys):
+    # Importing jax, flax and torch takes a second or two; it was a traceback.
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["sweep", "--help"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
 
 
 def test_out_is_a_file(tmp_path, capsys):
@@ -548,9 +558,16 @@ def test_bench_table_shape():
 
 
 def test_bench_measures_every_contender(monkeypatch):
-    """The benchmark itself runs end to end (at a tiny size) and reports what the README cites."""
+    """The benchmark itself runs end to end (at a tiny size) and reports what the README cites.
+
+    On 3 devices (one per core on a 3-core machine): 8 runs do not split over 3, and it crashed.
+    """
+    import jax
+
     from experiments import bench
 
+    devices = jax.devices()[:3]
+    monkeypatch.setattr(jax, "devices", lambda *args: devices)
     monkeypatch.setattr(bench, "STEPS", 4)
     monkeypatch.setattr(bench, "ROUNDS", 3)
     monkeypatch.setattr(bench, "FLOPS_BATCH", 64)
@@ -568,8 +585,74 @@ def test_bench_measures_every_contender(monkeypatch):
         assert all(len(r) == 3 for r in results["speedup_vs_torch_eager_per_round"].values())
     assert results["gflops"]["scan_vmap_batch_1024"] > 0 and results["gflops"]["matmul_peak"] > 0
     assert results["config"]["vmap_runs"] == bench.VMAP_RUNS == 8
-    json.dumps(results)
+    assert results["gflops"]["flops_per_run_step"] == 82_000 * 64
+    assert results["config"]["devices"] == [str(d) for d in devices[:2]]
+    json.dumps(results, allow_nan=False)
     assert "| scan_vmap |" in bench.table(results)
+
+
+def test_bench_flops_count_the_eight_matmuls_of_a_step():
+    """Per example: each layer's forward product and kernel gradient, 2 x n_in x n_out FLOPs each,
+    and the input gradients of the second and third layers (the data's is not computed)."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import bench, train
+
+    params, _ = train._init_seed(jnp.int32(0), model="mlp", input_shape=(40,), num_classes=10)
+    forward = 2 * (40 * 100 + 100 * 100 + 100 * 10)
+    assert bench._flops_per_example(params) == 2 * forward + 2 * (100 * 100 + 100 * 10) == 82_000
+    stacked = jax.tree.map(lambda a: jnp.stack([a, a]), params)  # as the engine's state holds them
+    assert bench._flops_per_example(stacked) == 82_000
+
+
+@pytest.mark.parametrize(("n", "used"), [(1, 1), (2, 2), (3, 2), (4, 4), (6, 4), (8, 8), (16, 8)])
+def test_bench_shards_its_8_runs_over_devices_that_divide_them(n, used):
+    from experiments import bench
+
+    assert bench._engine_devices(list(range(n))) == list(range(used))
+
+
+def test_bench_without_torch_reports_null(monkeypatch):
+    """The bookkeeping without torch (the runners are stand-ins): nulls, valid JSON, a table."""
+    import types
+
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import bench, train
+
+    params, _ = train._init_seed(jnp.int32(0), model="mlp", input_shape=(40,), num_classes=10)
+    state = types.SimpleNamespace(params=jax.tree.map(lambda a: jnp.stack([a] * 8), params))
+    runner = lambda steps: None
+    monkeypatch.setattr(bench, "_engine", lambda *args: (runner, state, None, None))
+    monkeypatch.setattr(bench, "_naive_loop", lambda device: runner)
+    monkeypatch.setattr(bench, "_matmul_gflops", lambda devices: 1e3)
+    monkeypatch.setattr(bench, "_seconds", lambda fn, steps: 0.5)
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+    results = bench.measure()
+    assert results["run_steps_per_s"]["torch_eager"] is None
+    assert results["run_steps_per_s"]["scan_vmap"] == 8 * bench.STEPS / 0.5
+    assert results["speedup_vs_torch_eager"] is None
+    assert results["speedup_vs_torch_eager_per_round"] is None
+    json.loads(json.dumps(results, allow_nan=False))
+    assert "| torch_eager | n/a (torch not installed) | n/a | n/a |" in bench.table(results)
+
+
+@pytest.mark.parametrize("command", ["bench", "bench-transform"])
+def test_bench_ctrl_c_says_nothing_is_kept(command, monkeypatch, capsys):
+    """No "rerun to resume" (the main job's line): a benchmark keeps nothing to resume."""
+    from experiments import bench, bench_transform
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "measure", interrupted)
+    monkeypatch.setattr(bench_transform, "measure", interrupted)
+    code, captured = main_in_process([command, "--json"], capsys)
+    assert code == cli.INTERRUPTED == 130
+    assert captured.out == ""
+    assert captured.err == "interrupted; nothing was measured\n"
 
 
 def test_usable_cores_without_cpu_affinity(monkeypatch):
@@ -594,5 +677,5 @@ def test_ctrl_c_stops_the_nqm_workers_at_once(tmp_path, env):
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=30)  # it used to wait for the batch sizes in progress
     assert proc.returncode == 130
-    assert err.splitlines() == ["interrupted; finished runs and stages are kept: rerun to resume"]
+    assert err.splitlines() == ["interrupted; nothing was written"]
     assert not (out / "nqm.json").exists()
