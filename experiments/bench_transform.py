@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
-import re
 import statistics
 import sys
 import time
@@ -262,11 +262,10 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def _scale(text: str) -> float:
-    # Plain ASCII numbers only, as for the integer options: float() would also take "0.0_1" and
-    # other scripts' digits ("\u0661" as 1).
-    if not re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", text, flags=re.ASCII):
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
-    value = float(text)
+    try:
+        value = cli.finite_float(text)  # ASCII numbers only
+    except argparse.ArgumentTypeError:
+        value = math.nan
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
     return value

@@ -72,13 +72,19 @@ def non_negative_int(text: str) -> int:
 
 
 def finite_float(text: str) -> float:
-    """An argparse ``type``: a finite number; ``-0`` is ``0`` (one value, one run id)."""
+    """An argparse ``type``: a finite decimal number; ``-0`` is ``0`` (one value, one run id)."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not math.isfinite(value):
+        value = None
+    if value is not None and not math.isfinite(value):  # nan, inf, 1e999
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    # ASCII decimals only, as for integers: float() also takes "0.0_1" (as 0.01), "+1" and other
+    # scripts' digits.
+    if value is None or not re.fullmatch(
+        r"\s*-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", text, flags=re.ASCII
+    ):
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}")
     return value + 0.0
 
 

@@ -1,6 +1,7 @@
 """Tests of the command line and the results store: end to end, crash, resume, lock, bad input."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -287,6 +288,11 @@ BAD = [
     (["--lrs", "abc"], "argument --lrs: must be a number, got 'abc'"),
     (["--lrs", "nan"], "argument --lrs: must be a finite number, got 'nan'"),
     (["--lrs", "inf"], "argument --lrs: must be a finite number, got 'inf'"),
+    (["--lrs", "1e999"], "argument --lrs: must be a finite number, got '1e999'"),
+    (["--lrs", "0.0_1"], "argument --lrs: must be a number, got '0.0_1'"),  # float(): 0.01
+    (["--lrs", "+0.1"], "argument --lrs: must be a number, got '+0.1'"),
+    (["--lrs", "\u0661"], "argument --lrs: must be a number, got '\u0661'"),  # float(): 1.0
+    (["--betas", "0,\uff10.9"], "argument --betas: must be a number, got '\uff10.9'"),
     (["--steps", "0"], "argument --steps: must be an integer >= 1, got '0'"),
     (["--steps", "2.5"], "argument --steps: must be an integer >= 1, got '2.5'"),
     (["--steps", "x"], "argument --steps: must be an integer >= 1, got 'x'"),
@@ -679,3 +685,14 @@ def test_ctrl_c_stops_the_nqm_workers_at_once(tmp_path, env):
     assert proc.returncode == 130
     assert err.splitlines() == ["interrupted; nothing was written"]
     assert not (out / "nqm.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("0.1", 0.1), (" 1e-3 ", 1e-3), (".5", 0.5), ("5.", 5.0), ("1E+2", 100.0)]
+)
+def test_finite_float_takes_plain_decimal_numbers(text, value):
+    assert cli.finite_float(text) == value
+
+
+def test_finite_float_minus_zero_is_zero():
+    assert math.copysign(1.0, cli.finite_float("-0")) == 1.0  # one value, one run id
