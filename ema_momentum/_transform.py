@@ -10,8 +10,6 @@ import jax.numpy as jnp
 import optax
 from jax.experimental.shard_alike import shard_alike
 
-Rounding = Literal["nearest", "stochastic"]
-
 
 class EmaMomentumState(NamedTuple):
     """State of :func:`ema_momentum`; a plain pytree of arrays."""
@@ -228,9 +226,9 @@ def ema_momentum(
     nesterov: bool = False,
     nu: jax.typing.ArrayLike | None = None,
     debias: bool = False,
-    accumulator_dtype: Any | None = None,
-    rounding: Rounding = "nearest",
-    seed: int = 0,
+    accumulator_dtype: jax.typing.DTypeLike | None = None,
+    rounding: Literal["nearest", "stochastic"] = "nearest",
+    seed: int | jax.typing.ArrayLike = 0,
 ) -> optax.GradientTransformation:
     r"""Momentum as an exponential moving average of the gradients.
 
@@ -292,8 +290,12 @@ def ema_momentum(
       ValueError: for a ``beta`` or ``nu`` that is not a real scalar (or, for
         ``beta``, a schedule), a concrete ``beta`` outside ``[0, 1)``, ``nu``
         outside ``[0, 1]``, a ``nesterov`` or ``debias`` that is not a bool,
-        ``nesterov`` together with ``nu``, an unknown ``accumulator_dtype`` or
-        ``rounding``, or a ``seed`` that is not an integer in ``[0, 2**32)``.
+        ``nesterov`` together with ``nu``, an ``accumulator_dtype`` that is not
+        a floating or complex dtype, an unknown ``rounding``,
+        ``rounding="stochastic"`` with an ``accumulator_dtype`` other than
+        bfloat16 or ``None``, or a ``seed`` that is not an integer in
+        ``[0, 2**32)``. The returned ``init`` raises it for complex parameters
+        and a real ``accumulator_dtype``.
 
     Note:
       :func:`optax.inject_hyperparams` casts hyperparameters to the params' dtype
@@ -318,7 +320,7 @@ def ema_momentum(
     References:
       Polyak, 1964 (heavy ball); Ma & Yarats, `Quasi-hyperbolic momentum and Adam
       for deep learning <https://arxiv.org/abs/1810.06801>`_, 2019.
-  """
+    """
     _check_beta(beta)
     _check_flag(nesterov, "nesterov")
     _check_flag(debias, "debias")
@@ -404,9 +406,9 @@ def ema_sgd(
     nesterov: bool = False,
     nu: jax.typing.ArrayLike | None = None,
     debias: bool = False,
-    accumulator_dtype: Any | None = None,
-    rounding: Rounding = "nearest",
-    seed: int = 0,
+    accumulator_dtype: jax.typing.DTypeLike | None = None,
+    rounding: Literal["nearest", "stochastic"] = "nearest",
+    seed: int | jax.typing.ArrayLike = 0,
 ) -> optax.GradientTransformation:
     r"""Stochastic gradient descent with EMA momentum.
 
@@ -417,9 +419,10 @@ def ema_sgd(
     This is :func:`ema_momentum` chained with
     :func:`optax.scale_by_learning_rate`. It takes the same steps as heavy-ball
     momentum ``optax.sgd(eta * (1 - beta), momentum=beta)`` (and
-    ``torch.optim.SGD(lr=eta * (1 - beta), momentum=beta)``): the learning rate
-    here is the *effective* learning rate ``a / (1 - beta)`` of Shallue et al.
-    ``beta=0`` is plain SGD through the same code path.
+    ``torch.optim.SGD(lr=eta * (1 - beta), momentum=beta)``): ``eta`` is the
+    *effective* learning rate ``a / (1 - beta)`` of a heavy-ball learning rate
+    ``a`` (Shallue et al., 2019). ``beta=0`` is plain SGD through the same code
+    path.
 
     Args:
       learning_rate: The step size :math:`\eta` (>= 0), or a schedule.
@@ -432,7 +435,8 @@ def ema_sgd(
       seed: See :func:`ema_momentum`.
 
     Returns:
-      An :class:`optax.GradientTransformation`.
+      An :class:`optax.GradientTransformation` whose state is the pair
+      ``(EmaMomentumState, state of optax.scale_by_learning_rate)``.
 
     Raises:
       ValueError: for a ``learning_rate`` that is not a real scalar or a

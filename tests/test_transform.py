@@ -1,6 +1,7 @@
 """Tests of `ema_momentum` and `ema_sgd`: values, equivalences, properties, composition."""
 
 import functools
+import pickle
 
 import chex
 import hypothesis
@@ -405,6 +406,37 @@ def test_compiles_once():
     for g in _grads(3, PARAMS):
         params, state = step(params, state, g)
     assert len(traces) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"accumulator_dtype": jnp.bfloat16, "rounding": "stochastic"}]
+)
+def test_jit_with_donated_params_and_state(kwargs):
+    # An output that cannot reuse a donated buffer is a UserWarning, an error in this suite.
+    tx = emm.ema_sgd(0.1, 0.9, debias=True, **kwargs)
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    grads = _grads(3, PARAMS)
+    want = (PARAMS, tx.init(PARAMS))
+    for g in grads:
+        want = jax.jit(step)(*want, g)
+    donated_step = jax.jit(step, donate_argnums=(0, 1))
+    got = jax.tree.map(jnp.copy, (PARAMS, tx.init(PARAMS)))
+    for g in grads:
+        inputs = jax.tree.leaves(got)
+        got = donated_step(*got, g)
+        assert all(x.is_deleted() for x in inputs)
+    chex.assert_trees_all_equal(got, want)
+
+
+def test_state_pickles():
+    _, state = _jit_steps(emm.ema_sgd(0.1, 0.9), PARAMS, _grads(2, PARAMS))
+    restored = pickle.loads(pickle.dumps(state))
+    assert isinstance(restored[0], emm.EmaMomentumState)
+    chex.assert_trees_all_equal(restored, state)
 
 
 def test_vmap_and_grad_over_hyperparameters():
