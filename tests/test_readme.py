@@ -1,4 +1,4 @@
-"""The README's two Quickstart commands are the ones CI runs and the project supports."""
+"""The README: its two Quickstart commands are the ones CI runs, and its Python examples run."""
 
 import pathlib
 import re
@@ -24,3 +24,136 @@ def test_quickstart_has_exactly_two_one_line_commands():
 def test_ci_runs_the_readme_test_command():
     _, tests = _quickstart_commands()
     assert tests in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def _python_blocks():
+    """The README's Python examples, each keyed by its first line."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)\n```", readme, flags=re.DOTALL)
+    return {block.splitlines()[0]: block for block in blocks}
+
+
+def _run(first_line, **names):
+    """Runs the README example that starts with ``first_line`` in a namespace of ``names``."""
+    blocks = _python_blocks()
+    assert first_line in blocks, sorted(blocks)
+    exec(compile(blocks[first_line], "README.md", "exec"), names)
+    return names
+
+
+def test_every_python_example_of_the_readme_is_run_here():
+    assert sorted(_python_blocks()) == sorted(
+        [
+            "import optax",
+            "import jax.numpy as jnp",
+            "import jax",
+            "import orbax.checkpoint as ocp",
+            "from jax.sharding import AxisType, NamedSharding, PartitionSpec as P",
+            "tx = emm.ema_sgd(lr, beta=0.999, accumulator_dtype=jnp.bfloat16, "
+            'rounding="stochastic", seed=0)',
+        ]
+    )
+
+
+def _params():
+    import jax.numpy as jnp
+
+    return {"w": jnp.ones((8, 2)), "b": jnp.zeros(8)}
+
+
+def test_readme_optax_chain():
+    import jax
+    import jax.numpy as jnp
+
+    params = _params()
+    ns = _run("import optax", params=params, grads=jax.tree.map(jnp.ones_like, params))
+    assert ns["state"][2][0].count == 1  # the chain's third element is ema_sgd
+    assert all(bool(jnp.all(ns["params"][k] < params[k])) for k in params)
+
+
+def _losses(step, n=3):
+    return [float(step()) for _ in range(n)]
+
+
+def test_readme_flax_nnx():
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import ema_momentum as emm
+
+    model = nnx.Linear(4, 1, rngs=nnx.Rngs(0))
+    ns = _run("import jax.numpy as jnp", emm=emm, model=model)
+    x, y = jnp.ones((8, 4)), jnp.zeros((8, 1))
+    losses = _losses(lambda: ns["train_step"](model, ns["optimizer"], x, y))
+    assert losses[2] < losses[0]
+
+
+def test_readme_flax_linen():
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    import ema_momentum as emm
+
+    x, y = jnp.ones((8, 4)), jnp.zeros((8, 1))
+    ns = _run("import jax", emm=emm, jnp=jnp, model=nn.Dense(1), key=jax.random.key(0), x=x)
+    state, losses = ns["state"], []
+    for _ in range(3):
+        state, loss = ns["train_step"](state, x, y)
+        losses.append(float(loss))
+    assert losses[2] < losses[0] and int(state.step) == 3
+
+
+def test_readme_orbax_checkpoint(tmp_path):
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import ema_momentum as emm
+
+    tx = emm.ema_sgd(0.1, beta=0.9, debias=True)
+    params = _params()
+    _, opt_state = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    ns = _run(
+        "import orbax.checkpoint as ocp", emm=emm, jax=jax, path=tmp_path, params=params,
+        opt_state=opt_state, init_params=_params,
+    )  # fmt: skip
+    saved = {"params": params, "opt_state": opt_state}
+    assert jax.tree.structure(ns["restored"]) == jax.tree.structure(saved)
+    assert jax.tree.all(
+        jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), ns["restored"], saved)
+    )
+    assert optax.tree.get(ns["restored"]["opt_state"], "weight_sum") > 0
+
+
+def test_readme_scaling_out_keeps_the_velocity_sharded_like_the_params():
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import ema_momentum as emm
+
+    def loss(p, x, y):
+        return jnp.mean((x @ p["w"] - y) ** 2) + jnp.sum(p["b"] ** 2)
+
+    blocks = _python_blocks()
+    first = "from jax.sharding import AxisType, NamedSharding, PartitionSpec as P"
+    source = blocks[first].replace("jax.distributed.initialize()", "pass")  # one host here
+    ns = {"jax": jax, "optax": optax, "tx": emm.ema_sgd(0.1, 0.9), "loss": loss}
+    ns.update(params=_params(), x=jnp.ones((16, 8)), y=jnp.zeros((16, 2)))
+    exec(compile(source, "README.md", "exec"), ns)
+    params, opt_state = ns["step"](ns["params"], ns["opt_state"], ns["x"], ns["y"])
+    velocity = opt_state[0].velocity
+    for name in params:
+        assert velocity[name].sharding == params[name].sharding == ns["params"][name].sharding
+    assert len(params["w"].sharding.device_set) == jax.device_count()
+
+
+def test_readme_bfloat16_state():
+    import jax.numpy as jnp
+
+    import ema_momentum as emm
+
+    first = next(k for k in _python_blocks() if k.startswith("tx = emm.ema_sgd(lr"))
+    ns = _run(first, emm=emm, jnp=jnp, lr=0.1)
+    assert ns["tx"].init({"w": jnp.ones(3)})[0].velocity["w"].dtype == jnp.bfloat16
