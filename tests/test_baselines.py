@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -100,13 +101,46 @@ def test_out_that_is_a_file_is_refused(tmp_path, capsys):
 
 
 def test_run_baselines_rejects_bad_arguments(digits):
-    with pytest.raises(ValueError, match="models"):
-        baselines.run_baselines(["resnet"], steps=2, seeds=1, progress=False, data=digits)
-    for seeds in (0, [], [1, 1]):
-        with pytest.raises(ValueError, match="seeds"):
+    for models in (["resnet"], "mlp", [], ["linear", "linear"], None):
+        with pytest.raises(ValueError, match="models"):
+            baselines.run_baselines(models, steps=2, seeds=1, progress=False, data=digits)
+    for seeds in (0, [], [1, 1], 2.5, True, None, [-1], [2**31], 2**40, "01"):
+        with pytest.raises(ValueError, match="seeds="):
             baselines.run_baselines(["linear"], steps=2, seeds=seeds, progress=False, data=digits)
-    with pytest.raises(ValueError, match="steps"):
-        baselines.run_baselines(["linear"], steps=0, seeds=1, progress=False, data=digits)
+    for steps in (0, 2.0, True):
+        with pytest.raises(ValueError, match="steps"):
+            baselines.run_baselines(["linear"], steps=steps, seeds=1, progress=False, data=digits)
+
+
+def test_run_baselines_checks_its_arguments_before_building_mnist1d(monkeypatch):
+    def load_dataset(*args):
+        raise AssertionError("the data were loaded before the arguments were checked")
+
+    monkeypatch.setattr(baselines.datasets, "load_dataset", load_dataset)
+    with pytest.raises(ValueError, match="models"):
+        baselines.run_baselines(["resnet"], progress=False)
+    with pytest.raises(ValueError, match="seeds"):
+        baselines.run_baselines(["linear"], seeds=0, progress=False)
+
+
+def _fake_group(runs):
+    """A stand-in for a GroupResult: ``runs`` as (lr, final train loss, diverged) triples."""
+    return SimpleNamespace(
+        runs=tuple(
+            SimpleNamespace(lr=lr, final_train_loss=loss, diverged=d) for lr, loss, d in runs
+        )
+    )
+
+
+def test_ema_lr_is_the_lowest_mean_final_train_loss_without_a_diverged_seed():
+    group = _fake_group([
+        (0.1, 0.5, False), (0.1, 0.5, False),
+        (0.3, 0.2, False), (0.3, 0.6, False),  # mean 0.4: the best
+        (1.0, 0.1, False), (1.0, 0.1, True),   # lowest, but a seed diverged
+        (3.0, None, True), (3.0, None, True),
+    ])  # fmt: skip
+    assert baselines._pick_ema_lr(group) == 0.3
+    assert baselines._pick_ema_lr(_fake_group([(0.1, None, True), (0.3, 1.0, True)])) is None
 
 
 def test_adam_group_matches_a_hand_written_optax_loop(digits):

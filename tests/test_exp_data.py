@@ -1,6 +1,8 @@
 """Tests of experiments.data: MNIST-1D, digits and IDX files written here."""
 
 import gzip
+import random
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -47,7 +49,23 @@ def test_idx_round_trip(tmp_path, gz):
 def test_idx_wrong_magic(tmp_path):
     write_mnist(tmp_path)
     write_idx(tmp_path / "train-labels-idx1-ubyte", data.IDX_IMAGES_MAGIC, np.zeros((6, 1, 1)))
-    with pytest.raises(ValueError, match="magic number 0x00000803, expected 0x00000801"):
+    with pytest.raises(
+        ValueError, match=r"0x00000803, expected 0x00000801 \(3 dimensions, expected 1"
+    ):
+        data.load_dataset("idx", tmp_path)
+    write_mnist(tmp_path, gz=True)
+    (tmp_path / "train-labels-idx1-ubyte.gz").replace(tmp_path / "train-labels-idx1-ubyte")
+    with pytest.raises(ValueError, match=r"0x1F8B08.*\(a gzip file: its name must end in \.gz\)"):
+        data.load_dataset("idx", tmp_path)
+
+
+@pytest.mark.parametrize("code", [0x09, 0x0B, 0x0C, 0x0D, 0x0E])
+def test_idx_other_data_types_are_refused_by_name(tmp_path, code):
+    """IDX also stores sbyte, short, int, float and double; MNIST's files are ubyte (0x08)."""
+    write_mnist(tmp_path)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", code << 8 | 3, np.zeros((4, 5, 3)))
+    name = data.IDX_TYPES[code]
+    with pytest.raises(ValueError, match=f"0x00000{code:X}03, expected 0x00000803 .*{name}s; only"):
         data.load_dataset("idx", tmp_path)
 
 
@@ -81,6 +99,12 @@ def test_idx_corrupt_gzip(tmp_path):
     path.write_bytes(b"not gzip at all")
     with pytest.raises(ValueError, match="cannot decompress"):
         data.load_dataset("idx", tmp_path)
+    write_mnist(tmp_path, gz=True)
+    raw = bytearray(path.read_bytes())
+    raw[-6] ^= 0xFF  # inside the CRC-32 of the trailer: the payload itself decompresses fine
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"cannot decompress.*CRC"):
+        data.load_dataset("idx", tmp_path)
 
 
 def test_idx_counts_and_shapes_must_agree(tmp_path):
@@ -92,6 +116,86 @@ def test_idx_counts_and_shapes_must_agree(tmp_path):
     write_idx(tmp_path / "t10k-images-idx3-ubyte", data.IDX_IMAGES_MAGIC, np.zeros((4, 3, 5)))
     with pytest.raises(ValueError, match="train images are"):
         data.load_dataset("idx", tmp_path)
+
+
+@pytest.mark.parametrize(
+    "dims", [(2**31, 28, 28), (2**21, 2**21, 2**22)], ids=["2**31 images", "2**64 bytes"]
+)
+def test_idx_header_declaring_huge_sizes_is_refused_without_allocating(tmp_path, dims):
+    write_mnist(tmp_path)
+    header = b"".join(d.to_bytes(4, "big") for d in dims)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(
+        data.IDX_IMAGES_MAGIC.to_bytes(4, "big") + header
+    )
+    expected = dims[0] * dims[1] * dims[2]  # exact: 2**64 must not wrap around to 0 bytes
+    with pytest.raises(
+        ValueError, match=f"images-idx3-ubyte' has 0 data bytes, expected {expected} "
+    ):
+        data.load_dataset("idx", tmp_path)
+
+
+def test_idx_gz_that_expands_to_much_more_than_its_header_is_read_in_pieces(tmp_path):
+    """A 32 KiB .gz holding 32 MiB of trailing zeros is refused with bounded memory."""
+    write_mnist(tmp_path)
+    (tmp_path / "train-labels-idx1-ubyte").unlink()
+    extra = 32 << 20
+    with gzip.open(tmp_path / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(data.IDX_LABELS_MAGIC.to_bytes(4, "big") + (6).to_bytes(4, "big") + bytes(6))
+        for _ in range(extra >> 20):
+            f.write(bytes(1 << 20))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=f"has {6 + extra} data bytes, expected 6"):
+            data.load_dataset("idx", tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < extra // 4, peak
+
+
+def test_idx_zero_examples(tmp_path):
+    for n_train, n_test in [(0, 4), (6, 0)]:
+        write_mnist(tmp_path, n_train=n_train, n_test=n_test)
+        with pytest.raises(ValueError, match="hold no examples"):
+            data.load_dataset("idx", tmp_path)
+
+
+def test_idx_plain_file_wins_over_gz_and_a_folder_is_not_a_file(tmp_path):
+    arrays = write_mnist(tmp_path)
+    write_mnist(tmp_path, n_train=7, gz=True)  # other data in the .gz files
+    ds = data.load_dataset("idx", tmp_path)
+    np.testing.assert_array_equal(ds.x_train * 255, arrays["train-images-idx3-ubyte"])
+    for name in ("t10k-labels-idx1-ubyte", "t10k-labels-idx1-ubyte.gz"):
+        (tmp_path / name).unlink()
+    (tmp_path / "t10k-labels-idx1-ubyte").mkdir()
+    with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte' is not a regular file"):
+        data.load_dataset("idx", tmp_path)
+
+
+def test_idx_digest_covers_every_file_and_not_the_compression(tmp_path):
+    plain, gz = tmp_path / "plain", tmp_path / "gz"
+    arrays = {
+        "train-images-idx3-ubyte": np.arange(6 * 15).reshape(6, 5, 3),
+        "train-labels-idx1-ubyte": np.arange(6) % 4,
+        "t10k-images-idx3-ubyte": np.arange(4 * 15).reshape(4, 5, 3)[::-1],
+        "t10k-labels-idx1-ubyte": np.arange(4) % 3,
+    }
+    for folder, compress in ((plain, False), (gz, True)):
+        folder.mkdir()
+        for name, array in arrays.items():
+            magic = data.IDX_IMAGES_MAGIC if "images" in name else data.IDX_LABELS_MAGIC
+            write_idx(folder / (name + (".gz" if compress else "")), magic, array, gz=compress)
+    digest = data.load_dataset("idx", plain).digest
+    # Pinned: a change of the formula would make every stored idx run look new.
+    assert digest == data.load_dataset("idx", gz).digest == "a64697d98fd0b4de"
+    for name, array in arrays.items():
+        changed = array.copy()
+        changed.flat[-1] = (changed.flat[-1] + 1) % 3  # stays a valid label
+        magic = data.IDX_IMAGES_MAGIC if "images" in name else data.IDX_LABELS_MAGIC
+        write_idx(plain / name, magic, changed)
+        assert data.load_dataset("idx", plain).digest != digest, name
+        write_idx(plain / name, magic, array)
+    assert data.load_dataset("idx", plain).digest == digest
 
 
 def test_idx_missing(tmp_path):
@@ -109,16 +213,43 @@ def test_unknown_dataset():
 
 
 def test_digits():
+    from sklearn.datasets import load_digits
+
     ds = data.load_dataset("digits")
     assert ds.input_shape == (8, 8) and ds.num_classes == 10
-    assert ds.n_train + len(ds.y_test) == 1797
+    assert (ds.n_train, len(ds.y_test)) == (1438, 359)
     assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32
     assert ds.x_train.min() == 0.0 and ds.x_train.max() == 1.0
-    assert data.load_dataset("digits") is ds  # cached in memory
+    # The split is a partition of the 1797 images (pixels 0..16 scaled by 1/16), fixed by its seed.
+    raw = load_digits()
+    order = np.random.default_rng(data.DIGITS_SPLIT_SEED).permutation(1797)
+    np.testing.assert_array_equal(ds.x_test * 16, raw.images[order[:359]])
+    np.testing.assert_array_equal(ds.y_train, raw.target[order[359:]])
+
+
+@pytest.mark.parametrize("name", ["digits", "mnist1d"])
+def test_cached_datasets_cannot_be_changed_by_a_caller(name):
+    ds = data.load_dataset(name)
+    fields = ("x_train", "y_train", "x_test", "y_test")
+    kept = {field: getattr(ds, field).copy() for field in fields}
+    for field in fields:
+        getattr(ds, field)[...] = 7  # a caller's own arrays: writable
+    again = data.load_dataset(name)
+    for field in fields:
+        np.testing.assert_array_equal(getattr(again, field), kept[field], err_msg=field)
 
 
 def test_mnist1d():
+    """The paper's data: get_dataset_args() defaults (5000 samples, 80/20, seed 42), built once.
+
+    Building it leaves the global numpy and random generators as they were.
+    """
+    data._mnist1d.cache_clear()
+    np.random.seed(1)  # noqa: NPY002
+    random.seed(1)
     ds = data.load_dataset("mnist1d")
+    assert np.random.rand() == np.random.RandomState(1).rand()  # noqa: NPY002
+    assert random.random() == random.Random(1).random()
     assert ds.x_train.shape == (4000, 40) and ds.x_test.shape == (1000, 40)
     assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32
     assert set(np.unique(ds.y_train)) == set(range(10))
