@@ -12,10 +12,11 @@ This is the construction of TensorFlow's ``tf.random.experimental.index_shuffle`
 index shuffle (a Feistel cipher over the next power of two), with the out-of-range values removed
 by compaction instead of cycle walking: cycle walking needs a data-dependent loop, which under
 ``vmap`` over sharded runs would synchronize the devices at every step. A Feistel network is not
-a uniformly random permutation (of its power-of-two domain it reaches only even permutations, for
-one), but with 8 rounds the position-to-value frequencies are indistinguishable from uniform in
-50,000 draws for ``n`` from 10 to 4000 (chi-square; ``tests/test_shuffle.py`` checks them and the
-independence of position pairs at a smaller scale).
+a uniformly random permutation (of a power-of-two domain of 16 or more it reaches only even
+permutations, for one; of 4 or 8, with a 1-bit half, odd ones too), but with 8 rounds the
+position-to-value frequencies are indistinguishable from uniform in 50,000 draws for ``n`` from 10
+to 4000 (chi-square; ``tests/test_shuffle.py`` checks them and the independence of position pairs
+at a smaller scale).
 """
 
 from __future__ import annotations

@@ -121,7 +121,10 @@ class RunResult:
     """The summary of one run: every field of a ``runs.jsonl`` record except the curve pointers.
 
     Final metrics come from the last evaluation; for a diverged run, from the last evaluation
-    before it diverged (``None`` if there was none).
+    before it diverged (``None`` if there was none). ``steps_to_target`` is the first evaluation
+    step whose full-train-set loss is ``<= target_loss`` (compared exactly, not in float32).
+    ``wall_seconds`` is the group's wall time (compilation included) divided by its number of
+    runs, which train side by side: the records of a group sum to the group's time.
     """
 
     run_id: str
@@ -547,12 +550,19 @@ def run_group(
     for curve in (train_loss, test_loss, test_acc):
         curve[after] = np.nan
     wall = time.perf_counter() - start
+    # In float64: NumPy compares a float32 array with a Python float in float32, which would round
+    # a target just below a float32 loss up to it and call it reached.
+    reached_target = (
+        train_loss.astype(np.float64) <= float(target_loss)
+        if target_loss is not None
+        else np.zeros(train_loss.shape, bool)
+    )
 
     runs = []
     for r, (lr, seed) in enumerate(grid):
         valid = np.flatnonzero(~after[r])
         last = valid[-1] if len(valid) else None
-        reached = np.flatnonzero(train_loss[r] <= target_loss) if target_loss is not None else []
+        reached = np.flatnonzero(reached_target[r])
         runs.append(
             RunResult(
                 run_id=spec.run_id(lr, seed, target_loss),

@@ -83,6 +83,27 @@ def test_matmul_gradients_match_autodiff(x_shape):
             np.testing.assert_allclose(got[run], ref, rtol=1e-5, atol=1e-3)
 
 
+def test_custom_vjps_second_derivatives_match_autodiff():
+    """Reverse over reverse (the custom backward passes are differentiated) and forward over
+    reverse (a Hessian-vector product), both through matmul and add_bias, as plain x @ w + b."""
+    kx, kw, kb, kv = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(kx, (5, 3, 6))
+    w, b = jax.random.normal(kw, (6, 4)), jax.random.normal(kb, (4,))
+    ours = lambda x, w, b: jnp.sum(jnp.tanh(models.add_bias(models.matmul(x, w), b)) ** 2)
+    plain = lambda x, w, b: jnp.sum(jnp.tanh(x @ w + b) ** 2)
+    np.testing.assert_allclose(ours(x, w, b), plain(x, w, b), rtol=1e-6)
+    hessian = lambda f: jax.tree.leaves(
+        jax.jit(jax.jacrev(jax.grad(f, (0, 1, 2)), (0, 1, 2)))(x, w, b)
+    )
+    for got, ref in zip(hessian(ours), hessian(plain), strict=True):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    keys = jax.random.split(kv, 3)
+    v = tuple(jax.random.normal(k, a.shape) for k, a in zip(keys, (x, w, b), strict=True))
+    hvp = lambda f: jax.jit(lambda *p: jax.jvp(jax.grad(f, (0, 1, 2)), p, v)[1])(x, w, b)
+    for got, ref in zip(hvp(ours), hvp(plain), strict=True):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("platform", ["cpu", "cuda", "tpu"])
 def test_matmul_materializes_the_transpose_only_on_cpu(platform):
     """The barrier that keeps x^T materialized is XLA:CPU-specific; other compilers get x^T g."""

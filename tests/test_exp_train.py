@@ -91,6 +91,32 @@ def test_identical_on_one_and_eight_devices(digits, mixed):
     ]
 
 
+def test_cnn_identical_on_one_and_two_devices():
+    """The 2-D CNN (convolutions, not the custom matmul) on 1 and 2 devices, bitwise.
+
+    Three runs (one diverging) do not divide 2 devices, so the run axis is padded to 4: three
+    runs share the one device, two each of the two. 40 synthetic 8 x 8 images, batch 8: 5 steps
+    an epoch, so 6 steps start a second one.
+    """
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 4, 50).astype(np.int32)
+    images = data.Dataset("images", x[:40], y[:40], x[40:], y[40:], 4)
+    grid = {"lrs": [0.1, 1e6, 0.3], "seeds": [0], "steps": 6, "eval_every": 3}
+    results = [
+        train.run_group(images, "cnn", 8, 0.9, **grid, target_loss=1.4, devices=jax.devices()[:n])
+        for n in (1, 2)
+    ]
+    assert [r.diverged_at for r in results[0].runs] == [None, 2, None]
+    assert np.isfinite(results[0].train_loss[[0, 2]]).all()
+    for other in results[1:]:
+        for name in CURVES:
+            np.testing.assert_array_equal(getattr(other, name), getattr(results[0], name))
+        assert [r.as_record() | {"wall_seconds": 0} for r in other.runs] == [
+            r.as_record() | {"wall_seconds": 0} for r in results[0].runs
+        ]
+
+
 # Linear model, batch 200: an epoch of digits (1438 examples) is 7 steps, so 12 steps reach into a
 # second epoch. lr 1.0 trains; lr 120 blows up through finite losses: its mini-batch loss is about
 # 197 at step 3 and 257 at step 5, so it first exceeds the threshold (100 * ln 10, about 230) at
@@ -129,6 +155,30 @@ def test_divergence_at_an_evaluation_step_keeps_the_previous_one(late):
     assert run.final_train_loss > 100  # the blown-up but finite evaluation at step 3
 
 
+def test_steps_to_target_compares_the_loss_exactly(digits, late):
+    """The first evaluation whose full-train-set loss is <= target_loss, compared exactly.
+
+    A float32 loss v is above any target in (v - half an ulp, v); comparing in float32 rounded
+    such a target up to v and reported the target as reached (at step 6 here), while the record's
+    own loss (the same v, as a float) stayed above it.
+    """
+    reached_at = late.eval_steps[1]
+    loss = float(late.train_loss[0, 1])  # the sane run's loss at step 6: a float32 value
+    below = float(np.nextafter(loss, 0.0))  # the float just below; as a float32 it is `loss`
+    assert np.float32(below) == np.float32(loss) and below < loss
+    for target in (loss, below):
+        result = train.run_group(
+            digits, "linear", LATE["batch"], 0.0, LATE["lrs"][:1], [LATE["seed"]],
+            LATE["steps"], LATE["eval_every"], target_loss=target, devices=jax.devices()[:1],
+        )  # fmt: skip
+        np.testing.assert_array_equal(result.train_loss[0], late.train_loss[0])
+        run = result.runs[0]
+        below_target = [float(v) <= target for v in late.train_loss[0]]
+        first = int(late.eval_steps[below_target.index(True)]) if any(below_target) else None
+        assert run.steps_to_target == first
+        assert (run.steps_to_target == reached_at) == (target == loss)
+
+
 def test_each_epoch_draws_a_fresh_permutation(digits, late):
     """The sane run of ``late`` is plain SGD on epoch e's order shuffle.permutation(fold_in(k, e)).
 
@@ -162,6 +212,52 @@ def test_each_epoch_draws_a_fresh_permutation(digits, late):
         )
         losses.append(float(loss))
     np.testing.assert_allclose(late.batch_loss[0], losses, rtol=1e-5)
+
+
+def test_divergence_at_the_first_step():
+    """Inputs of size 1e5 make the initial loss itself explode: diverged_at is 1 (1-based), the
+    first loss is kept, and no later loss and no evaluation counts, however lax the target."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 5)).astype(np.float32) * 1e5
+    y = rng.integers(0, 3, 40).astype(np.int32)
+    huge = data.Dataset("huge", x[:30], y[:30], x[30:], y[30:], 3)
+    result = train.run_group(
+        huge, "linear", 8, 0.0, [1e-3, 1.0], [0], 4, 2, target_loss=1e30, devices=jax.devices()[:1]
+    )
+    for r, run in enumerate(result.runs):
+        assert run.diverged and run.diverged_at == 1
+        assert np.isfinite(result.batch_loss[r, 0]) and result.batch_loss[r, 0] > 100 * math.log(3)
+        assert np.isnan(result.batch_loss[r, 1:]).all() and np.isnan(result.grad_norm[r, 1:]).all()
+        for curve in (result.train_loss, result.test_loss, result.test_accuracy):
+            assert np.isnan(curve[r]).all()
+        assert run.final_train_loss is run.final_test_loss is run.final_test_accuracy is None
+        assert run.steps_to_target is None
+
+
+def test_evaluation_is_the_mean_over_the_whole_sets(digits):
+    """The chunked, zero-weight-padded evaluation against a plain forward pass over each set.
+
+    Neither set is a whole number of EVAL_CHUNK chunks (1438 = 5 x 256 + 158, 359 = 256 + 103),
+    so both carry padding that must weigh nothing.
+    """
+    assert digits.n_train % train.EVAL_CHUNK and len(digits.y_test) % train.EVAL_CHUNK
+    st = train._Static("mlp", digits.input_shape, digits.num_classes, digits.n_train, BATCH)
+    runs = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("runs",)),
+        jax.sharding.PartitionSpec("runs"),
+    )
+    with jax.threefry_partitionable(False):
+        params = train._init_runs([(0.1, 0), (0.1, 1)], 0.9, st, runs).params
+    sets = [(digits.x_train, digits.y_train), (digits.x_test, digits.y_test)]
+    layouts = [train._eval_layout(x, y) for x, y in sets]
+    train_loss, test_loss, test_acc = train._evaluate(params, *layouts, st=st)
+    for r in range(2):
+        model = nnx.merge(train._graphdef(st), jax.tree.map(lambda a, r=r: a[r], params))
+        for (x, y), loss in zip(sets, (train_loss[r], test_loss[r]), strict=True):
+            per_example = optax.softmax_cross_entropy_with_integer_labels(model(x), y)
+            np.testing.assert_allclose(loss, np.mean(per_example), rtol=1e-6)
+        accuracy = np.mean(np.argmax(model(digits.x_test), axis=-1) == digits.y_test)
+        np.testing.assert_allclose(test_acc[r], accuracy, rtol=1e-6)
 
 
 def test_eval_steps_include_the_last_step():

@@ -87,3 +87,21 @@ def test_jit_with_a_static_n_and_numpy_integer_n():
         shuffle.permutation(jax.random.key(2), np.int64(50)),
         shuffle.permutation(jax.random.key(2), 50),
     )
+
+
+def _parity(perm: np.ndarray) -> int:
+    """0 for an even permutation, 1 for an odd one (n minus the number of cycles, mod 2)."""
+    seen, cycles = np.zeros(len(perm), bool), 0
+    for start in range(len(perm)):
+        if not seen[start]:
+            cycles += 1
+            i = start
+            while not seen[i]:
+                seen[i], i = True, perm[i]
+    return (len(perm) - cycles) % 2
+
+
+@pytest.mark.parametrize(("n", "parities"), [(4, {0, 1}), (8, {0, 1}), (16, {0}), (64, {0})])
+def test_parity_of_power_of_two_domains(n, parities):
+    """As the module says: only even permutations of 16 or more, both parities of 4 and 8."""
+    assert {_parity(p) for p in _draws(n, 300)} == parities
