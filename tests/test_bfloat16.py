@@ -194,10 +194,13 @@ def test_a_seed_means_the_same_through_inject_hyperparams(seed, injected_seed):
     """The same rounding bits from the seed passed directly and through inject_hyperparams."""
     grad = jnp.full((64,), 0.3, jnp.float32)
     options = dict(accumulator_dtype=jnp.bfloat16, rounding="stochastic")
-    plain = emm.ema_momentum(0.999, seed=seed, **options)
+    # 1 - 0.75 is exact in float32: with 0.999, 1 - beta differs between the Python float and
+    # the float32 array inject_hyperparams makes, and an element whose noise falls in that gap
+    # rounds differently (seeds 12344, 12346, 12350, 12357), which is not what this tests.
+    plain = emm.ema_momentum(0.75, seed=seed, **options)
     injected = optax.inject_hyperparams(
         emm.ema_momentum, static_args=("accumulator_dtype", "rounding")
-    )(0.999, seed=injected_seed, **options)
+    )(0.75, seed=injected_seed, **options)
     velocities = []
     for tx in (plain, injected):
         state = tx.init(grad)
@@ -248,3 +251,99 @@ def test_under_vmap_one_seed_draws_the_same_bits_for_every_member():
 
     v = np.asarray(jax.jit(jax.vmap(update))(jnp.arange(4), grads), np.float32)
     assert not any(np.array_equal(v[0], v[k]) for k in range(1, 4))
+
+
+# ---------------------------------------------------------------------------
+# Added by mutation testing.
+
+
+def bf16_nearest(x: np.ndarray) -> np.ndarray:
+    """Round-to-nearest-even of finite float32 values to bfloat16, as float32."""
+    bits = np.asarray(x, np.float32).view(np.uint32)
+    lsb = (bits >> np.uint32(16)) & np.uint32(1)
+    return ((bits + np.uint32(0x7FFF) + lsb) & np.uint32(0xFFFF0000)).view(np.float32)
+
+
+def bf16_toward_and_away_from_zero(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The two bfloat16 values (as float32) that bracket finite float32 values `x`."""
+    toward = np.asarray(x, np.float32).view(np.uint32) & np.uint32(0xFFFF0000)
+    return toward.view(np.float32), (toward + np.uint32(0x10000)).view(np.float32)
+
+
+@pytest.mark.parametrize("debias", [False, True])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_the_update_is_the_float32_ema_not_the_rounded_velocity(rounding, debias):
+    """Only the stored velocity is rounded to bfloat16; the float32 update is not."""
+    beta = 0.5
+    tx = emm.ema_momentum(beta, debias=debias, accumulator_dtype=jnp.bfloat16, rounding=rounding)
+    state = tx.init(jnp.zeros(64, jnp.float32))
+    stored, weight = np.zeros(64), 0.0  # float64 references
+    for g in (1 + 2**-7 / 3, -0.3, 2.7):  # 1 + 2**-7 / 3 makes v_1 fall between bf16 values
+        g = float(np.float32(g))
+        updates, state = jax.jit(tx.update)(jnp.full(64, g, jnp.float32), state)
+        v = beta * stored + (1 - beta) * g
+        weight = beta * weight + (1 - beta)
+        assert updates.dtype == jnp.float32
+        np.testing.assert_allclose(updates, v / weight if debias else v, rtol=1e-6)
+        velocity = np.asarray(state.velocity, np.float32)
+        if rounding == "nearest":
+            np.testing.assert_array_equal(velocity, bf16_nearest(v))
+        else:
+            toward, away = bf16_toward_and_away_from_zero(v)
+            assert np.all((velocity == toward) | (velocity == away))
+        stored = velocity.astype(np.float64)
+
+
+def test_under_grad_the_velocity_is_still_rounded_stochastically():
+    """The custom JVP only changes the derivative: the primal velocity keeps its random bits."""
+    value = 1 + 2**-7 / 3  # between two bfloat16 neighbours: rounds up with probability 1/3
+    low, high = bf16_neighbours(value)
+    grad = jnp.full((256,), value, jnp.float32)
+
+    def update_sum(beta):
+        tx = emm.ema_momentum(beta, accumulator_dtype=jnp.bfloat16, rounding="stochastic")
+        updates, state = tx.update(grad, tx.init(grad))
+        return jnp.sum(updates), state.velocity
+
+    (_, with_grad), d_beta = jax.value_and_grad(update_sum, has_aux=True)(jnp.float32(0.0))
+    _, without_grad = update_sum(jnp.float32(0.0))
+    # beta=0: the velocity is the gradient, rounded; nearest rounding would give `low` only.
+    assert set(np.unique(np.asarray(with_grad, np.float32))) == {low, high}
+    np.testing.assert_array_equal(
+        jax.lax.bitcast_convert_type(with_grad, jnp.uint16),
+        jax.lax.bitcast_convert_type(without_grad, jnp.uint16),
+    )
+    # u = beta * 0 + (1 - beta) * g: d sum(u) / d beta = -sum(g).
+    np.testing.assert_allclose(d_beta, -256 * np.float32(value), rtol=1e-6)
+
+
+def test_stochastic_rounding_applies_to_bfloat16_params_without_an_accumulator_dtype():
+    """accumulator_dtype=None stores a bfloat16 param's velocity in bfloat16, rounded as asked."""
+    params = jnp.zeros((256,), jnp.bfloat16)
+    grads = jnp.ones((256,), jnp.bfloat16)
+    low, high = bf16_neighbours(float(np.float32(0.1)))  # v_1 = 0.1 * 1: up with p = 0.8
+    velocities = []
+    for accumulator_dtype in (None, jnp.bfloat16):
+        tx = emm.ema_momentum(0.9, accumulator_dtype=accumulator_dtype, rounding="stochastic")
+        _, state = jax.jit(tx.update)(grads, tx.init(params))
+        assert state.velocity.dtype == jnp.bfloat16
+        velocities.append(np.asarray(state.velocity, np.float32))
+    # Nearest rounding would give `high` everywhere.
+    assert set(np.unique(velocities[0])) == {low, high}
+    np.testing.assert_array_equal(velocities[0], velocities[1])
+
+
+def test_ema_sgd_forwards_the_rounding_and_the_seed():
+    value = 1 + 2**-7 / 3
+    low, high = bf16_neighbours(value)
+    grad = jnp.full((256,), value, jnp.float32)
+    options = dict(accumulator_dtype=jnp.bfloat16, rounding="stochastic")
+
+    def velocity(tx):
+        _, state = jax.jit(tx.update)(grad, tx.init(grad), grad)
+        return np.asarray(optax.tree.get(state, "velocity"), np.float32)
+
+    seven = velocity(emm.ema_sgd(0.1, 0.0, seed=7, **options))
+    assert set(np.unique(seven)) == {low, high}  # nearest rounding would give `low` only
+    np.testing.assert_array_equal(seven, velocity(emm.ema_momentum(0.0, seed=7, **options)))
+    assert np.any(seven != velocity(emm.ema_sgd(0.1, 0.0, seed=0, **options)))

@@ -776,3 +776,116 @@ def test_good_edge_values_are_accepted():
     emm.ema_sgd(0.0, 0.0)
     emm.ema_sgd(jnp.asarray(0.1), jnp.asarray(0.999), nu=1.0)
     emm.ema_sgd(optax.constant_schedule(0.1), optax.constant_schedule(0.9))
+
+
+# ---------------------------------------------------------------------------
+# Dtypes and ema_sgd's options, against float64 NumPy references (added by mutation testing).
+
+
+@pytest.mark.parametrize(
+    ("grad_dtype", "accumulator_dtype"), [(np.float64, np.float32), (np.float32, np.float64)]
+)
+def test_arithmetic_runs_in_the_wider_of_the_gradient_and_accumulator_dtypes(
+    grad_dtype, accumulator_dtype
+):
+    # Under x64, a float32 velocity for float64 gradients (or a float64 one for float32
+    # gradients) is combined with the gradient in float64: only the stored velocity is rounded
+    # to its dtype, and only the update to the gradient's.
+    beta = 0.9
+    grads = np.random.default_rng(0).normal(size=(4, 5)).astype(grad_dtype)
+    tolerance = {np.float64: dict(rtol=1e-13, atol=1e-14), np.float32: dict(rtol=1e-6, atol=1e-7)}
+    with enable_x64(True):
+        tx = emm.ema_momentum(beta, debias=True, accumulator_dtype=accumulator_dtype)
+        state = tx.init(jnp.zeros(5, grad_dtype))
+        stored, weight = np.zeros(5), 0.0  # float64 references
+        for g in grads:
+            updates, state = tx.update(jnp.asarray(g), state)
+            v = beta * stored + (1 - beta) * g.astype(np.float64)
+            weight = beta * weight + (1 - beta)
+            stored = v.astype(accumulator_dtype).astype(np.float64)
+            assert updates.dtype == grad_dtype
+            assert state.velocity.dtype == accumulator_dtype
+            np.testing.assert_allclose(updates, v / weight, **tolerance[grad_dtype])
+            np.testing.assert_allclose(state.velocity, stored, **tolerance[accumulator_dtype])
+
+
+def test_a_complex128_accumulator_keeps_complex64_updates():
+    g = np.array([1 + 2j, -0.5 + 0.25j, 3 - 1j], np.complex64)
+    with enable_x64(True):
+        tx = emm.ema_momentum(0.5, debias=True, accumulator_dtype=jnp.complex128)
+        state = tx.init(jnp.zeros(3, jnp.complex64))
+        v, weight = np.zeros(3, np.complex128), 0.0
+        for k in range(1, 4):
+            updates, state = tx.update(jnp.asarray(k * g), state)
+            v = 0.5 * v + 0.5 * k * g.astype(np.complex128)  # exact: dyadic values
+            weight = 0.5 * weight + 0.5
+            assert updates.dtype == jnp.complex64
+            assert state.velocity.dtype == jnp.complex128
+            np.testing.assert_array_equal(state.velocity, v)
+            np.testing.assert_allclose(updates, v / weight, rtol=1e-6)
+
+
+def test_integer_leaves_get_a_float64_velocity_under_x64():
+    # The default float dtype, as optax.ema computes: float64 under x64, not float32.
+    with enable_x64(True):
+        tx = emm.ema_momentum(0.5)
+        state = tx.init({"a": jnp.zeros(2, jnp.int32)})
+        assert state.velocity["a"].dtype == jnp.float64
+        for _ in range(30):
+            updates, state = tx.update({"a": jnp.array([3, -7], jnp.int32)}, state)
+        assert updates["a"].dtype == jnp.float64
+        # 0.5 ** 30 is below float32 resolution, not float64's: the sums are exact in float64.
+        np.testing.assert_array_equal(updates["a"], np.array([3.0, -7.0]) * (1 - 0.5**30))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "stored"),
+    [(jnp.float64, jnp.float32), ("float64", jnp.float32), (np.complex128, jnp.complex64)],
+)
+def test_a_64_bit_accumulator_dtype_without_x64_is_the_32_bit_one(dtype, stored, recwarn):
+    # Without x64 jax has no 64-bit arrays: the velocity is stored in the 32-bit counterpart,
+    # as `jnp.asarray` would store it, without a truncation warning at init or update.
+    assert not jax.config.jax_enable_x64
+    tx = emm.ema_momentum(0.5, accumulator_dtype=dtype)
+    state = tx.init(jnp.zeros(3))
+    updates, state = jax.jit(tx.update)(jnp.array([1.0, 2.0, -4.0]), state)
+    assert state.velocity.dtype == stored
+    assert updates.dtype == jnp.float32
+    np.testing.assert_array_equal(updates, [0.5, 1.0, -2.0])
+    assert not [str(w.message) for w in recwarn.list]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"debias": True},
+        {"nesterov": True},
+        {"nu": 0.25},
+        {"nu": 0.25, "debias": True},
+        {"nesterov": True, "debias": True, "accumulator_dtype": jnp.float32},
+    ],
+)
+def test_ema_sgd_forwards_every_option_to_ema_momentum(kwargs):
+    # theta_t = theta_{t-1} - lr * u_t with u_t from the formulas of the ema_momentum docstring,
+    # computed in float64 (the velocity stored in float32 when asked).
+    lr, beta = 0.3, 0.8
+    grads = np.random.default_rng(1).normal(size=(6, 4))
+    accumulator = kwargs.get("accumulator_dtype", np.float64)
+    nu = beta if kwargs.get("nesterov") else kwargs.get("nu", 1.0)
+    theta, v, weight = np.zeros(4), np.zeros(4), 0.0
+    expected = []
+    for g in grads:
+        v_new = beta * v + (1 - beta) * g
+        weight = beta * weight + (1 - beta)
+        v_hat = v_new / weight if kwargs.get("debias") else v_new
+        theta = theta - lr * (nu * v_hat + (1 - nu) * g)
+        expected.append(theta)
+        v = v_new.astype(accumulator).astype(np.float64)
+    with enable_x64(True):
+        tx = emm.ema_sgd(lr, beta, **kwargs)
+        path = _descend(tx, list(jnp.asarray(grads)), jnp.zeros(4, jnp.float64))
+        velocity = optax.tree.get(_run(tx, list(jnp.asarray(grads)), jnp.zeros(4))[1], "velocity")
+    assert velocity.dtype == accumulator
+    np.testing.assert_allclose(velocity, v, rtol=1e-12)
+    np.testing.assert_allclose(np.stack(path), np.stack(expected), rtol=1e-12, atol=1e-14)
