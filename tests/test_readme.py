@@ -33,11 +33,12 @@ def _python_blocks():
     return {block.splitlines()[0]: block for block in blocks}
 
 
-def _run(first_line, **names):
-    """Runs the README example that starts with ``first_line`` in a namespace of ``names``."""
+def _run(first_line, *, replace=("", ""), **names):
+    """Runs the README example that starts with ``first_line`` in a namespace of ``names``
+    (with ``replace``'s first text replaced by its second)."""
     blocks = _python_blocks()
     assert first_line in blocks, sorted(blocks)
-    exec(compile(blocks[first_line], "README.md", "exec"), names)
+    exec(compile(blocks[first_line].replace(*replace), "README.md", "exec"), names)
     return names
 
 
@@ -136,12 +137,12 @@ def test_readme_scaling_out_keeps_the_velocity_sharded_like_the_params():
     def loss(p, x, y):
         return jnp.mean((x @ p["w"] - y) ** 2) + jnp.sum(p["b"] ** 2)
 
-    blocks = _python_blocks()
-    first = "from jax.sharding import AxisType, NamedSharding, PartitionSpec as P"
-    source = blocks[first].replace("jax.distributed.initialize()", "pass")  # one host here
-    ns = {"jax": jax, "optax": optax, "tx": emm.ema_sgd(0.1, 0.9), "loss": loss}
-    ns.update(params=_params(), x=jnp.ones((16, 8)), y=jnp.zeros((16, 2)))
-    exec(compile(source, "README.md", "exec"), ns)
+    ns = _run(
+        "from jax.sharding import AxisType, NamedSharding, PartitionSpec as P",
+        replace=("jax.distributed.initialize()", "pass"),  # one host here
+        jax=jax, optax=optax, tx=emm.ema_sgd(0.1, 0.9), loss=loss, params=_params(),
+        x=jnp.ones((16, 8)), y=jnp.zeros((16, 2)),
+    )  # fmt: skip
     params, opt_state = ns["step"](ns["params"], ns["opt_state"], ns["x"], ns["y"])
     velocity = opt_state[0].velocity
     for name in params:
