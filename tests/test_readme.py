@@ -158,3 +158,33 @@ def test_readme_bfloat16_state():
     first = next(k for k in _python_blocks() if k.startswith("tx = emm.ema_sgd(lr"))
     ns = _run(first, emm=emm, jnp=jnp, lr=0.1)
     assert ns["tx"].init({"w": jnp.ones(3)})[0].velocity["w"].dtype == jnp.bfloat16
+
+
+def _lower_bounds():
+    """``{name: (major, minor, patch)}`` of each ``name>=version`` requirement of pyproject.toml."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = [*project["dependencies"], *project["optional-dependencies"]["experiments"]]
+    bounds = {}
+    for requirement in requirements:
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", requirement)
+        if match:
+            bounds[match[1]] = _version(match[2])
+    return bounds
+
+
+def _version(text):
+    return tuple(int(n) for n in [*text.split("."), "0", "0"][:3])
+
+
+def test_readme_versions_are_the_pyproject_lower_bounds():
+    """The Versions paragraph names the lower bounds the project declares, flax's included: the
+    suite is run at those bounds with one flax, so the extra must not allow an older one."""
+    readme = (ROOT / "README.md").read_text()
+    versions = readme.split("\nVersions:", 1)[1].split("\n\n", 1)[0]
+    bounds = _lower_bounds()
+    library = re.search(r"`jax >= ([0-9.]+)` and `optax >= ([0-9.]+)`", versions)
+    assert (_version(library[1]), _version(library[2])) == (bounds["jax"], bounds["optax"])
+    flax = re.search(r"at those\s+lower bounds \(with flax ([0-9.]+)\)", versions)
+    assert _version(flax[1]) == bounds["flax"]
