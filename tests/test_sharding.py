@@ -163,6 +163,31 @@ def test_vmap_over_a_sharded_batch_of_models(axis_type):
             assert_same_sharding(state.velocity, batch)
 
 
+def test_explicit_axes_vmap_update_needs_the_count_sharded_like_the_batch():
+    """The README's known limit, as of this jax version.
+
+    Under explicit mesh axes an eager vmap(init) shards the per-model count like the batch and
+    vmap(update) works; a jitted vmap(init) leaves the count unsharded and vmap(update) refuses
+    that state. If a future jax accepts it, this test flags that the README is stale.
+    """
+    mesh = mesh_of("1d", AxisType.Explicit)
+    batch = jax.device_put(
+        jnp.linspace(-1.0, 1.0, 8 * 6).reshape(8, 6), NamedSharding(mesh, P("d"))
+    )
+    tx = emm.ema_momentum(0.5)
+    with jax.set_mesh(mesh):
+        state = jax.vmap(tx.init)(batch)
+        assert state.count.sharding.spec == P("d")
+        updates, _ = jax.jit(jax.vmap(tx.update))(batch, state)
+        np.testing.assert_allclose(updates, 0.5 * np.asarray(batch), rtol=1e-6)
+
+        state = jax.jit(jax.vmap(tx.init))(batch)
+        assert state.count.sharding.spec != P("d")
+        for update in (jax.vmap(tx.update), jax.jit(jax.vmap(tx.update))):
+            with pytest.raises(ValueError, match="should be sharded the same"):
+                update(batch, state)
+
+
 def test_vmap_update_matches_per_model_updates():
     mesh = mesh_of("1d")
     grads = jax.device_put(
