@@ -280,8 +280,8 @@ def ema_momentum(
         runs are reproducible and need no key. Under ``jax.vmap`` over models,
         map ``seed`` too (e.g. ``optax.inject_hyperparams``) for independent noise:
         with one seed every member draws the same bits. ``inject_hyperparams``
-        makes a Python int an int32: pass a seed of ``2**31`` or more as a
-        ``numpy.uint32``.
+        makes a Python int an int32: pass a seed of ``2**31`` or more as
+        ``jnp.uint32(seed)`` (it leaves a NumPy scalar out of its hyperparameters).
 
     Returns:
       An :class:`optax.GradientTransformation` with state :class:`EmaMomentumState`.

@@ -188,3 +188,38 @@ def test_readme_versions_are_the_pyproject_lower_bounds():
     assert (_version(library[1]), _version(library[2])) == (bounds["jax"], bounds["optax"])
     flax = re.search(r"at those\s+lower bounds \(with flax ([0-9.]+)\)", versions)
     assert _version(flax[1]) == bounds["flax"]
+
+
+def test_readme_large_seed_advice_makes_a_hyperparameter_that_maps():
+    """A seed >= 2**31 passed through inject_hyperparams as the README says stays a hyperparameter:
+    mapped over an ensemble, each member draws its own bits, the first those of its plain seed."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    import ema_momentum as emm
+
+    readme = (ROOT / "README.md").read_text()
+    advice = re.search(r"pass a seed of 2\*\*31 or\s+more as `([^`]+)`", readme)[1]
+    seeds = [2**32 - 5, 2**31]
+    options = dict(accumulator_dtype=jnp.bfloat16, rounding="stochastic")
+    factory = optax.inject_hyperparams(emm.ema_momentum, static_args=tuple(options))
+    grad = jnp.full((64,), 0.3, jnp.float32)
+    states = []
+    for seed in seeds:
+        injected = eval(advice, {"jnp": jnp, "np": np, "seed": seed})
+        states.append(factory(0.75, seed=injected, **options).init(grad))
+        assert int(states[-1].hyperparams["seed"]) == seed
+    tx = factory(0.75, seed=jnp.uint32(0), **options)
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+    grads = jnp.stack([grad, grad])
+    for _ in range(3):
+        _, stacked = jax.jit(jax.vmap(tx.update))(grads, stacked)
+    velocity = np.asarray(optax.tree.get(stacked, "velocity"), np.float32)
+    assert not np.array_equal(velocity[0], velocity[1])
+    plain = emm.ema_momentum(0.75, seed=seeds[0], **options)
+    state = plain.init(grad)
+    for _ in range(3):
+        _, state = jax.jit(plain.update)(grad, state)
+    np.testing.assert_array_equal(velocity[0], np.asarray(state.velocity, np.float32))
