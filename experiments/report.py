@@ -590,15 +590,13 @@ def fig_noise_scale(res: Results, path: Path) -> str:
     """B_simple along training against the fitted critical batch sizes."""
     rows = res.noise["rows"]
     steps = np.array([max(r["step"], 1) for r in rows], float)
-    b = np.array([r["b_simple"] for r in rows], float)
-    rel = np.sqrt(
-        np.array(
-            [
-                (r["trace_stderr"] / r["trace"]) ** 2 + (r["grad_sq_stderr"] / r["grad_sq"]) ** 2
-                for r in rows
-            ]
+    # Non-finite estimates are stored as null: nan here, a gap in the plot.
+    column = lambda key: np.array([r[key] for r in rows], float)
+    b = column("b_simple")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.hypot(
+            column("trace_stderr") / column("trace"), column("grad_sq_stderr") / column("grad_sq")
         )
-    )
     fig = _figure(figsize=(7, 4.6))
     ax = fig.subplots()
     ax.errorbar(steps, b, yerr=b * rel, fmt="o-", color="k", capsize=3,
@@ -615,7 +613,7 @@ def fig_noise_scale(res: Results, path: Path) -> str:
     ax.set_title(f"Gradient noise scale along SGD training (lr {res.noise['lr']:.3g})")
     _legend(ax, fontsize=8)
     twin = ax.twinx()
-    twin.plot(steps, [r["train_loss"] for r in rows], "s:", color="gray", alpha=0.7)
+    twin.plot(steps, column("train_loss"), "s:", color="gray", alpha=0.7)
     twin.set_ylabel("full training loss (gray)")
     fig.savefig(path, dpi=110)
     return (
@@ -1281,9 +1279,9 @@ def _noise_section(res: Results) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['step']} | {r['train_loss']:.3f} | {_fmt(r['b_simple'])} "
-            f"| {r['grad_sq']:.3g} ± {r['grad_sq_stderr']:.2g} | {r['trace']:.3g} ± "
-            f"{r['trace_stderr']:.2g} |"
+            f"| {r['step']} | {_fmt(r['train_loss'], '.3f')} | {_fmt(r['b_simple'])} "
+            f"| {_fmt(r['grad_sq'])} ± {_fmt(r['grad_sq_stderr'], '.2g')} | {_fmt(r['trace'])} ± "
+            f"{_fmt(r['trace_stderr'], '.2g')} |"
         )
     return "\n".join(lines)
 
@@ -1356,7 +1354,8 @@ def build(out: str | Path) -> Path:
             captions[name] = draw(res, figures / f"{name}.png")
     if effective_triples(res):
         captions["effective_batch"] = fig_effective(res, figures / "effective_batch.png")
-    if res.noise:
+    # A log axis needs a positive B_simple (null where the |G|^2 estimate was not positive).
+    if res.noise and any((r["b_simple"] or 0) > 0 for r in res.noise["rows"]):
         captions["noise_scale"] = fig_noise_scale(res, figures / "noise_scale.png")
     items = verdicts(res)  # each one "not settled" where its results are missing
     write_json(res.out / "verdicts.json", items)

@@ -382,6 +382,12 @@ class Study:
             self.data, p.model, lr=lr, batch_size=b_small, checkpoints=p.noise_scale_checkpoints,
             b_small=b_small, b_big=b_big, num_pairs=p.noise_scale_pairs, seed=0,
         )  # fmt: skip
+        # B_simple is nan when the |G|^2 estimate is not positive, and a run that blew up has
+        # non-finite values; strict JSON stores them as null.
+        rows = [
+            {k: v if isinstance(v, int) or math.isfinite(v) else None for k, v in row.items()}
+            for row in rows
+        ]
         write_json(self.out / "noise_scale.json", {"lr": lr, "beta": 0.0, "rows": rows})
         return {"lr": lr}
 

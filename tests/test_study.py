@@ -225,3 +225,43 @@ def test_stages_without_a_trained_sgd_lr_are_skipped_and_the_report_says_why(tmp
     assert not (out / "effective").exists() and not (out / "noise_scale.json").exists()
     text = report.build(out).read_text()
     assert text.count("Not run: at batch size 16 most seeds of the sweep diverged") == 2
+
+
+def test_noise_scale_stage_stores_nonfinite_estimates_as_null_and_the_report_shows_them(
+    tmp_path, monkeypatch
+):
+    # A |G|^2 estimate <= 0 makes B_simple nan (by design), and a run that blew up has an
+    # infinite loss; strict JSON has neither, so the stage crashed after all its training, and
+    # again on every rerun (same seed, stage never recorded).
+    from experiments import noise_scale
+
+    nan, inf = float("nan"), float("inf")
+    rows = [
+        dict(step=0, train_loss=2.3, b_simple=120.0, grad_sq=0.5, trace=60.0, grad_sq_stderr=0.01,
+             trace_stderr=2.0, small_sq=2.3, big_sq=0.6),
+        dict(step=50, train_loss=0.2, b_simple=nan, grad_sq=-0.1, trace=5.0, grad_sq_stderr=0.2,
+             trace_stderr=1.0, small_sq=2.0, big_sq=0.5),
+        dict(step=100, train_loss=inf, b_simple=nan, grad_sq=nan, trace=nan, grad_sq_stderr=nan,
+             trace_stderr=nan, small_sq=nan, big_sq=nan),
+    ]  # fmt: skip
+    monkeypatch.setattr(noise_scale, "along_training", lambda *a, **k: rows)
+    monkeypatch.setattr(study.Study, "best_sgd_lr", lambda self, batch_size: 0.1)
+    monkeypatch.setattr(study.Study, "data", None)
+    out = tmp_path / "results"
+    out.mkdir()
+    job = study.Study(out, TINY, progress=False)
+    job.stage("noise_scale", job.noise_scale)
+    stored = json.loads((out / "noise_scale.json").read_text())
+    assert stored["rows"][1]["b_simple"] is None and stored["rows"][1]["grad_sq"] == -0.1
+    assert stored["rows"][2]["train_loss"] is None and stored["rows"][2]["trace"] is None
+    text = report.build(out).read_text()
+    assert "| 50 | 0.200 | - | -0.1 ± 0.2 | 5 ± 1 |" in text
+    assert "| 100 | - | - | - ± - | - ± - |" in text
+    assert "(figures/noise_scale.png)" in text
+    # No positive B_simple at all: nothing to draw on a log axis, the table alone.
+    stored["rows"] = stored["rows"][1:]
+    (out / "noise_scale.json").write_text(json.dumps(stored))
+    (out / "figures" / "noise_scale.png").unlink()
+    text = report.build(out).read_text()
+    assert "| 50 | 0.200 | - | -0.1 ± 0.2 | 5 ± 1 |" in text
+    assert "noise_scale.png" not in text
