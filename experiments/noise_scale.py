@@ -212,29 +212,28 @@ def along_training(
 
     grad_fn = jax.grad(mean_loss)
 
+    key = jax.random.key(seed)
+    train_key, estimate_key = jax.random.split(key)
+
     @functools.partial(jax.jit, static_argnames="length")
-    def train(params, opt_state, key, length):
-        def body(carry, k):
+    def train(params, opt_state, start, length):
+        def body(carry, step):
             params, opt_state = carry
+            # One key per step, so the run is the same whichever checkpoints split it.
+            k = jax.random.fold_in(train_key, step)
             index = jax.random.randint(k, (batch_size,), 0, x.shape[0])
             updates, opt_state = tx.update(grad_fn(params, x[index], y[index]), opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), None
 
-        (params, opt_state), _ = jax.lax.scan(
-            body, (params, opt_state), jax.random.split(key, length)
-        )
+        (params, opt_state), _ = jax.lax.scan(body, (params, opt_state), start + jnp.arange(length))
         return params, opt_state
 
-    key = jax.random.key(seed)
-    train_key, estimate_key = jax.random.split(key)
     # Training in equal chunks (the checkpoints' gcd) compiles the scan once.
     chunk = math.gcd(*checkpoints)
     opt_state, done, rows = tx.init(params), 0, []
     for step in sorted(set(checkpoints)):
         while done < step:
-            params, opt_state = train(
-                params, opt_state, jax.random.fold_in(train_key, done), length=chunk
-            )
+            params, opt_state = train(params, opt_state, done, length=chunk)
             done += chunk
         estimate = estimate_noise_scale(
             grad_fn, params, x, y, b_small, b_big, num_pairs,

@@ -86,3 +86,24 @@ def test_estimator_rejects_single_pair():
     params, x, y, *_ = _mean_estimation_problem()
     with pytest.raises(ValueError, match="num_pairs"):
         noise_scale.estimate_noise_scale(_GRAD, params, x, y, 4, 64, 1, jax.random.key(0))
+
+
+def test_along_training_is_one_run_whichever_checkpoints_split_it(monkeypatch):
+    # The training batches used to be drawn per chunk of gcd(checkpoints) steps, so asking for
+    # one more checkpoint changed the run (and every later measurement) it was meant to observe.
+    from experiments.data import Dataset
+
+    # The run alone is under test (the estimator's compilation would double the test's time).
+    monkeypatch.setattr(
+        noise_scale, "estimate_noise_scale", lambda *a: noise_scale.NoiseScale(*[0.0] * 7)
+    )
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 4)).astype(np.float32)
+    y = (np.arange(8) % 3).astype(np.int32)
+    data = Dataset("tiny", x, y, x, y, 3)
+    kw = dict(lr=0.5, batch_size=2, b_small=2, b_big=4, num_pairs=2)
+    coarse = noise_scale.along_training(data, "linear", checkpoints=(0, 4), **kw)
+    fine = noise_scale.along_training(data, "linear", checkpoints=(0, 2, 4), **kw)
+    assert [r["step"] for r in fine] == [0, 2, 4]
+    assert coarse == [fine[0], fine[2]]
+    assert fine[1]["train_loss"] != fine[2]["train_loss"]  # it trains
