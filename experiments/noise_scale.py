@@ -44,6 +44,10 @@ class NoiseScale(NamedTuple):
     """Estimates averaged over ``num_pairs`` pairs of independent batches."""
 
     b_simple: float  # tr(Sigma) / |G|^2 (ratio of the two means); nan if |G|^2 <= 0
+    # Standard error of b_simple (delta method). The two estimates of one pair are strongly
+    # anti-correlated (|G_small|^2 enters them with opposite signs), so combining their standard
+    # errors as if independent understates it (by ~20% at B = 32/512 on MNIST-1D).
+    b_simple_stderr: float
     grad_sq: float  # mean unbiased estimate of |G|^2
     trace: float  # mean unbiased estimate of tr(Sigma)
     grad_sq_stderr: float  # standard error of grad_sq over the pairs
@@ -151,8 +155,11 @@ def estimate_noise_scale(
     big_sq = np.asarray(big_sq, dtype=np.float64)
     grad_sq, trace = unbiased_estimates(small_sq, big_sq, b_small, b_big)
     stderr = lambda values: float(values.std(ddof=1) / np.sqrt(values.size))
+    b_simple = simple_noise_scale(float(grad_sq.mean()), float(trace.mean()))
     return NoiseScale(
-        b_simple=simple_noise_scale(float(grad_sq.mean()), float(trace.mean())),
+        b_simple=b_simple,
+        # The ratio's first-order error is the mean of (trace - b_simple grad_sq) / mean(grad_sq).
+        b_simple_stderr=stderr(trace - b_simple * grad_sq) / float(grad_sq.mean()),
         grad_sq=float(grad_sq.mean()),
         trace=float(trace.mean()),
         grad_sq_stderr=stderr(grad_sq),

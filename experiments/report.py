@@ -593,13 +593,11 @@ def fig_noise_scale(res: Results, path: Path) -> str:
     # Non-finite estimates are stored as null: nan here, a gap in the plot.
     column = lambda key: np.array([r[key] for r in rows], float)
     b = column("b_simple")
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.hypot(
-            column("trace_stderr") / column("trace"), column("grad_sq_stderr") / column("grad_sq")
-        )
+    # Results written before B_simple had its own standard error draw without error bars.
+    err = np.array([r.get("b_simple_stderr") for r in rows], float)
     fig = _figure(figsize=(7, 4.6))
     ax = fig.subplots()
-    ax.errorbar(steps, b, yerr=b * rel, fmt="o-", color="k", capsize=3,
+    ax.errorbar(steps, b, yerr=err, fmt="o-", color="k", capsize=3,
                 label="B_simple = tr(Sigma) / |G|^2 (+- 1 s.e.)")  # fmt: skip
     for beta in res.betas():
         fit = res.fit(beta)
@@ -1279,7 +1277,8 @@ def _noise_section(res: Results) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['step']} | {_fmt(r['train_loss'], '.3f')} | {_fmt(r['b_simple'])} "
+            f"| {r['step']} | {_fmt(r['train_loss'], '.3f')} | {_fmt(r['b_simple'])} ± "
+            f"{_fmt(r.get('b_simple_stderr'), '.2g')} "
             f"| {_fmt(r['grad_sq'])} ± {_fmt(r['grad_sq_stderr'], '.2g')} | {_fmt(r['trace'])} ± "
             f"{_fmt(r['trace_stderr'], '.2g')} |"
         )

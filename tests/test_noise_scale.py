@@ -82,6 +82,25 @@ def test_estimator_is_unbiased_for_a_tiny_dataset_sampled_with_replacement():
     assert est.b_simple == pytest.approx(est.trace / est.grad_sq, rel=1e-12)
 
 
+def test_b_simple_stderr_is_its_spread_over_independent_estimates():
+    # |G_small|^2 enters the pair's |G|^2 and tr(Sigma) estimates with opposite signs, so they
+    # are anti-correlated (-0.75 here) and the ratio varies more than their standard errors
+    # combined as if independent say (0.77 of the spread here).
+    params, x, y, *_ = _mean_estimation_problem()
+    estimates = [
+        noise_scale.estimate_noise_scale(_GRAD, params, x, y, 8, 32, 64, jax.random.key(k))
+        for k in range(200)
+    ]
+    spread = np.std([e.b_simple for e in estimates], ddof=1)
+    stderr = np.mean([e.b_simple_stderr for e in estimates])
+    independent = np.mean(
+        [e.b_simple * np.hypot(e.trace_stderr / e.trace, e.grad_sq_stderr / e.grad_sq)
+         for e in estimates]
+    )  # fmt: skip
+    assert 0.88 < stderr / spread < 1.12
+    assert independent / spread < 0.85
+
+
 def test_estimator_rejects_single_pair():
     params, x, y, *_ = _mean_estimation_problem()
     with pytest.raises(ValueError, match="num_pairs"):
@@ -95,7 +114,9 @@ def test_along_training_is_one_run_whichever_checkpoints_split_it(monkeypatch):
 
     # The run alone is under test (the estimator's compilation would double the test's time).
     monkeypatch.setattr(
-        noise_scale, "estimate_noise_scale", lambda *a: noise_scale.NoiseScale(*[0.0] * 7)
+        noise_scale,
+        "estimate_noise_scale",
+        lambda *a: noise_scale.NoiseScale(*[0.0] * len(noise_scale.NoiseScale._fields)),
     )
     rng = np.random.default_rng(0)
     x = rng.normal(size=(8, 4)).astype(np.float32)

@@ -237,12 +237,12 @@ def test_noise_scale_stage_stores_nonfinite_estimates_as_null_and_the_report_sho
 
     nan, inf = float("nan"), float("inf")
     rows = [
-        dict(step=0, train_loss=2.3, b_simple=120.0, grad_sq=0.5, trace=60.0, grad_sq_stderr=0.01,
-             trace_stderr=2.0, small_sq=2.3, big_sq=0.6),
-        dict(step=50, train_loss=0.2, b_simple=nan, grad_sq=-0.1, trace=5.0, grad_sq_stderr=0.2,
-             trace_stderr=1.0, small_sq=2.0, big_sq=0.5),
-        dict(step=100, train_loss=inf, b_simple=nan, grad_sq=nan, trace=nan, grad_sq_stderr=nan,
-             trace_stderr=nan, small_sq=nan, big_sq=nan),
+        dict(step=0, train_loss=2.3, b_simple=120.0, b_simple_stderr=6.0, grad_sq=0.5,
+             trace=60.0, grad_sq_stderr=0.01, trace_stderr=2.0, small_sq=2.3, big_sq=0.6),
+        dict(step=50, train_loss=0.2, b_simple=nan, b_simple_stderr=nan, grad_sq=-0.1,
+             trace=5.0, grad_sq_stderr=0.2, trace_stderr=1.0, small_sq=2.0, big_sq=0.5),
+        dict(step=100, train_loss=inf, b_simple=nan, b_simple_stderr=nan, grad_sq=nan,
+             trace=nan, grad_sq_stderr=nan, trace_stderr=nan, small_sq=nan, big_sq=nan),
     ]  # fmt: skip
     monkeypatch.setattr(noise_scale, "along_training", lambda *a, **k: rows)
     monkeypatch.setattr(study.Study, "best_sgd_lr", lambda self, batch_size: 0.1)
@@ -255,13 +255,14 @@ def test_noise_scale_stage_stores_nonfinite_estimates_as_null_and_the_report_sho
     assert stored["rows"][1]["b_simple"] is None and stored["rows"][1]["grad_sq"] == -0.1
     assert stored["rows"][2]["train_loss"] is None and stored["rows"][2]["trace"] is None
     text = report.build(out).read_text()
-    assert "| 50 | 0.200 | - | -0.1 ± 0.2 | 5 ± 1 |" in text
-    assert "| 100 | - | - | - ± - | - ± - |" in text
+    assert "| 50 | 0.200 | - ± - | -0.1 ± 0.2 | 5 ± 1 |" in text
+    assert "| 100 | - | - ± - | - ± - | - ± - |" in text
+    assert "| 0 | 2.300 | 120 ± 6 | 0.5 ± 0.01 | 60 ± 2 |" in text
     assert "(figures/noise_scale.png)" in text
     # No positive B_simple at all: nothing to draw on a log axis, the table alone.
     stored["rows"] = stored["rows"][1:]
     (out / "noise_scale.json").write_text(json.dumps(stored))
     (out / "figures" / "noise_scale.png").unlink()
     text = report.build(out).read_text()
-    assert "| 50 | 0.200 | - | -0.1 ± 0.2 | 5 ± 1 |" in text
+    assert "| 50 | 0.200 | - ± - | -0.1 ± 0.2 | 5 ± 1 |" in text
     assert "noise_scale.png" not in text
