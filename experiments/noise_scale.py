@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -137,15 +138,26 @@ def estimate_noise_scale(
     Returns:
       A :class:`NoiseScale` with the averaged estimates.
     """
+    # A fractional batch size would be drawn truncated but enter the estimates as given.
+    for name, value in (("b_small", b_small), ("b_big", b_big), ("num_pairs", num_pairs)):
+        if not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name} must be an integer, got {name}={value!r}")
     if not 0 < b_small < b_big:
         raise ValueError(f"need 0 < b_small < b_big, got b_small={b_small}, b_big={b_big}")
     if num_pairs < 2:
         raise ValueError(f"num_pairs must be >= 2, got {num_pairs}")
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    # Indexing past the end of y would clamp (JAX gathers do) and pair inputs with wrong labels.
+    if x.ndim == 0 or y.ndim == 0 or not 0 < len(x) == len(y):
+        raise ValueError(
+            f"x and y need the same number of examples (>= 1) on their leading axis, got "
+            f"x.shape={x.shape}, y.shape={y.shape}"
+        )
     small_sq, big_sq = _squared_norms(
         grad_fn,
         params,
-        jnp.asarray(x),
-        jnp.asarray(y),
+        x,
+        y,
         key,
         b_small=int(b_small),
         b_big=int(b_big),

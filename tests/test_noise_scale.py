@@ -128,3 +128,22 @@ def test_along_training_is_one_run_whichever_checkpoints_split_it(monkeypatch):
     assert [r["step"] for r in fine] == [0, 2, 4]
     assert coarse == [fine[0], fine[2]]
     assert fine[1]["train_loss"] != fine[2]["train_loss"]  # it trains
+
+
+@pytest.mark.parametrize(
+    ("b_small", "b_big", "num_pairs", "rows", "labels", "match"),
+    [
+        # 4 examples drawn, 4.5 in the formula: tr(Sigma) came out 12.5% high, silently.
+        (4.5, 64, 8, 4096, 4096, "b_small must be an integer, got b_small=4.5"),
+        (4, 64.0, 8, 4096, 4096, "b_big must be an integer"),
+        (4, 64, 2.9, 4096, 4096, "num_pairs must be an integer, got num_pairs=2.9"),
+        (4, 64, 8, 0, 0, "x and y need the same number of examples"),
+        (4, 64, 8, 4096, 10, r"x.shape=\(4096, 16\), y.shape=\(10,\)"),
+    ],
+)
+def test_estimator_rejects_bad_arguments(b_small, b_big, num_pairs, rows, labels, match):
+    params, x, y, *_ = _mean_estimation_problem()
+    with pytest.raises(ValueError, match=match):
+        noise_scale.estimate_noise_scale(
+            _GRAD, params, x[:rows], y[:labels], b_small, b_big, num_pairs, jax.random.key(0)
+        )
