@@ -25,7 +25,8 @@ def _concrete_float(value: Any, name: str, *, schedule: bool = True) -> float | 
     Traced values (under `jit`, `vmap`, `grad`) and schedules (if `schedule`)
     are not concrete: they are not validated, so the transform still works over
     hyperparameters. Anything else that is not one real number (a string, None,
-    a complex number, an array of another shape) is a ValueError naming `name`.
+    a bool, a complex number, an array of another shape) is a ValueError naming
+    `name`. A number too large for a float is returned as an infinity.
     """
     what = "a real scalar or a schedule" if schedule else "a real scalar"
     if callable(value) and schedule:
@@ -34,17 +35,34 @@ def _concrete_float(value: Any, name: str, *, schedule: bool = True) -> float | 
     if (
         callable(value)
         or value is None
-        or isinstance(value, (str, bytes, complex))
+        or isinstance(value, (str, bytes, complex, bool))
         or getattr(value, "shape", ()) != ()
         or (dtype is not None and jnp.issubdtype(dtype, jnp.complexfloating))
+        # As `nesterov=1` is not True, `learning_rate=True` is a slip, not 1.
+        or (dtype is not None and jnp.issubdtype(dtype, jnp.bool_))
     ):
         raise ValueError(f"{name} must be {what}, got {name}={value!r}.")
     try:
         return float(value)
     except jax.errors.ConcretizationTypeError:
         return None
+    except OverflowError:  # an int (or Fraction) beyond the float range
+        return math.inf if value > 0 else -math.inf
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be {what}, got {name}={value!r}.") from None
+
+
+def _as_weak_float(value: Any) -> Any:
+    """A concrete real number that is not a JAX array, as the Python float it equals.
+
+    A Python float is weakly typed, so it never widens or narrows the compute
+    dtype, and the arithmetic can use it whatever its type: `jnp.asarray` takes
+    no `Fraction` or `Decimal` and no `np.longdouble`. JAX arrays (traced, or from
+    `optax.inject_hyperparams`) and schedules are returned as they are.
+    """
+    if callable(value) or isinstance(value, (jax.Array, int)):
+        return value
+    return float(value)
 
 
 def _check_beta(beta: Any) -> None:
@@ -287,9 +305,9 @@ def ema_momentum(
       An :class:`optax.GradientTransformation` with state :class:`EmaMomentumState`.
 
     Raises:
-      ValueError: for a ``beta`` or ``nu`` that is not a real scalar (or, for
-        ``beta``, a schedule), a concrete ``beta`` outside ``[0, 1)``, ``nu``
-        outside ``[0, 1]``, a ``nesterov`` or ``debias`` that is not a bool,
+      ValueError: for a ``beta`` or ``nu`` that is not a real scalar (a bool is
+        not one) or, for ``beta``, a schedule, a concrete ``beta`` outside
+        ``[0, 1)``, ``nu`` outside ``[0, 1]``, a ``nesterov`` or ``debias`` that is not a bool,
         ``nesterov`` together with ``nu``, an ``accumulator_dtype`` that is not
         a floating or complex dtype, an unknown ``rounding``,
         ``rounding="stochastic"`` with an ``accumulator_dtype`` other than
@@ -328,6 +346,8 @@ def ema_momentum(
         raise ValueError(f"nesterov=True and nu={nu!r} are exclusive: nesterov means nu=beta.")
     if nu is not None:
         _check_nu(nu)
+        nu = _as_weak_float(nu)
+    beta = _as_weak_float(beta)
     accumulator_dtype = _canonical_accumulator_dtype(accumulator_dtype)
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got rounding={rounding!r}.")
@@ -462,10 +482,9 @@ def ema_sgd(
       Array([3., 3., 3.], dtype=float32)
     """
     _check_learning_rate(learning_rate)
-    if not isinstance(learning_rate, jax.Array) and getattr(learning_rate, "shape", None) == ():
-        # A NumPy scalar (np.float64 under x64) would widen optax's `lr * update` beyond the
-        # params' dtype; as a Python float it is weakly typed, like a literal.
-        learning_rate = float(learning_rate)
+    # A NumPy scalar (np.float64 under x64) would widen optax's `lr * update` beyond the
+    # params' dtype; as a Python float it is weakly typed, like a literal.
+    learning_rate = _as_weak_float(learning_rate)
     return optax.chain(
         ema_momentum(
             beta,

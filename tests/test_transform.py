@@ -1,5 +1,7 @@
 """Tests of `ema_momentum` and `ema_sgd`: values, equivalences, properties, composition."""
 
+import decimal
+import fractions
 import functools
 import pickle
 
@@ -606,7 +608,7 @@ def test_a_complex_accumulator_for_real_params():
     assert updates["i"].dtype == jnp.float32
 
 
-@pytest.mark.parametrize("beta", [np.int32(1), jnp.asarray(1), np.bool_(True), 1])
+@pytest.mark.parametrize("beta", [np.int32(1), jnp.asarray(1), np.uint8(1), 1])
 def test_a_non_float_beta_of_one_is_named(beta):
     with pytest.raises(ValueError, match=r"beta must be a finite number in \[0, 1\), got beta="):
         emm.ema_momentum(beta)
@@ -696,7 +698,18 @@ def test_converges_on_rosenbrock():
 # Bad input.
 
 
-@pytest.mark.parametrize("beta", [1.0, -0.1, 1.5, float("nan"), float("inf"), np.float32(1.0)])
+@pytest.mark.parametrize(
+    "beta",
+    [
+        1.0,
+        -0.1,
+        1.5,
+        float("nan"),
+        float("inf"),
+        np.float32(1.0),
+        pytest.param(10**400, id="1e400"),
+    ],
+)
 def test_bad_beta(beta):
     with pytest.raises(ValueError, match=r"beta must be .* got beta="):
         emm.ema_momentum(beta)
@@ -704,13 +717,26 @@ def test_bad_beta(beta):
         emm.ema_sgd(0.1, beta)
 
 
-@pytest.mark.parametrize("nu", [-0.1, 1.01, float("nan")])
+@pytest.mark.parametrize("nu", [-0.1, 1.01, float("nan"), pytest.param(-(10**400), id="-1e400")])
 def test_bad_nu(nu):
     with pytest.raises(ValueError, match=r"nu must be .* got nu="):
         emm.ema_momentum(0.9, nu=nu)
 
 
-NOT_SCALARS = ["0.1", None, 0.1 + 0j, np.complex64(0.1), [0.1], np.array([0.9, 0.9]), object()]
+# A bool is not a number here (nor in NumPy's type hierarchy): `ema_sgd(True, 0.9)` is a slip,
+# not a learning rate of 1, as `nesterov=1` is not True.
+NOT_SCALARS = [
+    "0.1",
+    None,
+    0.1 + 0j,
+    np.complex64(0.1),
+    [0.1],
+    np.array([0.9, 0.9]),
+    object(),
+    False,
+    np.bool_(False),
+    jnp.asarray(False),
+]
 
 
 @pytest.mark.parametrize("value", NOT_SCALARS, ids=lambda v: type(v).__name__)
@@ -722,6 +748,21 @@ def test_hyperparameters_that_are_not_real_scalars(value):
     if value is not None:  # nu=None is the default: plain EMA momentum
         with pytest.raises(ValueError, match=r"nu must be a real scalar, got nu="):
             emm.ema_momentum(0.9, nu=value)
+
+
+def test_real_numbers_that_are_not_arrays_act_as_python_floats():
+    # Validation takes any real number float() accepts; the update must then use it, not fail
+    # later in jnp.asarray (a Fraction, a Decimal) or on a float128 JAX has no type for.
+    # Like a Python float, it is weakly typed: np.float64(0.1) takes the steps 0.1 takes.
+    params = jnp.zeros(3)
+    grads = _grads(2, params)
+    want = _descend(emm.ema_sgd(0.1, 0.5, nu=0.75), grads, params)
+    want_debiased = _descend(emm.ema_sgd(0.1, 0.5, debias=True), grads, params)
+    for number in (fractions.Fraction, decimal.Decimal, np.longdouble, np.float64):
+        tx = emm.ema_sgd(number("0.1"), number("0.5"), nu=number("0.75"))
+        chex.assert_trees_all_equal(_descend(tx, grads, params), want)
+        tx = emm.ema_sgd(0.1, number("0.5"), debias=True)
+        chex.assert_trees_all_equal(_descend(tx, grads, params), want_debiased)
 
 
 def test_nu_is_not_a_schedule():
@@ -741,7 +782,9 @@ def test_nesterov_with_nu():
         emm.ema_sgd(0.1, 0.9, nesterov=True, nu=0.5)
 
 
-@pytest.mark.parametrize("lr", [-0.1, float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize(
+    "lr", [-0.1, float("nan"), float("inf"), -float("inf"), pytest.param(10**400, id="1e400")]
+)
 def test_bad_learning_rate(lr):
     with pytest.raises(ValueError, match=r"learning_rate must be .* got learning_rate="):
         emm.ema_sgd(lr, 0.9)
