@@ -313,7 +313,8 @@ def ema_momentum(
         ``rounding="stochastic"`` with an ``accumulator_dtype`` other than
         bfloat16 or ``None``, or a ``seed`` that is not an integer in
         ``[0, 2**32)``. The returned ``init`` raises it for complex parameters
-        and a real ``accumulator_dtype``.
+        and a real ``accumulator_dtype``, and ``update`` for complex gradients
+        into a real velocity.
 
     Note:
       :func:`optax.inject_hyperparams` casts hyperparameters to the params' dtype
@@ -378,8 +379,16 @@ def ema_momentum(
         ).astype(state.weight_sum.dtype)
         weight = beta_t if nesterov else nu
 
-        def leaf(index, g, v):
+        def leaf(index, path, g, v):
             g = jnp.asarray(g)
+            if jnp.iscomplexobj(g) and not jnp.iscomplexobj(v):
+                # Storing the EMA would drop its imaginary part (JAX only warns), while this
+                # step's update kept it: the imaginary part would get no momentum.
+                raise ValueError(
+                    f"updates{jax.tree_util.keystr(path)} are {g.dtype} but the state has a "
+                    f"{v.dtype} velocity for them, which would drop their imaginary part; init "
+                    "with complex params or pass a complex accumulator_dtype."
+                )
             compute = _compute_dtype(g.dtype, v.dtype)
             g_c = g.astype(compute)
             v_new = optax.tree.update_moment(g_c, v.astype(compute), _like(beta_t, g_c), order=1)
@@ -402,11 +411,13 @@ def ema_momentum(
             # The update has the gradient's dtype; an integer gradient's is float (as computed).
             return u.astype(g.dtype if jnp.issubdtype(g.dtype, jnp.inexact) else u.dtype), stored
 
-        leaves_g, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
+        leaves_g, treedef = jax.tree_util.tree_flatten_with_path(
+            updates, is_leaf=lambda x: x is None
+        )
         leaves_v = treedef.flatten_up_to(state.velocity)
         results = [
-            (None, v) if g is None else leaf(i, g, v)
-            for i, (g, v) in enumerate(zip(leaves_g, leaves_v, strict=True))
+            (None, v) if g is None else leaf(i, path, g, v)
+            for i, ((path, g), v) in enumerate(zip(leaves_g, leaves_v, strict=True))
         ]
         new_updates = treedef.unflatten([u for u, _ in results])
         velocity = treedef.unflatten([v for _, v in results])

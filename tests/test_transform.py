@@ -815,6 +815,17 @@ def test_real_accumulator_for_complex_params():
         tx.init({"z": jnp.ones(2, jnp.complex64)})
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_complex_gradients_for_a_real_velocity(jit):
+    # The stored velocity would keep only the real part while this step's update has both:
+    # the imaginary part would get no momentum, with at most a deprecation warning from JAX.
+    tx = emm.ema_momentum(0.9)
+    state = tx.init({"w": jnp.ones(2)})
+    update = jax.jit(tx.update) if jit else tx.update
+    with pytest.raises(ValueError, match=r"updates\['w'\] are complex64 .* a float32 velocity"):
+        update({"w": jnp.ones(2, jnp.complex64)}, state)
+
+
 def test_good_edge_values_are_accepted():
     emm.ema_sgd(0.0, 0.0)
     emm.ema_sgd(jnp.asarray(0.1), jnp.asarray(0.999), nu=1.0)
