@@ -175,7 +175,7 @@ def _zeros_like(param: jax.Array, dtype: jnp.dtype | None) -> jax.Array:
         dtype = param.dtype if inexact else jax.dtypes.canonicalize_dtype(jnp.float64)
     # Not `jnp.zeros_like`: zeros computed from `param` stay batched like it under
     # `vmap`, so with explicit mesh axes a sharded batch dimension keeps its sharding.
-    zeros = jnp.where(False, param, 0).astype(dtype)
+    zeros = jnp.where(False, param, jnp.zeros((), param.dtype)).astype(dtype)
     return shard_alike(zeros, param)[0]
 
 

@@ -535,6 +535,18 @@ def test_no_implicit_dtype_promotion(dtype, kwargs):
     chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bool_, jnp.int8, jnp.uint32])
+def test_integer_and_bool_leaves_cause_no_implicit_promotion(dtype):
+    # Their velocity is float; making its zeros must not promote a bool against an int 0.
+    tx = emm.ema_sgd(0.1, 0.9, debias=True)
+    params = {"a": jnp.ones(3, dtype)}
+    with jax.numpy_dtype_promotion("strict"):
+        state = tx.init(params)
+        updates, state = jax.jit(tx.update)(params, state)
+    assert updates["a"].dtype == state[0].velocity["a"].dtype == jnp.float32
+    np.testing.assert_allclose(updates["a"], -0.1 * np.ones(3))
+
+
 @pytest.mark.parametrize("kwargs", [{}, {"nesterov": True}, {"nu": 0.5, "debias": True}])
 def test_array_hyperparameters_cause_no_implicit_promotion(kwargs):
     # optax.inject_hyperparams hands the transform bfloat16 arrays for bf16 params.
