@@ -1,4 +1,4 @@
-"""Test-session setup shared by tests/ and the doctests in ema_momentum/.
+"""Test-session setup shared by tests/ and the doctests in ema_momentum/ and experiments/.
 
 Eight simulated CPU devices let CI exercise sharding and data parallelism on
 one machine. XLA reads the flag once, when jax initializes its backends, so it
