@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import numbers
 import pathlib
 from collections.abc import Sequence
 
@@ -56,6 +57,19 @@ BATCH_SIZES = (4, 256)
 STEPS = 80
 MAX_STEPS = 100_000  # a 2-D toy: its paths are kept in memory and in quadratic.json
 SEEDS = 16
+SEED_LIMIT = 2**32  # jax.random.key keeps a seed's low 32 bits: 2**32 + 5 draws what 5 draws
+
+
+def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
+    # An int-like float would be truncated somewhere (a batch size of 2.5 drew noise for 2.5 but
+    # was recorded as 2), and a seed past 2**32 silently repeats a smaller one's draws.
+    if (
+        not isinstance(value, numbers.Integral)
+        or value < low
+        or (high is not None and value >= high)
+    ):
+        bound = f">= {low}" if high is None else f"in [{low}, {high})"
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
 
 
 def loss(theta: np.ndarray, curvatures: Sequence[float] = CURVATURES) -> np.ndarray:
@@ -84,13 +98,14 @@ def trajectory(
       curvatures: ``(h_1, h_2)``.
       start: Initial parameters.
       noise_std: Per-example gradient noise std ``sigma``.
-      seed: Seed of the noise draws (the same for every optimizer).
+      seed: Seed of the noise draws (the same for every optimizer), in ``[0, 2**32)``.
 
     Returns:
       The parameters at steps ``0..steps``, shape ``[steps + 1, 2]``.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_int("batch_size", batch_size, 1)
+    _check_int("steps", steps, 0)
+    _check_int("seed", seed, 0, SEED_LIMIT)
     h = jnp.asarray(curvatures, dtype=jnp.float32)
     noise = jax.random.normal(jax.random.key(seed), (steps, h.size), dtype=jnp.float32)
     noise = noise * (noise_std / np.sqrt(batch_size))
@@ -168,7 +183,8 @@ def study(
       batch_sizes: Batch sizes ``B`` (the noise std is ``1 / sqrt(B)``).
       steps: Optimizer steps.
       seed: The first noise seed; its trajectories are the ones stored and drawn.
-      seeds: How many noise seeds, ``seed .. seed + seeds - 1``, are summarized.
+      seeds: How many noise seeds, ``seed .. seed + seeds - 1`` (all below ``2**32``), are
+        summarized.
 
     Returns:
       ``{"setup": {...}, "runs": [{"optimizer", "beta", "batch_size", "summary",
@@ -176,8 +192,12 @@ def study(
       ``[theta_1, theta_2]`` and ``summary`` its :func:`summarize`, both of the
       first seed, and ``seed_summaries`` the summary of every seed in order.
     """
-    if seeds < 1:
-        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    # Checked before anything runs; two steps are the fewest with a successive-step cosine.
+    _check_int("seeds", seeds, 1, SEED_LIMIT + 1)
+    _check_int("steps", steps, 2)
+    _check_int("seed", seed, 0, SEED_LIMIT - seeds + 1)
+    for batch_size in batch_sizes:
+        _check_int("batch_size", batch_size, 1)
     runs = []
     for batch_size in batch_sizes:
         for name, b in (("SGD", 0.0), ("EMA momentum", beta)):

@@ -131,5 +131,44 @@ def test_cli_writes_json_and_figure(tmp_path, capsys):
 
 
 def test_study_needs_a_seed():
-    with pytest.raises(ValueError, match="seeds must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"seeds must be an integer in \[1, 4294967297\), got 0"):
         quadratic.study(seeds=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        # Drew noise of std 1/sqrt(2.5) but was recorded as batch size 2.
+        (dict(batch_sizes=(2.5,)), r"batch_size must be an integer >= 1, got 2\.5"),
+        # Summaries of NaN (no successive steps to compare), written to quadratic.json as NaN.
+        (dict(steps=1), "steps must be an integer >= 2, got 1"),
+        (dict(seeds=2.5), r"seeds must be an integer in \[1, 4294967297\), got 2\.5"),
+        # jax.random.key keeps the low 32 bits: seed 2**32 + 5 drew seed 5's noise.
+        (dict(seed=2**32 + 5), r"seed must be an integer in \[0, 4294967281\), got 4294967301"),
+        (dict(seed=2**32 - 15), r"seed must be an integer in \[0, 4294967281\), got 4294967281"),
+    ],
+)
+def test_study_rejects_what_it_would_mislabel_or_alias(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        quadratic.study(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
+        (dict(batch_size=2.5), r"batch_size must be an integer >= 1, got 2\.5"),
+        (dict(steps=-1), "steps must be an integer >= 0, got -1"),  # was an MLIRError
+        (dict(seed=-1), r"seed must be an integer in \[0, 4294967296\), got -1"),  # = 2**32 - 1
+        (dict(seed=2**32), r"seed must be an integer in \[0, 4294967296\), got 4294967296"),
+    ],
+)
+def test_trajectory_rejects_bad_integers(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        quadratic.trajectory(1.0, 0.9, **{"batch_size": 4, "steps": 3, **kwargs})
+
+
+def test_the_largest_seed_is_its_own():
+    last = quadratic.trajectory(1.0, 0.0, 4, steps=3, seed=2**32 - 1)
+    assert not np.array_equal(last, quadratic.trajectory(1.0, 0.0, 4, steps=3, seed=0))
+    assert quadratic.study(batch_sizes=(4,), steps=2, seed=2**32 - 2, seeds=2)["runs"]
