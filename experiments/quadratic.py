@@ -6,7 +6,9 @@ gradient is the true gradient plus Gaussian noise of standard deviation
 :math:`\sigma / \sqrt{B}` per coordinate, the scaling of a mean over :math:`B`
 independent examples. Both optimizers are ``emm.ema_sgd`` with the same
 learning rate :math:`\eta` (``beta = 0`` is plain SGD): in the EMA form a
-constant gradient moves both by the same :math:`\eta g` per step, so the
+constant gradient :math:`g` moves both by :math:`\eta g` per step once the
+velocity, :math:`(1 - \beta^t) g` after :math:`t` steps from zero, has built up
+(momentum ends :math:`\beta / (1 - \beta)` of SGD's steps behind), so the
 comparison isolates what averaging does. Both see the same noise draws.
 
 The step size is chosen near SGD's stability limit on the steep axis
