@@ -925,11 +925,14 @@ def verdict_batch_size(res: Results) -> dict:
     examples = {r["batch_size"]: r["steps_median"] * r["batch_size"] for r in rows}
     steps = {r["batch_size"]: r["steps_median"] for r in rows}
     costlier = None if fit is None else min(tested) < fit.b_crit < max(tested)
-    # A larger batch that needs at least as many steps as a smaller one: the plateau.
+    # A larger batch that needs at least as many steps as a smaller one: the plateau. Any
+    # smaller one, not only the next (a wide middle batch can overlap both neighbours); a seed
+    # that never reached the target is infinitely slow, so it widens its batch's seed range.
+    slowest = lambda r: r["steps_max"] if r["reached"] == r["seeds"] else math.inf
     no_gain = [
         (a["batch_size"], b["batch_size"])
-        for a, b in itertools.pairwise(rows)
-        if b["steps_min"] >= a["steps_max"]
+        for a, b in itertools.combinations(rows, 2)
+        if b["steps_min"] >= slowest(a)
     ]
     not_faster = bool(no_gain) if len(rows) >= 2 else None
     times = {

@@ -119,12 +119,25 @@ def test_claim_2_needs_every_seed_below_every_seed():
         ({32: 400, 64: 200, 128: 200}, "B = 64 -> 128"),
         ({32: 400, 64: [190, 230], 128: [220, 240]}, None),  # seed ranges overlap
         ({32: 400, 64: [190, 210], 128: [215, 240]}, "B = 64 -> 128"),
+        # A wide middle batch overlaps both neighbours, but 128 is slower than 32 in every seed:
+        # "some larger batch" is any larger one, not only the next (it said "never").
+        ({32: [100, 110], 64: [95, 120], 128: [112, 130]}, "B = 32 -> 128"),
     ],
 )
 def test_claim_4_not_faster_means_a_larger_batch_needs_no_fewer_steps(steps, plateau):
     sweep, curves = _sweep({(b, 0.0): (s, SHRINKING) for b, s in steps.items()})
     evidence = report.verdict_batch_size(_results(sweep, curves))["evidence"]
     assert f"a larger batch needing no fewer steps: {plateau or 'never'};" in evidence
+
+
+def test_claim_4_not_faster_counts_a_seed_that_never_reached_as_slowest():
+    # B = 32's third seed never reached the target: its seed range reaches infinity, so B = 64
+    # (106-108 steps) is not slower beyond seed spread (it said "B = 32 -> 64", from the two
+    # seeds that reached).
+    sweep, curves = _sweep({(32, 0.0): ([100, 105, None], SHRINKING),
+                            (64, 0.0): ([106, 107, 108], SHRINKING)}, seeds=3)  # fmt: skip
+    evidence = report.verdict_batch_size(_results(sweep, curves))["evidence"]
+    assert "a larger batch needing no fewer steps: never;" in evidence
 
 
 def _effective(jitter_sgd, jitter_momentum):
