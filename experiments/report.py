@@ -219,7 +219,11 @@ def late_window_oscillation(res: Results, batch_size: int, beta: float) -> list[
 
 @dataclasses.dataclass(frozen=True)
 class EffectiveCase:
-    """One configuration of the effective-batch test, over its seeds."""
+    """One configuration of the effective-batch test, over its seeds.
+
+    Each list holds one value per seed, NaN where the seed has none (it diverged): its mean is
+    then NaN, which no rule's comparison passes, and a rule on every seed sees every seed.
+    """
 
     batch_size: int
     beta: float
@@ -254,11 +258,8 @@ def effective_case(res: Results, batch_size: int, beta: float) -> EffectiveCase 
             values.append(float(spread[0]))
         batch.append(float(analysis.oscillation(loss[None], window=SMOOTHING)[0]))
         late.append(float(np.mean(train[train.size // 2 :])))
-    finite = lambda xs: [x for x in xs if math.isfinite(x)]
-    return EffectiveCase(
-        int(batch_size), float(beta), finite(full), finite(jitter), finite(batch), finite(late),
-        records,
-    )  # fmt: skip
+    # A diverged seed stays (as NaN): dropping it judged the seeds that survived as "every seed".
+    return EffectiveCase(int(batch_size), float(beta), full, jitter, batch, late, records)
 
 
 def effective_triples(res: Results) -> list[tuple[EffectiveCase, EffectiveCase, EffectiveCase]]:

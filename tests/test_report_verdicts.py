@@ -387,6 +387,53 @@ def test_claim_4_with_no_batch_size_reaching_the_target_prints_no_none():
     assert "not faster (not measured): median steps to target none reached," in evidence
 
 
+def _effective_results(jitter, *, diverged=()):
+    """An effective-batch test at B = 8 (beta 0.9, so B' = 152), two seeds, 400 steps, an eval
+    every 10: ``jitter[(batch, beta)]`` is the full-train loss's step-to-step zigzag around 1.0,
+    the batch loss's is 0.1 at B = 8 and 0.03 at B' = 152; ``(batch, beta, seed)`` in
+    ``diverged`` marks that run diverged at step 200 (NaN from there)."""
+    records, curves = [], {}
+    zigzag = lambda n: (-1.0) ** np.arange(n)
+    for (batch, beta), size in jitter.items():
+        name = f"b{batch}_beta{beta}.npz"
+        train = np.stack([1.0 + size * (1 + 0.1 * seed) * zigzag(40) for seed in range(2)])
+        loss = np.stack([1.0 + (0.1 if batch == 8 else 0.03) * zigzag(400) for _ in range(2)])
+        for seed in range(2):
+            if (batch, beta, seed) in diverged:
+                train[seed, 20:], loss[seed, 200:] = np.nan, np.nan
+            records.append({"batch_size": batch, "beta": beta, "lr": 0.1, "seed": seed,
+                            "steps": 400, "diverged": (batch, beta, seed) in diverged,
+                            "curves": name, "curve_index": seed})  # fmt: skip
+        curves[name] = {"train_loss": train, "batch_loss": loss}
+    res = _results()
+    res.meta = {"preset": {"effective_batches": [8]}, "stages": {"effective": {"beta": 0.9}}}
+    res.effective, res.effective_curves = records, curves
+    return res
+
+
+def test_claim_5_steadier_fails_when_a_momentum_seed_diverged():
+    jitter = {(8, 0.9): 0.01, (8, 0.0): 0.05, (152, 0.0): 0.005}
+    verdict = report.verdict_momentum(_effective_results(jitter))
+    assert verdict["verdict"] == report.PARTLY  # less jitter than SGD in every seed
+    assert "beyond seed spread at B = 8 (of B = 8)" in verdict["evidence"]
+    # Momentum's second seed diverged: not every momentum seed lies below every SGD seed (its
+    # NaN was dropped, and the seed left over passed for "every seed").
+    verdict = report.verdict_momentum(_effective_results(jitter, diverged={(8, 0.9, 1)}))
+    assert verdict["verdict"] == report.NOT_SUPPORTED
+    assert "beyond seed spread at B = none (of B = 8)" in verdict["evidence"]
+
+
+def test_claim_1_fixed_lr_part_fails_when_a_large_batch_seed_diverged():
+    jitter = {(8, 0.9): 0.01, (8, 0.0): 0.05, (152, 0.0): 0.005}
+    verdict = report.verdict_noise(_effective_results(jitter))
+    assert verdict["verdict"] == report.PARTLY  # no sweep: one part measured, and it holds
+    verdict = report.verdict_noise(_effective_results(jitter, diverged={(152, 0.0, 1)}))
+    # SGD at B' diverged in one seed: its oscillation is no mean over the seeds (it was the
+    # surviving seed's, and passed).
+    assert verdict["verdict"] == report.NOT_SUPPORTED
+    assert "B = 8 -> B' = 152: batch-loss oscillation 0.102 -> -;" in verdict["evidence"]
+
+
 def test_claim_5_without_the_effective_test_says_so():
     sweep, curves = _sweep({(8, 0.0): (100, FLAT), (8, 0.9): (50, FLAT)})
     evidence = report.verdict_momentum(_results(sweep, curves))["evidence"]
