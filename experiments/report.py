@@ -676,6 +676,13 @@ def verdict_noise(res: Results) -> dict:
     )
     if not fixed and not math.isfinite(rho):  # neither part measured
         verdict = UNSETTLED
+    beta = res.meta.get("stages", {}).get("effective", {}).get("beta")
+    beta = res.preset.get("effective_beta") if beta is None else beta
+    larger = (
+        "(1 + beta) / (1 - beta) times larger batch"
+        if beta is None
+        else f"{(1 + beta) / (1 - beta):.3g}x larger batch"
+    )
     lines = [
         f"SGD at a fixed lr, batch B = {b} -> B' = {g}: batch-loss oscillation {_fmt(bs)} -> "
         f"{_fmt(bg)}; jitter of the full-train loss (loss units) {_fmt(fs)} -> {_fmt(fg)}"
@@ -690,7 +697,7 @@ def verdict_noise(res: Results) -> dict:
     return _verdict(
         "1. The loss oscillates from step to step because each mini-batch differs.",
         verdict,
-        "supported if, at one fixed lr, SGD with a 19x larger batch has less batch-loss "
+        f"supported if, at one fixed lr, SGD with a {larger} has less batch-loss "
         "oscillation at every B tested, and the oscillation at the tuned lr falls with B (rank "
         "correlation < 0); partly if only one holds; not settled if neither could be measured "
         "(no effective-batch test, fewer than 3 batch sizes). (The jitter of the full-train "

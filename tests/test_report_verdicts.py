@@ -434,6 +434,13 @@ def test_claim_1_fixed_lr_part_fails_when_a_large_batch_seed_diverged():
     assert "B = 8 -> B' = 152: batch-loss oscillation 0.102 -> -;" in verdict["evidence"]
 
 
+@pytest.mark.parametrize("beta, larger", [(0.9, "19x"), (0.5, "3x"), (0.99, "199x")])
+def test_claim_1_rule_names_the_batch_factor_of_the_tested_beta(beta, larger):
+    res = _effective_results({(8, 0.9): 0.01, (8, 0.0): 0.05, (152, 0.0): 0.005})
+    res.meta["stages"]["effective"]["beta"] = beta  # it said "19x" at every beta
+    assert f"SGD with a {larger} larger batch has less" in report.verdict_noise(res)["rule"]
+
+
 def test_claim_5_without_the_effective_test_says_so():
     sweep, curves = _sweep({(8, 0.0): (100, FLAT), (8, 0.9): (50, FLAT)})
     evidence = report.verdict_momentum(_results(sweep, curves))["evidence"]
