@@ -145,8 +145,9 @@ def best_settings(records: Iterable[Record]) -> list[dict]:
 def steps_table_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     """A markdown table of :func:`best_settings` rows (steps: median, mean ± std, range)."""
     lines = [
-        "| beta | batch | best lr | steps to target: median | mean ± std | min-max "
-        "| seeds reached | final train loss | test accuracy |",
+        "| beta | batch | best lr | steps to target: median (all seeds) | mean ± std "
+        "(seeds that reached) | min-max (seeds that reached) | seeds reached "
+        "| final train loss (median) | test accuracy (mean) |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     fmt = lambda value, spec: "-" if value is None else format(value, spec)

@@ -255,3 +255,24 @@ def test_seed_stats_of_non_finite_metrics_written_by_hand():
     assert stats["final_train_loss"] == 0.5 and stats["reached"] == 2
     table = analysis.steps_table_markdown(analysis.best_settings(records))
     assert "nan" not in table and "inf" not in table
+
+
+def test_steps_table_header_says_which_seeds_each_column_is_over():
+    # The median counts a seed that never reached the target as infinitely slow; mean, std and
+    # range are over the seeds that reached it. One unreached seed of three shows the difference.
+    from experiments import analysis
+
+    records = [
+        {"lr": 0.1, "seed": s, "steps_to_target": t, "final_train_loss": 0.4, "diverged": False,
+         "final_test_accuracy": 0.9, "batch_size": 8, "beta": 0.0}
+        for s, t in enumerate((100, 200, None))
+    ]  # fmt: skip
+    row = analysis.seed_stats(records)
+    assert row["steps_median"] == 200 and row["steps_mean"] == 150
+    table = analysis.steps_table_markdown(
+        [{**row, "beta": 0.0, "batch_size": 8, "lr": 0.1, "lr_at_grid_edge": False}]
+    )
+    header = table.splitlines()[0]
+    assert "median (all seeds)" in header
+    assert "mean ± std (seeds that reached)" in header
+    assert "| 200 | 150 ± 50 | 100-200 | 2/3 |" in table
