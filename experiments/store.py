@@ -4,8 +4,9 @@ Crash safety (``kill -9`` at any moment):
 
 - a group's curves file is written to a temporary file, fsynced and renamed into place *before*
   any record that points to it is appended, so every record's curves exist;
-- each record is one ``os.write`` of a whole line to a file opened for appending, then fsynced;
-  a crash can only leave a torn last line without its newline, which the next writer removes;
+- each record is a whole line written to a file opened for appending (the rest written again
+  when ``os.write`` writes only part of it), then fsynced; a crash can only leave a torn last
+  line without its newline, which the next writer removes;
 - a run is done exactly when its record is in ``runs.jsonl``; resuming recomputes a group that
   lacks any record (training is deterministic) and appends only the missing records.
 
@@ -242,12 +243,19 @@ class ResultStore:
                 continue
             record = {**run.as_record(), "curves": curves, "curve_index": index}
             line = (json.dumps(record, allow_nan=False) + "\n").encode()
-            os.write(self._runs, line)
-            os.fsync(self._runs)
+            self._append(line)
             self._records.append(record)
             self._done.add(run.run_id)
             added.append(record)
         return added
+
+    def _append(self, line: bytes) -> None:
+        """Appends ``line`` whole, then fsyncs: ``os.write`` may write only part of it (as on a
+        full disk), and a record glued to the rest of a torn one would corrupt the file."""
+        view = memoryview(line)
+        while view:
+            view = view[os.write(self._runs, view) :]
+        os.fsync(self._runs)
 
     def _write_npz_atomically(self, path: Path, arrays: dict[str, np.ndarray]) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")

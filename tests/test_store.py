@@ -122,3 +122,17 @@ def test_add_group_skips_runs_already_stored(tmp_path):
     with store.ResultStore(tmp_path) as s:
         assert s.add_group(two) == []
     assert len(store.read_runs(tmp_path)) == 2
+
+
+def test_a_short_write_does_not_tear_a_record(tmp_path, monkeypatch):
+    # os.write may write only part of a line (as on a full disk); the rest must follow it, or the
+    # next record is glued to a torn one in the middle of the file.
+    write = store.os.write
+    monkeypatch.setattr(store.os, "write", lambda fd, data: write(fd, bytes(data[:7])))
+    with store.ResultStore(tmp_path) as s:
+        s.add_group(make_group([0.1, 0.2]))
+        s.add_group(make_group([0.3], batch_size=32))
+    monkeypatch.undo()
+    assert [r["lr"] for r in store.read_runs(tmp_path)] == [0.1, 0.2, 0.3]
+    with store.ResultStore(tmp_path) as s:
+        assert len(s.records) == 3
