@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -165,7 +166,8 @@ class ResultStore:
 
     Raises:
       StoreLockedError: if another process has the directory open.
-      CorruptStoreError: if ``runs.jsonl`` has a corrupt line before its last.
+      CorruptStoreError: if ``runs.jsonl`` has a corrupt line before its last, or a record's
+        curves file is missing, unreadable or holds another run in the record's row.
     """
 
     def __init__(self, root: str | os.PathLike[str]):
@@ -194,6 +196,7 @@ class ResultStore:
                 f"{f' and {len(lost) - 1} more' if len(lost) > 1 else ''}); move the directory "
                 "away to start afresh."
             )
+        self._check_curves()
         self._done = {r["run_id"] for r in self._records}
         self._runs = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
@@ -205,6 +208,32 @@ class ResultStore:
         except BaseException:
             os.close(self._runs)
             raise
+
+    def _check_curves(self) -> None:
+        """Refuses a store whose curves files cannot be read whole (truncated or emptied by hand,
+        or by a disk fault), or whose row of a record holds another run: otherwise a resumed sweep
+        would count those runs as done and only a report would fail, later."""
+        run_ids = {}
+        for name in sorted({r["curves"] for r in self._records}):
+            try:
+                # Opened here: np.load leaves a file it opened itself open when it is not a zip.
+                with open(self.root / name, "rb") as f, np.load(f, allow_pickle=False) as npz:
+                    arrays = {key: npz[key] for key in npz.files}  # reading checks each CRC
+                run_ids[name] = [str(run_id) for run_id in arrays["run_ids"]]
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+                why = e if isinstance(e, OSError | zipfile.BadZipFile) else "not an .npz of curves"
+                raise CorruptStoreError(
+                    f"{str(self.root)!r} has an unreadable curves file ({name}: {why}); move the "
+                    "directory away to start afresh."
+                ) from None
+        for record in self._records:
+            rows, index = run_ids[record["curves"]], record["curve_index"]
+            if not (0 <= index < len(rows) and rows[index] == record["run_id"]):
+                raise CorruptStoreError(
+                    f"{str(self.root)!r} has a record whose row {index} of {record['curves']} "
+                    f"holds another run (run_id={record['run_id']!r}); move the directory away "
+                    "to start afresh."
+                )
 
     def __enter__(self) -> ResultStore:
         return self

@@ -230,10 +230,10 @@ def test_store_refuses_second_writer_in_process(tmp_path):
 def test_store_repairs_torn_last_line_and_rejects_corruption(tmp_path):
     runs = tmp_path / "runs.jsonl"
     (tmp_path / "curves").mkdir()
-    (tmp_path / "curves" / "g.npz").write_bytes(b"")
+    np.savez(tmp_path / "curves" / "g.npz", run_ids=np.asarray(["a", "b"]))
     a, b = (
-        b'{"run_id": "%s", "curves": "curves/g.npz", "curve_index": 0}\n' % name
-        for name in (b"a", b"b")
+        b'{"run_id": "%s", "curves": "curves/g.npz", "curve_index": %d}\n' % (name, index)
+        for index, name in enumerate((b"a", b"b"))
     )
     runs.write_bytes(a + b + b'{"run_')
     assert [r["run_id"] for r in store.read_runs(tmp_path)] == ["a", "b"]

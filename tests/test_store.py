@@ -136,3 +136,29 @@ def test_a_short_write_does_not_tear_a_record(tmp_path, monkeypatch):
     assert [r["lr"] for r in store.read_runs(tmp_path)] == [0.1, 0.2, 0.3]
     with store.ResultStore(tmp_path) as s:
         assert len(s.records) == 3
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "bit flip", "rows swapped"])
+def test_an_unreadable_or_mismatched_curves_file_is_refused(damage, tmp_path):
+    # kill -9 cannot do this (curves are renamed into place whole), a disk fault or a hand can;
+    # accepting it would count the runs as done and fail only in a report, later.
+    with store.ResultStore(tmp_path) as s:
+        s.add_group(make_group([0.1, 0.2]))
+    (npz,) = (tmp_path / store.CURVES_DIR).glob("*.npz")
+    data = npz.read_bytes()
+    if damage == "rows swapped":
+        arrays = dict(np.load(npz))
+        np.savez(npz, **{**arrays, "run_ids": arrays["run_ids"][::-1]})
+        match = "row 0 of curves/.* holds another run"
+    else:
+        npz.write_bytes(
+            {
+                "truncated": data[: len(data) // 2],
+                "empty": b"",
+                "bit flip": data[:200] + bytes([data[200] ^ 1]) + data[201:],
+            }[damage]
+        )
+        match = f"unreadable curves file \\(curves/{npz.name}: "
+    with pytest.raises(store.CorruptStoreError, match=match):
+        store.ResultStore(tmp_path)
+    store.lock_directory(tmp_path)  # the refused store let go of its lock
