@@ -9,12 +9,14 @@ raising :class:`UsageError` (or through ``parser.error``): the user sees exactly
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import importlib
 import math
 import os
 import re
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -216,10 +218,32 @@ def _on_interrupt(module: Any) -> str:
     return getattr(module, "ON_INTERRUPT", "interrupted")
 
 
+def _interrupt_again(hook: Callable[[Any], object]) -> Callable[[Any], object]:
+    """A ``sys.unraisablehook`` that raises a lost Ctrl-C again instead of printing it.
+
+    Python ignores an exception raised in a garbage-collector or weakref callback, such as JAX's
+    ``_xla_gc_callback``, and prints "Exception ignored in ..." with a traceback: a Ctrl-C that
+    landed there was lost, and the command ran on. Here it is raised again in the main thread a
+    moment later (not from the hook itself: Python would raise it at once, inside the hook, and
+    ignore it again). Other unraisable exceptions go to ``hook``.
+    """
+
+    def unraisablehook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            again = threading.Timer(0.01, _thread.interrupt_main)
+            again.daemon = True
+            again.start()
+        else:
+            hook(unraisable)
+
+    return unraisablehook
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status."""
     use_one_cpu_device_per_core()
     on_interrupt = "interrupted"  # until the command is known (Ctrl-C while jax is imported)
+    hook, sys.unraisablehook = sys.unraisablehook, _interrupt_again(sys.unraisablehook)
     try:
         args = build_parser().parse_args(argv)
         on_interrupt = args.on_interrupt
@@ -232,3 +256,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(on_interrupt + "\n")
         return INTERRUPTED
+    finally:
+        sys.unraisablehook = hook
