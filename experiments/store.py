@@ -280,11 +280,18 @@ class ResultStore:
 
     def _append(self, line: bytes) -> None:
         """Appends ``line`` whole, then fsyncs: ``os.write`` may write only part of it (as on a
-        full disk), and a record glued to the rest of a torn one would corrupt the file."""
+        full disk), and a record glued to the rest of a torn one would corrupt the file. If that
+        fails, the file is cut back to where it was, so a later record does not follow a torn one.
+        """
+        end = os.lseek(self._runs, 0, os.SEEK_END)
         view = memoryview(line)
-        while view:
-            view = view[os.write(self._runs, view) :]
-        os.fsync(self._runs)
+        try:
+            while view:
+                view = view[os.write(self._runs, view) :]
+            os.fsync(self._runs)
+        except BaseException:
+            os.ftruncate(self._runs, end)
+            raise
 
     def _write_npz_atomically(self, path: Path, arrays: dict[str, np.ndarray]) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")

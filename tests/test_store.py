@@ -1,5 +1,6 @@
 """Tests of experiments.store on hand-made groups: torn lines, leftovers, curve rows, duplicates."""
 
+import errno
 import json
 
 import numpy as np
@@ -162,3 +163,24 @@ def test_an_unreadable_or_mismatched_curves_file_is_refused(damage, tmp_path):
     with pytest.raises(store.CorruptStoreError, match=match):
         store.ResultStore(tmp_path)
     store.lock_directory(tmp_path)  # the refused store let go of its lock
+
+
+def test_a_failed_append_leaves_no_torn_line_behind(tmp_path, monkeypatch):
+    # A full disk: part of the line is written, then ENOSPC. A caller that goes on with the same
+    # store (after freeing space) must not glue its next record to the torn one.
+    write, calls = store.os.write, []
+
+    def full_disk(fd, data):
+        calls.append(len(data))
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(fd, bytes(data[:7]))
+
+    with store.ResultStore(tmp_path) as s:
+        monkeypatch.setattr(store.os, "write", full_disk)
+        with pytest.raises(OSError, match="No space"):
+            s.add_group(make_group([0.1]))
+        monkeypatch.undo()
+        assert s.records == []
+        s.add_group(make_group([0.2], batch_size=32))
+    assert [r["lr"] for r in store.read_runs(tmp_path)] == [0.2]
