@@ -2,6 +2,7 @@
 
 import errno
 import json
+import os
 
 import numpy as np
 import pytest
@@ -162,7 +163,7 @@ def test_an_unreadable_or_mismatched_curves_file_is_refused(damage, tmp_path):
         match = f"unreadable curves file \\(curves/{npz.name}: "
     with pytest.raises(store.CorruptStoreError, match=match):
         store.ResultStore(tmp_path)
-    store.lock_directory(tmp_path)  # the refused store let go of its lock
+    os.close(store.lock_directory(tmp_path))  # the refused store let go of its lock
 
 
 def test_a_failed_append_leaves_no_torn_line_behind(tmp_path, monkeypatch):
