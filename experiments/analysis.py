@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 import pathlib
+import zipfile
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -345,11 +346,25 @@ def window_means(values: np.ndarray, num_windows: int = 10) -> tuple[np.ndarray,
 
 
 def load_curves(run_dir: str | pathlib.Path, records: Iterable[Record]) -> dict[str, dict]:
-    """Loads every curves sidecar that ``records`` refer to, keyed by its relative path."""
+    """Loads every curves sidecar that ``records`` refer to, keyed by its relative path.
+
+    Raises:
+      ValueError: naming the file, if one is missing or cannot be read whole (truncated,
+        emptied, not an ``.npz``, a failed CRC).
+    """
     out = {}
-    for path in {record["curves"] for record in records}:
-        with np.load(pathlib.Path(run_dir) / path, allow_pickle=False) as data:
-            out[path] = {key: data[key] for key in data.files}
+    for path in sorted({record["curves"] for record in records}):
+        try:
+            # Opened here: np.load leaves a file it opened itself open when it is not a zip.
+            with (
+                open(pathlib.Path(run_dir) / path, "rb") as f,
+                np.load(f, allow_pickle=False) as data,
+            ):
+                out[path] = {key: data[key] for key in data.files}  # reading checks each CRC
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+            raise ValueError(
+                f"{str(run_dir)!r} has an unreadable curves file ({path}: {e})"
+            ) from None
     return out
 
 

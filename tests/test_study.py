@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -121,6 +123,26 @@ def test_report_export_to_a_file_is_refused_before_anything_is_written(
     assert (tmp_path / "a_file").read_text() == "keep"
     assert cli.main(["report", str(tiny_study)]) == 0  # restores the fixture's report
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("damage", ["emptied", "truncated"])
+def test_report_of_a_study_with_a_damaged_curves_file_is_one_error_line(
+    damage, tiny_study, tmp_path, capsys
+):
+    # An emptied .npz made np.load raise EOFError, which escaped as a traceback.
+    copy = tmp_path / "results"
+    shutil.copytree(tiny_study, copy)
+    curves = sorted((copy / "sweep" / "curves").glob("*.npz"))[0]
+    data = curves.read_bytes()
+    curves.write_bytes(b"" if damage == "emptied" else data[: len(data) // 2])
+    before = sorted(p.relative_to(copy) for p in copy.rglob("*"))
+    (copy / "report.md").unlink()
+    assert cli.main(["report", str(copy)]) == 2
+    assert f"unreadable curves file (curves/{curves.name}: " in _one_error_line(capsys)
+    assert not (copy / "report.md").exists()
+    assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == [
+        p for p in before if p != Path("report.md")
+    ]
 
 
 def test_a_second_main_job_on_the_same_directory_is_refused(tiny_study, capsys):
