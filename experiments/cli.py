@@ -31,6 +31,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("baselines", "experiments.baselines"),
 ]
 MAIN_JOB = "experiments.study"  # runs when no command is given
+MAIN_JOB_OPTION = "main_job_"  # the prefix of the main job's options in the parsed arguments
 
 USAGE_ERROR = 2
 INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
@@ -41,11 +42,13 @@ class UsageError(Exception):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """An argparse parser whose errors are one line on stderr, without the usage text."""
+    """An argparse parser whose errors are one line on stderr, without the usage text.
+
+    They are raised as :class:`UsageError`; :func:`main` writes the line and exits with status 2.
+    """
 
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"error: {message}\n")
-        sys.exit(USAGE_ERROR)
+        raise UsageError(message)
 
 
 INT_LIMIT = 2**31  # every count and index here is an int32 (steps, seeds, batch sizes, ...)
@@ -198,6 +201,12 @@ def build_parser() -> ArgumentParser:
         "With no command: the main job, " + main_job.HELP + ".",
     )
     main_job.add_arguments(parser)
+    # Given before a command, the main job's options were lost: argparse lets the command's
+    # own values overwrite them (`--out X quadratic` wrote to quadratic's default, results/) or
+    # leaves them unused. Under their own names, `main` hands them to the main job or refuses them.
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            action.dest = MAIN_JOB_OPTION + action.dest
     parser.set_defaults(run=main_job.run, on_interrupt=_on_interrupt(main_job))
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in COMMANDS:
@@ -239,13 +248,41 @@ def _interrupt_again(hook: Callable[[Any], object]) -> Callable[[Any], object]:
     return unraisablehook
 
 
+def _main_job_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Gives the main job its options; raises :class:`UsageError` for one set before a command."""
+    for action in parser._actions:
+        if not action.dest.startswith(MAIN_JOB_OPTION):
+            continue
+        value = getattr(args, action.dest)
+        delattr(args, action.dest)
+        if args.command is None:
+            setattr(args, action.dest.removeprefix(MAIN_JOB_OPTION), value)
+        # As text: argparse converts a default (`"results"`) only once parsing has succeeded.
+        elif str(value) != str(action.default):
+            option = max(action.option_strings, key=len)
+            raise UsageError(
+                f"{option} before the command is the main job's option, not {args.command}'s; "
+                f"see python -m experiments {args.command} --help"
+            )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status."""
     use_one_cpu_device_per_core()
     on_interrupt = "interrupted"  # until the command is known (Ctrl-C while jax is imported)
     hook, sys.unraisablehook = sys.unraisablehook, _interrupt_again(sys.unraisablehook)
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = argparse.Namespace()
+        try:
+            parser.parse_args(argv, args)
+        except UsageError as error:
+            # A command's complaint may come from a main job option set before it (`--out X
+            # sweep`: "--out is required"); then that is the reason to give.
+            _main_job_options(parser, args)
+            sys.stderr.write(f"error: {error}\n")
+            sys.exit(USAGE_ERROR)
+        _main_job_options(parser, args)
         on_interrupt = args.on_interrupt
         return args.run(args)
     except (UsageError, OSError) as e:

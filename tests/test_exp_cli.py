@@ -532,6 +532,49 @@ def test_nqm_batch_sizes_are_not_bounded_by_int32():
     assert args.batch_sizes == [1, 2**32]
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--out", "{out}", "quadratic", "--steps", "2", "--seeds", "1"],
+        ["--out", "{out}", "nqm", "--batch-sizes", "1"],
+        ["--out", "{out}", "sweep", "--dataset", "digits"],
+        ["--out={out}", "report", "{out}"],
+        ["--preset", "full", "quadratic", "--out", "{out}"],
+    ],
+    ids=lambda argv: " ".join(argv[:3]),
+)
+def test_main_job_options_before_a_command_are_refused(argv, tmp_path, capsys, monkeypatch):
+    # argparse let the command's own options overwrite them: `--out X quadratic` wrote to
+    # quadratic's default, results/ in the working directory; `--out X sweep` said --out was
+    # missing; `--out X report` and `--preset full quadratic` ignored them.
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "mine"
+    code, captured = main_in_process([a.replace("{out}", str(out)) for a in argv], capsys)
+    assert code == 2 and captured.out == ""
+    option = argv[0].split("=")[0]
+    assert captured.err.startswith(f"error: {option} before the command ")
+    assert captured.err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_main_job_options_reach_the_main_job_and_commands_run_without_them(monkeypatch):
+    import experiments.quadratic
+    import experiments.study
+
+    seen = []
+    monkeypatch.setattr(experiments.study, "run", lambda args: seen.append(vars(args)) or 0)
+    monkeypatch.setattr(experiments.quadratic, "run", lambda args: seen.append(vars(args)) or 0)
+    assert cli.main(["--out", "elsewhere", "--preset", "full"]) == 0
+    assert cli.main([]) == 0
+    assert cli.main(["--out", "results", "quadratic", "--out", "mine"]) == 0  # the default
+    assert [(str(a["out"]), a.get("preset")) for a in seen] == [
+        ("elsewhere", "full"),
+        ("results", "quick"),
+        ("mine", None),
+    ]
+    assert not any(name.startswith(cli.MAIN_JOB_OPTION) for a in seen for name in a)
+
+
 def test_missing_out(capsys):
     code, captured = main_in_process(["sweep"], capsys)
     assert code == 2 and captured.err.count("\n") == 1
