@@ -81,11 +81,18 @@ def _lrs(text: str) -> list[float] | None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the sweep options to ``parser``."""
     add_out_argument(parser)
-    parser.add_argument("--dataset", choices=datasets.DATASETS, default="mnist1d")
+    parser.add_argument(
+        "--dataset", choices=datasets.DATASETS, default="mnist1d",
+        help="mnist1d (generated offline), digits (scikit-learn) or idx (MNIST-format files from "
+        "--data-dir) (default: mnist1d)",
+    )  # fmt: skip
     parser.add_argument(
         "--data-dir", metavar="PATH", help="folder of MNIST-format IDX files (--dataset idx only)"
     )
-    parser.add_argument("--model", choices=models.MODELS, default="mlp")
+    parser.add_argument(
+        "--model", choices=models.MODELS, default="mlp",
+        help="Flax NNX model: linear, MLP (two hidden layers of 100) or CNN (default: mlp)",
+    )  # fmt: skip
     parser.add_argument(
         "--batch-sizes", type=positive_int_list, default=[8, 32, 128], metavar="B,B,...",
         help="comma-separated batch sizes (default: 8,32,128)",
@@ -380,4 +387,8 @@ def summary(records: Sequence[dict[str, Any]]) -> str:
             f"{_mean([r['final_test_accuracy'] for r in rs]):>9.3f} {target:>10} "
             f"{diverged:>4}/{len(runs)}"
         )
+    lines.append(
+        "best lr: the lowest mean final train loss of the lrs with no diverged seed; losses and "
+        "accuracy: seed means; to target: the median step"
+    )
     return "\n".join(lines)

@@ -80,7 +80,7 @@ def record(lr, loss, *, batch_size=16, beta=0.0, seed=0, diverged=False):
 
 def rows(text):
     """The summary's table rows, split into their columns."""
-    return [line.split() for line in text.splitlines()[2:]]
+    return [line.split() for line in text.splitlines()[2:-1]]
 
 
 def test_summary_picks_the_lr_with_the_lowest_mean_train_loss():
@@ -99,6 +99,8 @@ def test_summary_picks_the_lr_with_the_lowest_mean_train_loss():
     assert small[:4] == ["16", "0", "0.1", "0.3000"]
     assert small[4:6] == ["0.6000", "0.900"] and small[-1] == "1/8"
     assert big[:4] == ["64", "0.9", "0.05", "1.2000"] and big[-1] == "0/2"
+    # The table says how it picked the lr (the main job picks by steps to target instead).
+    assert text.splitlines()[-1].startswith("best lr: the lowest mean final train loss")
 
 
 def test_summary_of_a_group_that_all_diverged():
