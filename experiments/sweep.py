@@ -50,7 +50,14 @@ from experiments.cli import (
     positive_int_list,
 )
 from experiments.store import CorruptStoreError, ResultStore, StoreLockedError
-from experiments.train import FLOAT32_MAX, FLOAT32_TINY, GroupSpec, positive_float32, run_group
+from experiments.train import (
+    FLOAT32_MAX,
+    FLOAT32_TINY,
+    GroupSpec,
+    listed,
+    positive_float32,
+    run_group,
+)
 
 HELP = "train a batch size x beta x lr x seed grid (resumable)"
 ON_INTERRUPT = "interrupted; finished runs are kept: rerun to resume"  # printed on Ctrl-C
@@ -264,7 +271,9 @@ def run_sweep(
       experiments.store.CorruptStoreError: if ``out_dir`` holds a corrupt ``runs.jsonl``.
       SweepMismatchError: in a multi-process job, if the processes were given different sweeps.
     """
-    seeds = list(seeds)
+    batch_sizes, betas = listed(batch_sizes, "batch_sizes"), listed(betas, "betas")
+    lrs = None if lrs is None else listed(lrs, "lrs")
+    seeds = listed(seeds, "seeds")
     plan = []
     for batch_size in batch_sizes:
         group_lrs = auto_lrs(batch_size) if lrs is None else [float(lr) for lr in lrs]

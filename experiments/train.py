@@ -417,6 +417,13 @@ def _validate(
         raise ValueError(f"target_loss must be a float32 number >= 0, got {target_loss!r}.")
 
 
+def listed(value: Any, name: str) -> list[Any]:
+    """``value`` as a list; a number or a string (where a list was meant) is a ValueError."""
+    if isinstance(value, str | bytes) or not np.iterable(value):
+        raise ValueError(f"{name} must be a list, got {name}={value!r}.")
+    return list(value)
+
+
 def positive_float32(value: float) -> bool:
     """Whether ``value`` is a normal float32 number > 0: not 0, inf, NaN or a denormal as one."""
     return FLOAT32_TINY <= value <= FLOAT32_MAX
@@ -490,8 +497,9 @@ def run_group(
     Raises:
       ValueError: for any argument out of range.
     """
-    beta, lrs, seeds = float(beta), [float(lr) for lr in lrs], list(seeds)
+    beta, lrs, seeds = float(beta), [float(lr) for lr in listed(lrs, "lrs")], listed(seeds, "seeds")
     _validate(data, batch_size, beta, lrs, seeds, steps, eval_every, target_loss)
+    seeds = [int(s) for s in seeds]  # a NumPy integer would not go into a run id's JSON
     if optimizer not in OPTIMIZERS:
         raise ValueError(
             f"optimizer must be one of {', '.join(OPTIMIZERS)}, got optimizer={optimizer!r}."

@@ -283,6 +283,10 @@ def test_negative_zero_beta_is_zero():
         ({"lrs": [float("nan")]}, "lrs"),
         ({"seeds": [-1]}, "seeds"),
         ({"seeds": []}, "seeds"),
+        ({"seeds": 2}, "seeds=2"),  # the CLI's --seeds 2 means seeds 0 and 1: a slip
+        ({"seeds": np.asarray(0)}, "seeds"),
+        ({"lrs": 0.1}, "lrs=0.1"),
+        ({"lrs": "0.1"}, "lrs='0.1'"),
         ({"steps": 0}, "steps"),
         ({"eval_every": 40}, "eval_every"),
         ({"target_loss": -1.0}, "target_loss"),
@@ -293,3 +297,13 @@ def test_bad_arguments(digits, kwargs, match):
     args = dict(model="mlp", batch_size=8, beta=0.9, lrs=[0.1], seeds=[0], steps=20, eval_every=10)
     with pytest.raises(ValueError, match=match):
         train.run_group(digits, **(args | kwargs))
+
+
+def test_numpy_seeds_and_lrs_are_taken(digits):
+    # NumPy integer seeds passed the checks, then failed to be hashed into a run id (TypeError:
+    # int64 is not JSON serializable).
+    result = train.run_group(
+        digits, "linear", 8, 0.9, np.asarray([0.1]), np.arange(2), steps=2, eval_every=2
+    )
+    assert [(r.lr, r.seed) for r in result.runs] == [(0.1, 0), (0.1, 1)]
+    assert all(type(r.seed) is int and type(r.lr) is float for r in result.runs)

@@ -68,6 +68,14 @@ def test_auto_lrs_depend_on_the_batch_size(digits, tmp_path):
         assert lrs == sweep.auto_lrs(batch_size)
 
 
+@pytest.mark.parametrize("name", ["batch_sizes", "betas", "lrs", "seeds"])
+def test_a_number_where_a_list_is_needed_is_a_value_error(name, digits, tmp_path):
+    args = dict(batch_sizes=[8], betas=[0.0], **TINY) | {name: 2}
+    with pytest.raises(ValueError, match=f"{name} must be a list, got {name}=2"):
+        sweep.run_sweep(tmp_path / "out", digits, "linear", **args)
+    assert not (tmp_path / "out").exists()
+
+
 def record(lr, loss, *, batch_size=16, beta=0.0, seed=0, diverged=False):
     return {
         "dataset": "digits", "model": "mlp", "steps": 100, "batch_size": batch_size,
