@@ -278,8 +278,9 @@ def run_sweep(
     for batch_size in batch_sizes:
         group_lrs = auto_lrs(batch_size) if lrs is None else [float(lr) for lr in lrs]
         for beta in betas:
+            # Not int(batch_size): 8.5 would be trained as 8; as it is, run_group refuses it.
             spec = GroupSpec(
-                data.name, model, int(batch_size), float(beta), steps, eval_every,
+                data.name, model, batch_size, float(beta), steps, eval_every,
                 data_digest=data.digest,
             )  # fmt: skip
             ids = [spec.run_id(lr, s, target_loss) for lr in group_lrs for s in seeds]

@@ -418,10 +418,13 @@ def _validate(
 
 
 def listed(value: Any, name: str) -> list[Any]:
-    """``value`` as a list; a number or a string (where a list was meant) is a ValueError."""
+    """``value`` as a list of Python scalars (a NumPy one would not go into a run id's JSON).
+
+    A number or a string, where a list was meant, is a ValueError.
+    """
     if isinstance(value, str | bytes) or not np.iterable(value):
         raise ValueError(f"{name} must be a list, got {name}={value!r}.")
-    return list(value)
+    return [v.item() if isinstance(v, np.generic) else v for v in value]
 
 
 def positive_float32(value: float) -> bool:
@@ -499,7 +502,6 @@ def run_group(
     """
     beta, lrs, seeds = float(beta), [float(lr) for lr in listed(lrs, "lrs")], listed(seeds, "seeds")
     _validate(data, batch_size, beta, lrs, seeds, steps, eval_every, target_loss)
-    seeds = [int(s) for s in seeds]  # a NumPy integer would not go into a run id's JSON
     if optimizer not in OPTIMIZERS:
         raise ValueError(
             f"optimizer must be one of {', '.join(OPTIMIZERS)}, got optimizer={optimizer!r}."

@@ -1,5 +1,6 @@
 """Tests of experiments.sweep in-process: resume skips finished groups, --lrs auto, the summary."""
 
+import numpy as np
 import pytest
 
 from experiments import data, store, sweep, train
@@ -74,6 +75,20 @@ def test_a_number_where_a_list_is_needed_is_a_value_error(name, digits, tmp_path
     with pytest.raises(ValueError, match=f"{name} must be a list, got {name}=2"):
         sweep.run_sweep(tmp_path / "out", digits, "linear", **args)
     assert not (tmp_path / "out").exists()
+
+
+def test_numpy_lists_are_taken_and_a_fractional_batch_size_is_refused(digits, tmp_path):
+    # NumPy seeds failed to go into a run id (int64 is not JSON serializable); batch size 8.5
+    # was trained and recorded as 8.
+    out = tmp_path / "out"
+    args = dict(TINY, lrs=np.asarray([0.1]), seeds=np.arange(2))
+    records = sweep.run_sweep(out, digits, "linear", np.asarray([8]), np.asarray([0.0]), **args)
+    assert [(r["batch_size"], r["lr"], r["seed"]) for r in records] == [(8, 0.1, 0), (8, 0.1, 1)]
+    assert records == sweep.run_sweep(
+        out, digits, "linear", [8], [0.0], **TINY | {"lrs": [0.1], "seeds": [0, 1]}
+    )
+    with pytest.raises(ValueError, match=r"batch_size=8\.5"):
+        sweep.run_sweep(out, digits, "linear", [8.5], [0.0], **args)
 
 
 def record(lr, loss, *, batch_size=16, beta=0.0, seed=0, diverged=False):
