@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -307,6 +308,9 @@ def run_sweep(
         if refused is not None:
             raise refused
         total = sum(len(ids) for *_, ids in plan)
+        # A log file (stderr not a terminal) gets the runs bar only: the nested per-step bar
+        # moves the cursor, which a file records as blank lines and escape codes.
+        step_bars = progress and lead and sys.stderr.isatty()
         runs_bar = tqdm(
             total=total, initial=total - sum(missing), desc="runs", unit="run",
             disable=not (progress and lead), dynamic_ncols=True,
@@ -317,7 +321,7 @@ def run_sweep(
                     continue
                 with tqdm(
                     total=steps, desc=f"batch {spec.batch_size} beta {spec.beta:g}",
-                    unit="step", leave=False, disable=not (progress and lead), dynamic_ncols=True,
+                    unit="step", leave=False, disable=not step_bars, dynamic_ncols=True,
                 ) as steps_bar:  # fmt: skip
                     result = run_group(
                         data, model, spec.batch_size, spec.beta, group_lrs, seeds, steps,

@@ -69,6 +69,10 @@ def test_sweep_end_to_end(reference):
     records = store.read_runs(out)
     assert len(records) == N_RUNS == len({r["run_id"] for r in records})
     assert "best lr" in done.stdout and "100%" in done.stderr  # summary and progress bars
+    # stderr is a pipe here, as a log file is: the runs bar only, no nested per-step bar, whose
+    # cursor moves a log records as blank lines and escape codes.
+    assert "step/s" not in done.stderr and "\x1b[A" not in done.stderr
+    assert "\n\n" not in done.stderr
     for r in records:
         curves = store.load_curves(out, r)
         assert curves["batch_loss"].shape == (60,)
