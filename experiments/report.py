@@ -1505,6 +1505,10 @@ def summary(out: str | Path) -> str:
             )  # fmt: skip
             cells.append(f"{text:>34}")
         lines.append(f"{batch_size:>6}" + "".join(cells))
+    lines.append(
+        f"steps: the median over seeds of the steps to a full-train loss of "
+        f"{res.preset['target_loss']:g}, at the batch size's best lr"
+    )
     return "\n".join(lines)
 
 

@@ -73,6 +73,14 @@ def test_main_job_writes_the_report(tiny_study, capsys):
     assert f"baselines --out {out} --models linear --steps 50 --seeds 1 " in text
 
 
+def test_summary_names_the_target_of_its_steps(tiny_study):
+    text = report.summary(tiny_study)
+    assert text.splitlines()[-1] == (
+        f"steps: the median over seeds of the steps to a full-train loss of "
+        f"{TINY.target_loss:g}, at the batch size's best lr"
+    )
+
+
 def test_rerun_resumes_without_training(tiny_study, capsys):
     before = (tiny_study / "sweep" / "runs.jsonl").read_bytes()
     stages = json.loads((tiny_study / "study.json").read_text())["stages"]
