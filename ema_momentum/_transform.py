@@ -314,7 +314,8 @@ def ema_momentum(
         bfloat16 or ``None``, or a ``seed`` that is not an integer in
         ``[0, 2**32)``. The returned ``init`` raises it for complex parameters
         and a real ``accumulator_dtype``, and ``update`` for complex gradients
-        into a real velocity.
+        into a real velocity or for updates whose tree structure or shapes differ
+        from the params ``init`` was given.
 
     Note:
       :func:`optax.inject_hyperparams` casts hyperparameters to the params' dtype
@@ -381,6 +382,11 @@ def ema_momentum(
 
         def leaf(index, path, g, v):
             g = jnp.asarray(g)
+            if g.shape != v.shape:
+                raise ValueError(
+                    f"updates{jax.tree_util.keystr(path)} have shape {g.shape} but the state's "
+                    f"velocity for them has shape {v.shape} (init was given other params)."
+                )
             if jnp.iscomplexobj(g) and not jnp.iscomplexobj(v):
                 # Storing the EMA would drop its imaginary part (JAX only warns), while this
                 # step's update kept it: the imaginary part would get no momentum.
@@ -414,7 +420,13 @@ def ema_momentum(
         leaves_g, treedef = jax.tree_util.tree_flatten_with_path(
             updates, is_leaf=lambda x: x is None
         )
-        leaves_v = treedef.flatten_up_to(state.velocity)
+        try:
+            leaves_v = treedef.flatten_up_to(state.velocity)
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                "updates do not have the structure of the state's velocity (init was given "
+                f"params of another structure): {e}"
+            ) from None
         results = [
             (None, v) if g is None else leaf(i, path, g, v)
             for i, ((path, g), v) in enumerate(zip(leaves_g, leaves_v, strict=True))

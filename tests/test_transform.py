@@ -838,6 +838,27 @@ def test_complex_gradients_for_a_real_velocity(jit):
         update({"w": jnp.ones(2, jnp.complex64)}, state)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize(
+    "updates, match",
+    [
+        ({"b": jnp.ones(2)}, r"structure of the state's velocity .* Dict key mismatch"),
+        ({"w": jnp.ones(2), "b": jnp.ones(2)}, r"structure of the state's velocity"),
+        ([jnp.ones(2)], r"structure of the state's velocity"),
+        # A shape mismatch used to broadcast where it could (a [3, 2] gradient into a [2]
+        # velocity trained on) and otherwise fail inside jnp with a TypeError.
+        ({"w": jnp.ones(3)}, r"updates\['w'\] have shape \(3,\) but .* shape \(2,\)"),
+        ({"w": jnp.ones((3, 2))}, r"updates\['w'\] have shape \(3, 2\) but .* shape \(2,\)"),
+    ],
+)
+def test_updates_of_other_params_than_init_saw(updates, match, jit):
+    tx = emm.ema_momentum(0.9)
+    state = tx.init({"w": jnp.ones(2)})
+    update = jax.jit(tx.update) if jit else tx.update
+    with pytest.raises(ValueError, match=match):
+        update(updates, state)
+
+
 def test_good_edge_values_are_accepted():
     emm.ema_sgd(0.0, 0.0)
     emm.ema_sgd(jnp.asarray(0.1), jnp.asarray(0.999), nu=1.0)
