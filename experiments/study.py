@@ -184,8 +184,17 @@ EFFECTIVE_DIR = "effective"
 
 
 def read_json(path: Path) -> Any:
-    """The JSON in ``path``, or None if there is none."""
-    return json.loads(path.read_text()) if path.exists() else None
+    """The JSON in ``path``, or None if there is none.
+
+    Raises:
+      ValueError: naming ``path``, if it is not valid JSON (cut short or edited by hand).
+    """
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{str(path)!r} is not valid JSON ({e})") from None
 
 
 def machine() -> dict[str, Any]:
@@ -215,6 +224,12 @@ def valid_meta(meta: Any) -> bool:
         and isinstance(meta.get("preset"), dict)
         and isinstance(meta["preset"].get("name"), str)
         and isinstance(meta.get("stages", {}), dict)
+        and all(
+            isinstance(record, dict)
+            and isinstance(record.get("wall_seconds"), int | float)
+            and not isinstance(record["wall_seconds"], bool)
+            for record in meta.get("stages", {}).values()
+        )
     )
 
 

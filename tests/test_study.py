@@ -296,3 +296,31 @@ def test_noise_scale_stage_stores_nonfinite_estimates_as_null_and_the_report_sho
     text = report.build(out).read_text()
     assert "| 50 | 0.200 | - ± - | -0.1 ± 0.2 | 5 ± 1 |" in text
     assert "noise_scale.png" not in text
+
+
+def test_unreadable_json_is_one_error_line_naming_the_file(tiny_study, tmp_path, capsys):
+    # A result file cut short gave "error: Unterminated string starting at: line 8 column 4",
+    # naming no file.
+    copy = tmp_path / "results"
+    shutil.copytree(tiny_study, copy)
+    text = (copy / "noise_scale.json").read_text()
+    (copy / "noise_scale.json").write_text(text[: len(text) // 2])
+    assert cli.main(["report", str(copy)]) == 2
+    assert f"error: {str(copy / 'noise_scale.json')!r} is not valid JSON (" in _one_error_line(
+        capsys
+    )
+    (copy / "study.json").write_text("{")
+    study.PRESETS["tiny"] = TINY
+    assert cli.main(["--out", str(copy), "--preset", "tiny"]) == 2
+    assert f"error: {str(copy / 'study.json')!r} is not valid JSON (" in _one_error_line(capsys)
+    assert (copy / "study.json").read_text() == "{"
+
+
+def test_a_stage_record_of_another_shape_is_refused(tmp_path):
+    # A hand-edited record ran every stage, then crashed in the report with a TypeError.
+    study.Study(tmp_path, TINY, progress=False)._save()
+    meta = json.loads((tmp_path / "study.json").read_text())
+    meta["stages"] = {"quadratic": 5}
+    (tmp_path / "study.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="is not a study's record"):
+        study.Study(tmp_path, TINY)
