@@ -233,6 +233,24 @@ def valid_meta(meta: Any) -> bool:
     )
 
 
+def _as_stored(preset: Preset) -> dict[str, Any]:
+    """``preset`` as ``study.json`` stores it (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(preset)))
+
+
+def preset_differences(stored: dict[str, Any], preset: Preset) -> list[str]:
+    """The settings in which a study's stored preset differs from ``preset``.
+
+    A setting the stored one lacks (a study written before it was added) counts as its default.
+    """
+    current = _as_stored(preset)
+    fields = dataclasses.fields(Preset)
+    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+    defaults = json.loads(json.dumps(defaults))
+    names = [*current, *sorted(set(stored) - set(current))]
+    return [name for name in names if stored.get(name, defaults.get(name)) != current.get(name)]
+
+
 class Study:
     """Runs the stages of one preset into one directory, remembering which are done.
 
@@ -258,6 +276,15 @@ class Study:
             raise ValueError(
                 f"{str(self.out)!r} holds a {meta['preset']['name']!r} study; use another --out "
                 f"for --preset {self.preset.name}."
+            )
+        # The same name with other settings (a preset changed by an update of this code): the
+        # stages done so far would be mixed with new ones, and study.json would describe these.
+        changed = preset_differences(meta["preset"], self.preset) if meta else []
+        if changed:
+            raise ValueError(
+                f"{str(self.out)!r} holds a {self.preset.name!r} study run with other settings "
+                f"of that preset ({', '.join(changed)}); use another --out, or move it away to "
+                "start afresh."
             )
         meta["preset"] = dataclasses.asdict(self.preset)
         meta.setdefault("stages", {})

@@ -298,6 +298,35 @@ def test_noise_scale_stage_stores_nonfinite_estimates_as_null_and_the_report_sho
     assert "noise_scale.png" not in text
 
 
+def test_a_preset_changed_under_the_same_name_is_refused(tmp_path, capsys):
+    # A preset whose settings changed (an update of this code) but not its name resumed the old
+    # study silently: its sweep was skipped or mixed with runs of the new settings, and study.json
+    # was rewritten to describe the new settings.
+    study.Study(tmp_path, TINY, progress=False)._save()
+    before = (tmp_path / "study.json").read_bytes()
+    changed = dataclasses.replace(TINY, step_range=(60, 100), nqm_betas=(0.0, 0.5))
+    with pytest.raises(
+        ValueError, match=r"other settings of that preset \(step_range, nqm_betas\)"
+    ):
+        study.Study(tmp_path, changed)
+    presets = dict(study.PRESETS)
+    study.PRESETS["tiny"] = changed
+    try:
+        assert cli.main(["--out", str(tmp_path), "--preset", "tiny"]) == 2
+    finally:
+        study.PRESETS.clear()
+        study.PRESETS.update(presets)
+    assert "run with other settings" in _one_error_line(capsys)
+    assert (tmp_path / "study.json").read_bytes() == before
+    # A setting added to Preset later (with a default) is its default in an older study.json.
+    meta = json.loads(before)
+    del meta["preset"]["extra_models"]
+    (tmp_path / "study.json").write_text(json.dumps(meta))
+    study.Study(tmp_path, dataclasses.replace(TINY, extra_models=()))
+    with pytest.raises(ValueError, match=r"other settings of that preset \(extra_models\)"):
+        study.Study(tmp_path, TINY)
+
+
 def test_unreadable_json_is_one_error_line_naming_the_file(tiny_study, tmp_path, capsys):
     # A result file cut short gave "error: Unterminated string starting at: line 8 column 4",
     # naming no file.
