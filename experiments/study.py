@@ -2,7 +2,8 @@
 
 ``python -m experiments [--out DIR] [--preset quick|full]`` runs every stage of the study into DIR
 and ends with ``DIR/report.md``. Each stage stores its results as it goes and is skipped (or, for
-the sweeps, resumed) when run again, so an interrupted job continues where it stopped.
+the sweeps, resumed) when run again, so an interrupted job continues where it stopped; a stage
+whose output files were since removed or damaged runs again.
 
 Stages:
 
@@ -35,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from experiments.store import write_json
+from experiments.store import RUNS_FILE, write_json
 
 HELP = "the whole study into --out (default: results), then its report"
 ON_INTERRUPT = "interrupted; finished runs and stages are kept: rerun to resume"
@@ -302,11 +303,47 @@ class Study:
     def _save(self) -> None:
         write_json(self.out / STUDY_FILE, self.meta)
 
+    def outputs(self, name: str) -> list[Path]:
+        """The files stage ``name`` writes (none when it was skipped for want of a learning rate):
+        the report reads them."""
+        if "skipped" in self.meta["stages"].get(name, {}):
+            return []
+        p = self.preset
+        files = {
+            "quadratic": ["quadratic.json", "quadratic.png"],
+            "nqm": ["nqm.json", "nqm.png"],
+            "sweep": [f"{sweep_dir(m, p.model)}/{RUNS_FILE}" for m in (p.model, *p.extra_models)],
+            "effective": [f"{EFFECTIVE_DIR}/{RUNS_FILE}"],
+            "noise_scale": ["noise_scale.json"],
+            "baselines": ["baselines.json"],
+        }
+        return [self.out / file for file in files.get(name, [])]
+
+    def _lost_output(self, name: str) -> str | None:
+        """The first output of stage ``name`` that is missing or not valid JSON, if any."""
+        for path in self.outputs(name):
+            if not path.is_file():
+                return f"{path.relative_to(self.out)} is missing"
+            if path.suffix == ".json":
+                try:
+                    read_json(path)
+                except ValueError:
+                    return f"{path.relative_to(self.out)} is not valid JSON"
+        return None
+
     def stage(self, name: str, fn: Callable[[], dict[str, Any] | None]) -> None:
-        """Runs stage ``name`` unless it finished before; records its wall time and outputs."""
+        """Runs stage ``name`` unless it finished before; records its wall time and outputs.
+
+        A stage recorded as done whose output was since removed or damaged (by hand) runs again:
+        the report would otherwise say "not run" of it, or fail.
+        """
         if name in self.meta["stages"]:
-            self._log(f"[{name}] done before, skipped")
-            return
+            lost = self._lost_output(name)
+            if lost is None:
+                self._log(f"[{name}] done before, skipped")
+                return
+            self._log(f"[{name}] done before, but {lost}: running it again")
+            del self.meta["stages"][name]
         self._log(f"[{name}] ...")
         start = time.perf_counter()
         extra = fn() or {}

@@ -327,6 +327,44 @@ def test_a_preset_changed_under_the_same_name_is_refused(tmp_path, capsys):
         study.Study(tmp_path, TINY)
 
 
+def test_a_stage_whose_output_was_removed_or_damaged_runs_again(tmp_path):
+    # A stage recorded as done was skipped even when its output was gone: the report then said
+    # "Not run" of it and gave other verdicts (claim 5 turned "not supported" without effective/),
+    # or, with its JSON cut short, the main job ended in a traceback.
+    job = study.Study(tmp_path, TINY, progress=False)
+    ran = []
+
+    def quadratic():
+        ran.append("quadratic")
+        (tmp_path / "quadratic.json").write_text('{"setup": {}}')
+        (tmp_path / "quadratic.png").write_bytes(b"png")
+
+    job.stage("quadratic", quadratic)
+    job.stage("quadratic", quadratic)
+    assert ran == ["quadratic"]
+    (tmp_path / "quadratic.png").unlink()
+    job.stage("quadratic", quadratic)
+    (tmp_path / "quadratic.json").write_text('{"setup": {')
+    study.Study(tmp_path, TINY, progress=False).stage("quadratic", quadratic)  # a new process
+    assert ran == ["quadratic"] * 3
+    assert json.loads((tmp_path / "quadratic.json").read_text()) == {"setup": {}}
+    # A stage skipped for want of a learning rate wrote nothing, and stays done.
+    job.stage("effective", lambda: study.Study._no_lr(16))
+    job.stage("effective", lambda: ran.append("effective"))
+    assert "effective" not in ran
+
+
+def test_main_job_reruns_a_stage_whose_output_was_removed(tiny_study, tmp_path, capsys):
+    copy = tmp_path / "results"
+    shutil.copytree(tiny_study, copy)
+    (copy / "quadratic.json").unlink()
+    study.PRESETS["tiny"] = TINY
+    assert cli.main(["--out", str(copy), "--preset", "tiny"]) == 0
+    assert "[quadratic] done before, but quadratic.json is missing" in capsys.readouterr().err
+    for name in ("quadratic.json", "verdicts.json"):
+        assert (copy / name).read_bytes() == (tiny_study / name).read_bytes()
+
+
 def test_unreadable_json_is_one_error_line_naming_the_file(tiny_study, tmp_path, capsys):
     # A result file cut short gave "error: Unterminated string starting at: line 8 column 4",
     # naming no file.
