@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import multiprocessing
 import os
@@ -62,6 +61,7 @@ from experiments.cli import (
     positive_int,
     positive_int_list,
 )
+from experiments.store import write_json
 
 HELP = "noisy quadratic model (Zhang et al. 2019): steps to target vs batch size, closed form"
 ON_INTERRUPT = "interrupted; nothing was written"  # printed on Ctrl-C
@@ -537,7 +537,7 @@ def write(rows: Sequence[dict], out_dir: str | pathlib.Path) -> None:
     """Writes ``out_dir/nqm.json`` and ``out_dir/nqm.png``."""
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "nqm.json").write_text(json.dumps(list(rows), indent=1) + "\n")
+    write_json(out / "nqm.json", list(rows))  # atomic: a crash leaves the old file whole
     plot(rows, out / "nqm.png")
 
 

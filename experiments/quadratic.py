@@ -25,7 +25,6 @@ same draws in a seed, so the comparison is paired); the figure draws the first.
 from __future__ import annotations
 
 import argparse
-import json
 import numbers
 import pathlib
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ import optax
 
 import ema_momentum as emm
 from experiments.cli import add_out_argument, int_in, non_negative_int, positive_int
+from experiments.store import write_json
 
 HELP = "the course picture: SGD vs EMA momentum on a noisy ill-conditioned 2-D quadratic"
 DESCRIPTION = """\
@@ -284,7 +284,7 @@ def write(result: dict, out_dir: str | pathlib.Path) -> None:
     """Writes ``out_dir/quadratic.json`` and ``out_dir/quadratic.png``."""
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "quadratic.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_json(out / "quadratic.json", result)  # atomic: a crash leaves the old file whole
     plot(result, out / "quadratic.png")
 
 

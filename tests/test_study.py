@@ -391,3 +391,30 @@ def test_a_stage_record_of_another_shape_is_refused(tmp_path):
     (tmp_path / "study.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="is not a study's record"):
         study.Study(tmp_path, TINY)
+
+
+@pytest.mark.parametrize("stage", ["quadratic", "nqm"])
+def test_a_stage_json_write_that_fails_midway_keeps_the_old_file(stage, tmp_path):
+    # quadratic.json and nqm.json were written in place: a write cut short (a full disk, a file
+    # size limit, kill -9) left the old results truncated, and the study's report unreadable.
+    import resource
+    import signal
+
+    from experiments import nqm, quadratic
+
+    module = {"quadratic": quadratic, "nqm": nqm}[stage]
+    path = tmp_path / f"{stage}.json"
+    old = json.dumps({"old": list(range(1000))})
+    path.write_text(old)
+    big = {"rows": [{"x": float(i)} for i in range(2000)]}  # ~30 kB of JSON
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit: EFBIG
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8192, hard))
+    try:
+        with pytest.raises(OSError):
+            module.write(big if stage == "quadratic" else big["rows"], tmp_path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert path.read_text() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
