@@ -132,11 +132,12 @@ def output_dir(text: str) -> Path:
     """An argparse ``type``: a directory to write into, existing or to be created.
 
     A path that is a file, or lies under one, is refused when the arguments are parsed, before
-    anything is computed (creating it would otherwise fail only when results are written).
+    anything is computed (creating it would otherwise fail only when results are written). A
+    leading ``~`` is the home directory, as in a shell (which leaves ``--out=~/x`` as it is).
     """
     if not text:
         raise argparse.ArgumentTypeError("must be a directory path, got ''")
-    path = Path(text)
+    path = Path(text).expanduser()
     existing = next(p for p in (path, *path.parents) if p.exists())
     where = "" if existing == path else f" (its parent {str(existing)!r})"
     if not existing.is_dir():

@@ -418,3 +418,13 @@ def test_a_stage_json_write_that_fails_midway_keeps_the_old_file(stage, tmp_path
         signal.signal(signal.SIGXFSZ, handler)
     assert path.read_text() == old
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_out_with_a_tilde_is_under_the_home_directory(tmp_path, monkeypatch):
+    # A shell leaves "--out=~/results" as it is: the main job made a directory named "~" in the
+    # working directory (one "rm -rf ~" away from the home directory).
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    parser = cli.build_parser()
+    assert parser.parse_args(["--out=~/results"]).out == tmp_path / "results"
+    assert parser.parse_args(["report", "x", "--export", "~/docs"]).export == tmp_path / "docs"
