@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from experiments.store import RUNS_FILE, write_json
+from experiments.store import RUNS_FILE, read_runs, write_json
 
 HELP = "the whole study into --out (default: results), then its report"
 ON_INTERRUPT = "interrupted; finished runs and stages are kept: rerun to resume"
@@ -345,13 +345,23 @@ class Study:
             self._log(f"[{name}] done before, but {lost}: running it again")
             del self.meta["stages"][name]
         self._log(f"[{name}] ...")
+        # A sweep resumed after an interruption keeps the runs stored before it: their time counts
+        # (each record holds its share of its group's wall time), or the report's wall time
+        # would be this process's alone.
+        earlier = sum(
+            record["wall_seconds"]
+            for path in self.outputs(name)
+            if path.name == RUNS_FILE
+            for record in read_runs(path.parent)
+        )
         start = time.perf_counter()
         extra = fn() or {}
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start + earlier
         self.meta["stages"][name] = {"wall_seconds": round(seconds, 1), **extra}
         self._save()
         skipped = f", skipped: {extra['skipped']}" if "skipped" in extra else ""
-        self._log(f"[{name}] {seconds:.0f} s{skipped}")
+        resumed = f" (runs stored before: {earlier:.0f} s)" if earlier else ""
+        self._log(f"[{name}] {seconds:.0f} s{resumed}{skipped}")
 
     def _log(self, message: str) -> None:
         if self.progress:

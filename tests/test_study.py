@@ -428,3 +428,20 @@ def test_out_with_a_tilde_is_under_the_home_directory(tmp_path, monkeypatch):
     parser = cli.build_parser()
     assert parser.parse_args(["--out=~/results"]).out == tmp_path / "results"
     assert parser.parse_args(["report", "x", "--export", "~/docs"]).export == tmp_path / "docs"
+
+
+def test_a_resumed_sweep_counts_the_time_of_the_runs_stored_before(tmp_path):
+    # The stage's wall time was the resuming process's alone: a sweep interrupted after most of
+    # its runs showed "sweep 1 s" in the report's wall time.
+    (tmp_path / "sweep").mkdir()
+    records = [
+        {"run_id": str(i), "curves": "curves/g.npz", "curve_index": i, "wall_seconds": 7.5}
+        for i in range(4)
+    ]
+    (tmp_path / "sweep" / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    job = study.Study(tmp_path, dataclasses.replace(TINY, extra_models=()), progress=False)
+    job.stage("sweep", lambda: None)
+    job.stage("nqm", lambda: None)
+    stages = json.loads((tmp_path / "study.json").read_text())["stages"]
+    assert 30.0 <= stages["sweep"]["wall_seconds"] < 31.0
+    assert stages["nqm"]["wall_seconds"] < 1.0
