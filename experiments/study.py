@@ -375,9 +375,24 @@ class Study:
         lock = lock_directory(self.out)
         try:
             self._read_meta()  # again, under the lock: another job may have finished stages since
+            self._remove_leftovers()
             self._run_all()
         finally:
             os.close(lock)
+
+    def _remove_leftovers(self) -> None:
+        """Removes the temporary files of ``write_json`` that a killed job left (hidden
+        ``.NAME.*.tmp`` next to the JSON files this job writes; never referenced). Not those of
+        ``verdicts.json``, which the ``report`` command also writes, without the lock."""
+        for name in (
+            STUDY_FILE,
+            "quadratic.json",
+            "nqm.json",
+            "noise_scale.json",
+            "baselines.json",
+        ):
+            for leftover in self.out.glob(f".{name}.*.tmp"):
+                leftover.unlink(missing_ok=True)
 
     def _run_all(self) -> None:
         self._save()

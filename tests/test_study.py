@@ -445,3 +445,17 @@ def test_a_resumed_sweep_counts_the_time_of_the_runs_stored_before(tmp_path):
     stages = json.loads((tmp_path / "study.json").read_text())["stages"]
     assert 30.0 <= stages["sweep"]["wall_seconds"] < 31.0
     assert stages["nqm"]["wall_seconds"] < 1.0
+
+
+def test_the_main_job_removes_temporary_files_a_killed_job_left(tmp_path, monkeypatch):
+    # kill -9 while study.json or a stage's JSON was being written left its hidden temporary
+    # file in DIR for good (the store removes its own, of curves files, when it opens).
+    for name in (".study.json.a1b2c3.tmp", ".nqm.json.x.tmp", ".verdicts.json.y.tmp", "keep.tmp"):
+        (tmp_path / name).write_text("{")
+    monkeypatch.setattr(study.Study, "_run_all", lambda self: None)
+    study.Study(tmp_path, TINY, progress=False).run_all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".lock",
+        ".verdicts.json.y.tmp",
+        "keep.tmp",
+    ]
