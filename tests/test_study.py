@@ -426,7 +426,8 @@ def test_out_with_a_tilde_is_under_the_home_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     parser = cli.build_parser()
-    assert parser.parse_args(["--out=~/results"]).out == tmp_path / "results"
+    args = parser.parse_args(["--out=~/results"])
+    assert getattr(args, cli.MAIN_JOB_OPTION + "out") == tmp_path / "results"
     assert parser.parse_args(["report", "x", "--export", "~/docs"]).export == tmp_path / "docs"
 
 
