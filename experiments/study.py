@@ -3,7 +3,8 @@
 ``python -m experiments [--out DIR] [--preset quick|full]`` runs every stage of the study into DIR
 and ends with ``DIR/report.md``. Each stage stores its results as it goes and is skipped (or, for
 the sweeps, resumed) when run again, so an interrupted job continues where it stopped; a stage
-whose output files were since removed or damaged runs again.
+whose output files were since removed or damaged, or whose results an older version of this code
+computed differently (:data:`STAGE_VERSIONS`), runs again.
 
 Stages:
 
@@ -180,6 +181,15 @@ PRESETS = {
 }
 
 STUDY_FILE = "study.json"
+# The version of each stage's results, raised when a change of this code changes what the stage
+# computes: a study resumed after such an update computes the stage again instead of reusing what
+# the older code stored. A stage recorded without a version, or missing here, is version 1.
+STAGE_VERSIONS = {
+    "noise_scale": 2,  # one training batch key per step; B_simple's own standard error
+}
+# Stages whose results are run stores (resumed run by run): an older version cannot be redone
+# over them, since the stored runs would be reused, so such a study is refused.
+STORE_STAGES = ("sweep", "effective")
 SWEEP_DIR = "sweep"
 EFFECTIVE_DIR = "effective"
 
@@ -287,6 +297,16 @@ class Study:
                 f"of that preset ({', '.join(changed)}); use another --out, or move it away to "
                 "start afresh."
             )
+        stale = [
+            name for name in STORE_STAGES
+            if name in meta.get("stages", {}) and self._older(name, meta["stages"][name])
+        ]  # fmt: skip
+        if stale:
+            raise ValueError(
+                f"{str(self.out)!r} holds {', '.join(stale)} results of an older version of this "
+                "code, which computes them differently now; use another --out, or move it away "
+                "to start afresh."
+            )
         meta["preset"] = dataclasses.asdict(self.preset)
         meta.setdefault("stages", {})
         meta["machine"] = machine()
@@ -319,8 +339,16 @@ class Study:
         }
         return [self.out / file for file in files.get(name, [])]
 
+    @staticmethod
+    def _older(name: str, record: dict[str, Any]) -> bool:
+        """Whether stage ``name``'s ``record`` comes from an older version of the stage."""
+        return record.get("version", 1) != STAGE_VERSIONS.get(name, 1)
+
     def _lost_output(self, name: str) -> str | None:
-        """The first output of stage ``name`` that is missing or not valid JSON, if any."""
+        """Why stage ``name``'s stored results cannot be used, if they cannot: an output missing
+        or not valid JSON, or results of an older version of the stage."""
+        if self._older(name, self.meta["stages"][name]):
+            return "its results are from an older version of this code"
         for path in self.outputs(name):
             if not path.is_file():
                 return f"{path.relative_to(self.out)} is missing"
@@ -357,7 +385,10 @@ class Study:
         start = time.perf_counter()
         extra = fn() or {}
         seconds = time.perf_counter() - start + earlier
-        self.meta["stages"][name] = {"wall_seconds": round(seconds, 1), **extra}
+        record = {"wall_seconds": round(seconds, 1), **extra}
+        if STAGE_VERSIONS.get(name, 1) != 1:
+            record["version"] = STAGE_VERSIONS[name]
+        self.meta["stages"][name] = record
         self._save()
         skipped = f", skipped: {extra['skipped']}" if "skipped" in extra else ""
         resumed = f" (runs stored before: {earlier:.0f} s)" if earlier else ""

@@ -365,6 +365,40 @@ def test_main_job_reruns_a_stage_whose_output_was_removed(tiny_study, tmp_path, 
         assert (copy / name).read_bytes() == (tiny_study / name).read_bytes()
 
 
+def test_a_stage_stored_by_an_older_version_of_the_code_runs_again(tiny_study, tmp_path, capsys):
+    # The noise-scale stage changed what it computes (one batch key per step): a study resumed
+    # after that update reused the old noise_scale.json, and the report mixed the two versions.
+    copy = tmp_path / "results"
+    shutil.copytree(tiny_study, copy)
+    meta = json.loads((copy / "study.json").read_text())
+    assert meta["stages"]["noise_scale"]["version"] == study.STAGE_VERSIONS["noise_scale"] == 2
+    del meta["stages"]["noise_scale"]["version"]  # as the older code stored it
+    (copy / "study.json").write_text(json.dumps(meta))
+    (copy / "noise_scale.json").write_text('{"lr": 0.1, "beta": 0.0, "rows": []}')
+    study.PRESETS["tiny"] = TINY
+    assert cli.main(["--out", str(copy), "--preset", "tiny"]) == 0
+    err = capsys.readouterr().err
+    assert "[noise_scale] done before, but its results are from an older version" in err
+    assert "[quadratic] done before, skipped" in err
+    for name in ("noise_scale.json", "verdicts.json"):
+        assert (copy / name).read_bytes() == (tiny_study / name).read_bytes()
+
+
+@pytest.mark.parametrize("stage", study.STORE_STAGES)
+def test_run_stores_of_an_older_version_of_the_code_are_refused(
+    stage, tiny_study, tmp_path, monkeypatch, capsys
+):
+    # A run store cannot be redone in place: its stored runs would be resumed, not recomputed.
+    copy = tmp_path / "results"
+    shutil.copytree(tiny_study, copy)
+    before = sorted((p.relative_to(copy), p.stat().st_mtime_ns) for p in copy.rglob("*"))
+    monkeypatch.setitem(study.STAGE_VERSIONS, stage, 2)
+    study.PRESETS["tiny"] = TINY
+    assert cli.main(["--out", str(copy), "--preset", "tiny"]) == 2
+    assert f"holds {stage} results of an older version of this code" in _one_error_line(capsys)
+    assert sorted((p.relative_to(copy), p.stat().st_mtime_ns) for p in copy.rglob("*")) == before
+
+
 def test_unreadable_json_is_one_error_line_naming_the_file(tiny_study, tmp_path, capsys):
     # A result file cut short gave "error: Unterminated string starting at: line 8 column 4",
     # naming no file.
