@@ -379,9 +379,16 @@ def fig_steps(res: Results, path: Path) -> str:
         fit = res.fit(beta)
         if fit is not None:
             grid = np.geomspace(b.min(), b.max(), 100)
+            # As in the fits table: a B_crit beyond the batch sizes tested is an extrapolation.
+            if fit.b_crit_at_bound:
+                where = " (at the search bound)"
+            elif not b.min() <= fit.b_crit <= b.max():
+                where = " (extrapolated)"
+            else:
+                where = ""
             ax.plot(
                 grid, fit.s_min * (1 + fit.b_crit / grid), "--", color=color, lw=1,
-                label=f"fit S_min(1 + B_crit/B): B_crit = {fit.b_crit:.3g}",
+                label=f"fit S_min(1 + B_crit/B): B_crit = {fit.b_crit:.3g}{where}",
             )  # fmt: skip
         if anchor is None:
             anchor = (b[0], med[0])
@@ -401,7 +408,7 @@ def fig_steps(res: Results, path: Path) -> str:
     return (
         "Left: Shallue et al.'s steps-to-result, the median over seeds of the first evaluation at "
         "which the full training loss reached the target, at the best learning rate of each batch "
-        "size (bars: fastest and slowest seed). Dotted: perfect scaling from the smallest batch. "
+        "size (bars: fastest and slowest seed). Dotted: perfect scaling from SGD's smallest batch. "
         "Dashed: the fit S(B) = S_min (1 + B_crit / B) of McCandlish et al. Right: the same "
         "results in examples processed, the compute a larger batch costs."
     )
@@ -446,7 +453,30 @@ def fig_best_lr(res: Results, path: Path) -> str:
         "The learning rate with the fewest median steps to the target, per batch size and "
         "optimizer (open markers: at the edge of the grid searched, so the optimum may lie "
         "beyond). Both lines start at SGD's smallest batch. The rate is the EMA-form eta; the "
-        "heavy-ball rate of optax/PyTorch is eta (1 - beta)."
+        "heavy-ball rate of optax/PyTorch is eta (1 - beta)." + _lr_grid_note(res)
+    )
+
+
+def _lr_grid_note(res: Results) -> str:
+    """What the swept lr grid lets the best-lr figure show: if every batch size swept the same
+    lrs up to a factor sqrt(B), a best lr can only sit on a square-root line (a grid step apart),
+    so following square-root scaling is partly the grid's doing ("" for any other grid)."""
+    grids = {}
+    for r in res.sweep:
+        grids.setdefault(int(r["batch_size"]), set()).add(float(r["lr"]))
+    if len(grids) < 2 or min(len(g) for g in grids.values()) < 2:
+        return ""
+    scaled = [np.array(sorted(g)) / math.sqrt(b) for b, g in sorted(grids.items())]
+    if any(s.size != scaled[0].size or not np.allclose(s, scaled[0], rtol=1e-2) for s in scaled):
+        return ""
+    steps = scaled[0][1:] / scaled[0][:-1]
+    if not np.allclose(steps, steps[0], rtol=1e-2):
+        return ""
+    return (
+        f" The grid itself scales as sqrt(B), a factor {steps[0]:.3g} between neighbouring lrs: "
+        "a best lr is known only to within that factor, and can only land on the square-root "
+        "line or a whole number of grid steps off it, so a line along it is partly the grid's "
+        "doing."
     )
 
 
@@ -525,7 +555,8 @@ def fig_oscillation(res: Results, path: Path) -> str:
         ax_g.set_title(f"Mini-batch gradient norm, B = {sgd.batch_size}, lr {lr:.3g}")
     ax_t.set_yscale("log")
     ax_t.set_xlabel("step")
-    ax_t.set_ylabel("std of batch loss around its trend")
+    # Two measures share the axis: the absolute one in loss units, the relative one of log(loss).
+    ax_t.set_ylabel("std around its trend: of batch loss (o), of log batch loss (s)")
     _legend(ax_t, fontsize=7)
     ax_g.set_xlabel("step")
     ax_g.set_ylabel("mean |g| per window")
@@ -537,9 +568,11 @@ def fig_oscillation(res: Results, path: Path) -> str:
         "about 10% above or below its trend), at each batch size's best learning rate, mean and "
         "std over seeds. Top right (claim 2): at the same learning rates, the absolute spread of "
         "the batch loss (loss units) and the mean mini-batch gradient norm in the last tenth of "
-        "training over the first tenth; below 1 means it shrank. Bottom: the spread, absolute "
-        "and relative (log), and the gradient norm in ten windows through the SGD and momentum "
-        "runs of the effective-batch test, at its one fixed learning rate."
+        "training over the first tenth, median over seeds (bars: min-max); below 1 means it "
+        "shrank. Bottom: the spread, absolute (loss units, circles) and relative (std of log "
+        "loss, squares), and the gradient norm in ten windows through the SGD and momentum runs "
+        "of the effective-batch test at its smallest batch, at its one fixed learning rate, "
+        "means over seeds."
     )
 
 
@@ -615,11 +648,19 @@ def fig_noise_scale(res: Results, path: Path) -> str:
     twin.plot(steps, column("train_loss"), "s:", color="gray", alpha=0.7)
     twin.set_ylabel("full training loss (gray)")
     fig.savefig(path, dpi=110)
+    batches, pairs = res.preset.get("noise_scale_batches"), res.preset.get("noise_scale_pairs")
+    if batches and pairs:
+        how = (
+            f"gradients at B = {batches[0]} and B = {batches[1]} averaged over {pairs} batch "
+            f"pairs, along one SGD run (B = {batches[0]}, lr {res.noise['lr']:.3g}, seed 0)"
+        )
+    else:
+        how = "gradients at two batch sizes averaged over many batch pairs, along one SGD run"
     return (
-        "The simple noise scale of McCandlish et al., estimated from the squared norms of "
-        "gradients at two batch sizes averaged over many batch pairs, along one SGD run, against "
-        "the critical batch sizes fitted to the steps-to-result curves. McCandlish et al. find "
-        "B_crit close to the noise scale, which grows as the loss falls."
+        f"The simple noise scale of McCandlish et al., estimated from the squared norms of {how}, "
+        "against the critical batch sizes fitted to the steps-to-result curves (bars: one "
+        "standard error of the estimate over the batch pairs). McCandlish et al. find B_crit "
+        "close to the noise scale, which grows as the loss falls."
     )
 
 
@@ -1294,7 +1335,7 @@ def _nqm_section(res: Results) -> str:
 def _noise_section(res: Results) -> str:
     rows = res.noise["rows"]
     lines = [
-        "| step | full train loss | B_simple | abs(G)^2 | tr(Sigma) |",
+        "| step | full train loss | B_simple ± s.e. | abs(G)^2 ± s.e. | tr(Sigma) ± s.e. |",
         "|---:|---:|---:|---:|---:|",
     ]
     for r in rows:

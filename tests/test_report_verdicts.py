@@ -4,6 +4,8 @@ Each test builds the stored results a rule reads, with the answer known by const
 checks the verdict the rule gives: these pin the rules stated in the report, not the data.
 """
 
+import dataclasses
+import math
 import re
 
 import numpy as np
@@ -585,3 +587,81 @@ def test_claim_6_a_seed_where_neither_optimizer_halved_is_not_a_loss(momentum_be
     verdict = report.verdict_damping(_results(quadratic=result))
     assert verdict["verdict"] == expected
     assert "neither halved theta_2 in 1/3 seeds" in verdict["evidence"]
+
+
+# What the figures and captions tell a reader.
+@pytest.fixture
+def figures(monkeypatch):
+    """The matplotlib figures ``report`` draws, kept for inspection."""
+    kept, make = [], report._figure
+
+    def keep(**kwargs):
+        kept.append(make(**kwargs))
+        return kept[-1]
+
+    monkeypatch.setattr(report, "_figure", keep)
+    return kept
+
+
+def _grid(lrs_of):
+    """Sweep records (two seeds, none reaching the target) over ``lrs_of(batch)`` for B = 8, 32."""
+    return [
+        {"batch_size": b, "beta": 0.0, "lr": lr, "seed": seed, "steps": 100,
+         "steps_to_target": None, "final_train_loss": 1.0 + lr, "final_test_accuracy": 0.5,
+         "diverged": False, "wall_seconds": 1.0}
+        for b in (8, 32) for lr in lrs_of(b) for seed in range(2)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "lrs_of, note",
+    [
+        # The study's grid: c/3.16 .. 31.6c, c = 0.1 sqrt(B/32), half a decade apart.
+        (lambda b: [0.1 * math.sqrt(b / 32) * 10 ** (k / 2) for k in range(-1, 4)], "3.16"),
+        (lambda b: [0.01, 0.1, 1.0], None),  # the same lrs at every B: no sqrt(B) grid to flag
+    ],
+)
+def test_best_lr_caption_says_when_the_grid_itself_scales_as_sqrt_b(lrs_of, note, tmp_path):
+    # The best lrs fell on the square-root line because every lr tried was on one; it was unsaid.
+    caption = report.fig_best_lr(_results(_grid(lrs_of)), tmp_path / "best_lr.png")
+    if note is None:
+        assert "sqrt(B)" not in caption
+    else:
+        assert f"The grid itself scales as sqrt(B), a factor {note} between" in caption
+
+
+def test_steps_legend_flags_an_extrapolated_critical_batch(figures, tmp_path):
+    # S = 10 (1 + 1000 / B) at B = 16..128: B_crit ~ 1000 lies beyond the batch sizes tested.
+    steps = {b: round(10 * (1 + 1000 / b)) for b in (16, 32, 64, 128)}
+    sweep, curves = _sweep({(b, 0.0): (s, FLAT) for b, s in steps.items()})
+    res = _results(sweep, curves)
+    res.meta["preset"]["target_loss"] = 0.5
+    assert res.fit(0.0).b_crit > 128 and not res.fit(0.0).b_crit_at_bound
+    report.fig_steps(res, tmp_path / "steps.png")
+    labels = [line.get_label() for line in figures[0].axes[0].lines]
+    assert any(lab.startswith("fit S_min") and lab.endswith("(extrapolated)") for lab in labels)
+
+
+def test_oscillation_axes_name_both_measures_they_draw(figures, tmp_path):
+    # The bottom-left panel draws the spread of the loss and of log(loss) on one axis labelled
+    # only "std of batch loss".
+    sweep, curves = _sweep({(b, beta): (100, SHRINKING) for b in (16, 32) for beta in (0, 0.9)})
+    caption = report.fig_oscillation(_results(sweep, curves), tmp_path / "oscillation.png")
+    assert figures[0].axes[2].get_ylabel() == (
+        "std around its trend: of batch loss (o), of log batch loss (s)"
+    )
+    assert "median over seeds (bars: min-max)" in caption and "means over seeds" in caption
+
+
+def test_noise_scale_caption_names_the_run_and_the_error_bars(tmp_path):
+    # It said "two batch sizes", "one SGD run" and nothing of the bars (one standard error).
+    row = {"step": 0, "train_loss": 2.3, "b_simple": 120.0, "b_simple_stderr": 6.0,
+           "grad_sq": 0.5, "grad_sq_stderr": 0.01, "trace": 60.0, "trace_stderr": 2.0}  # fmt: skip
+    res = _results()
+    res.meta["preset"].update(noise_scale_batches=[32, 512], noise_scale_pairs=64)
+    res = dataclasses.replace(res, noise={"lr": 0.316, "beta": 0.0, "rows": [row]})
+    caption = report.fig_noise_scale(res, tmp_path / "noise.png")
+    assert "gradients at B = 32 and B = 512 averaged over 64 batch pairs" in caption
+    assert "one SGD run (B = 32, lr 0.316, seed 0)" in caption
+    assert "bars: one standard error" in caption
+    assert "| B_simple ± s.e. |" in report._noise_section(res)
