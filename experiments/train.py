@@ -107,8 +107,13 @@ class GroupSpec:
         return config
 
     def run_id(self, lr: float, seed: int, target_loss: float | None) -> str:
-        """A stable hash of one run's full configuration."""
-        return _stable_hash({**self.config(), "lr": lr, "seed": seed, "target_loss": target_loss})
+        """A stable hash of one run's full configuration.
+
+        ``target_loss`` is hashed as a Python float (a NumPy scalar would not go into JSON, and
+        ``5`` and ``5.0`` are the same goal).
+        """
+        target = None if target_loss is None else float(target_loss)
+        return _stable_hash({**self.config(), "lr": lr, "seed": seed, "target_loss": target})
 
 
 def _stable_hash(config: dict[str, Any]) -> str:
@@ -413,7 +418,11 @@ def _validate(
         raise ValueError(f"steps must be an int >= 1, got steps={steps!r}.")
     if not is_int(eval_every) or not 1 <= eval_every <= steps:
         raise ValueError(f"eval_every must be an int in [1, steps], got eval_every={eval_every!r}.")
-    if target_loss is not None and not 0 <= target_loss <= FLOAT32_MAX:  # NaN and inf fail too
+    is_real = isinstance(target_loss, int | float | np.integer | np.floating)
+    # NaN and inf fail too; a bool or a string is not a number.
+    if target_loss is not None and not (
+        is_real and not isinstance(target_loss, bool) and 0 <= target_loss <= FLOAT32_MAX
+    ):
         raise ValueError(f"target_loss must be a float32 number >= 0, got {target_loss!r}.")
 
 
@@ -502,6 +511,14 @@ def run_group(
     """
     beta, lrs, seeds = float(beta), [float(lr) for lr in listed(lrs, "lrs")], listed(seeds, "seeds")
     _validate(data, batch_size, beta, lrs, seeds, steps, eval_every, target_loss)
+    target_loss = None if target_loss is None else float(target_loss)  # a NumPy scalar: JSON-ready
+    devices = list(jax.devices() if devices is None else devices)
+    if not devices or not all(isinstance(d, jax.Device) for d in devices):
+        raise ValueError(
+            f"devices must be a non-empty list of jax devices, got devices={devices!r}."
+        )
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"devices must be distinct, got devices={devices!r}.")
     if optimizer not in OPTIMIZERS:
         raise ValueError(
             f"optimizer must be one of {', '.join(OPTIMIZERS)}, got optimizer={optimizer!r}."
@@ -517,7 +534,6 @@ def run_group(
     start = time.perf_counter()
 
     grid = [(lr, seed) for lr in lrs for seed in seeds]
-    devices = list(jax.devices() if devices is None else devices)
     n_runs = len(grid)
     # Each device gets the same number of runs, and at least two: XLA compiles a vmap of one run
     # to different kernels, which would make a run's numbers depend on the device count. Padding

@@ -290,6 +290,11 @@ def test_negative_zero_beta_is_zero():
         ({"steps": 0}, "steps"),
         ({"eval_every": 40}, "eval_every"),
         ({"target_loss": -1.0}, "target_loss"),
+        ({"target_loss": "1"}, "target_loss"),
+        ({"target_loss": True}, "target_loss"),
+        ({"devices": []}, "devices"),  # was a ZeroDivisionError
+        ({"devices": [jax.devices()[0]] * 2}, "devices"),  # was a bare AssertionError from Mesh
+        ({"devices": "cpu"}, "devices"),  # was an AttributeError
         ({"model": "rnn"}, "name='rnn'"),
     ],
 )
@@ -307,3 +312,16 @@ def test_numpy_seeds_and_lrs_are_taken(digits):
     )
     assert [(r.lr, r.seed) for r in result.runs] == [(0.1, 0), (0.1, 1)]
     assert all(type(r.seed) is int and type(r.lr) is float for r in result.runs)
+
+
+def test_numpy_target_loss_is_taken(digits):
+    # A NumPy float32 target (a loss read from a result, say) passed the checks, then failed to be
+    # hashed into a run id (TypeError: float32 is not JSON serializable). It is the same goal as
+    # the Python float, with the same run id; an int target too.
+    args = (digits, "linear", 8, 0.9, [0.1], [0], 2, 2)
+    spec = train.GroupSpec("digits", "linear", 8, 0.9, 2, 2)
+    ids = {spec.run_id(0.1, 0, target) for target in (np.float32(3.0), 3, 3.0)}
+    assert len(ids) == 1
+    run = train.run_group(*args, target_loss=np.float32(3.0), devices=jax.devices()[:1]).runs[0]
+    assert type(run.target_loss) is float and run.target_loss == 3.0
+    assert run.run_id == spec.run_id(0.1, 0, 3.0) and run.steps_to_target == 2
