@@ -418,12 +418,18 @@ def _validate(
         raise ValueError(f"steps must be an int >= 1, got steps={steps!r}.")
     if not is_int(eval_every) or not 1 <= eval_every <= steps:
         raise ValueError(f"eval_every must be an int in [1, steps], got eval_every={eval_every!r}.")
-    is_real = isinstance(target_loss, int | float | np.integer | np.floating)
-    # NaN and inf fail too; a bool or a string is not a number.
-    if target_loss is not None and not (
-        is_real and not isinstance(target_loss, bool) and 0 <= target_loss <= FLOAT32_MAX
-    ):
+    # NaN and inf fail too.
+    if target_loss is not None and not (is_number(target_loss) and 0 <= target_loss <= FLOAT32_MAX):
         raise ValueError(f"target_loss must be a float32 number >= 0, got {target_loss!r}.")
+
+
+def is_number(value: Any) -> bool:
+    """Whether ``value`` is a real number: a Python or NumPy one, or a 0-d NumPy or JAX array of
+    one (an element of ``jnp.logspace(...)``, say); a bool, a string or None is not."""
+    if isinstance(value, np.ndarray | jax.Array) and value.ndim == 0:
+        kind = value.dtype.kind
+        return kind in "iuf" or value.dtype == jnp.bfloat16
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
 
 
 def listed(value: Any, name: str) -> list[Any]:
@@ -509,7 +515,13 @@ def run_group(
     Raises:
       ValueError: for any argument out of range.
     """
-    beta, lrs, seeds = float(beta), [float(lr) for lr in listed(lrs, "lrs")], listed(seeds, "seeds")
+    # Not float() on anything: it would take the string "0.9" and fail on None with a TypeError.
+    if not is_number(beta):
+        raise ValueError(f"beta must be a number, got beta={beta!r}.")
+    lrs = listed(lrs, "lrs")
+    if not all(is_number(lr) for lr in lrs):
+        raise ValueError(f"lrs must be a list of numbers, got lrs={lrs!r}.")
+    beta, lrs, seeds = float(beta), [float(lr) for lr in lrs], listed(seeds, "seeds")
     _validate(data, batch_size, beta, lrs, seeds, steps, eval_every, target_loss)
     target_loss = None if target_loss is None else float(target_loss)  # a NumPy scalar: JSON-ready
     devices = list(jax.devices() if devices is None else devices)

@@ -3,6 +3,7 @@
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -291,6 +292,11 @@ def test_negative_zero_beta_is_zero():
         ({"eval_every": 40}, "eval_every"),
         ({"target_loss": -1.0}, "target_loss"),
         ({"target_loss": "1"}, "target_loss"),
+        ({"beta": None}, "beta=None"),  # was a TypeError from float()
+        ({"beta": "0.9"}, "beta='0.9'"),  # was taken as 0.9
+        ({"lrs": [None]}, r"lrs=\[None\]"),  # was a TypeError from float()
+        ({"lrs": ["x"]}, "lrs="),  # was float()'s ValueError, which did not name lrs
+        ({"lrs": [True]}, "lrs="),  # was taken as 1.0
         ({"target_loss": True}, "target_loss"),
         ({"devices": []}, "devices"),  # was a ZeroDivisionError
         ({"devices": [jax.devices()[0]] * 2}, "devices"),  # was a bare AssertionError from Mesh
@@ -317,11 +323,12 @@ def test_numpy_seeds_and_lrs_are_taken(digits):
 def test_numpy_target_loss_is_taken(digits):
     # A NumPy float32 target (a loss read from a result, say) passed the checks, then failed to be
     # hashed into a run id (TypeError: float32 is not JSON serializable). It is the same goal as
-    # the Python float, with the same run id; an int target too.
-    args = (digits, "linear", 8, 0.9, [0.1], [0], 2, 2)
-    spec = train.GroupSpec("digits", "linear", 8, 0.9, 2, 2)
-    ids = {spec.run_id(0.1, 0, target) for target in (np.float32(3.0), 3, 3.0)}
+    # the Python float, with the same run id; an int target too. JAX scalars stay accepted as lr
+    # and beta (0.25 and 0.5 are exact in float32).
+    args = (digits, "linear", 8, jnp.float32(0.5), jnp.asarray([0.25]), [0], 2, 2)
+    spec = train.GroupSpec("digits", "linear", 8, 0.5, 2, 2)
+    ids = {spec.run_id(0.25, 0, target) for target in (np.float32(3.0), 3, 3.0)}
     assert len(ids) == 1
     run = train.run_group(*args, target_loss=np.float32(3.0), devices=jax.devices()[:1]).runs[0]
     assert type(run.target_loss) is float and run.target_loss == 3.0
-    assert run.run_id == spec.run_id(0.1, 0, 3.0) and run.steps_to_target == 2
+    assert run.run_id == spec.run_id(0.25, 0, 3.0) and run.steps_to_target == 2
