@@ -55,6 +55,7 @@ from experiments.train import (
     FLOAT32_MAX,
     FLOAT32_TINY,
     GroupSpec,
+    is_number,
     listed,
     positive_float32,
     run_group,
@@ -275,6 +276,10 @@ def run_sweep(
     batch_sizes, betas = listed(batch_sizes, "batch_sizes"), listed(betas, "betas")
     lrs = None if lrs is None else listed(lrs, "lrs")
     seeds = listed(seeds, "seeds")
+    # Checked before float(): it would take the string "0.9" and fail on None with a TypeError.
+    for name, values in (("betas", betas), ("lrs", lrs or [])):
+        if not all(is_number(v) for v in values):
+            raise ValueError(f"{name} must be a list of numbers, got {name}={values!r}.")
     plan = []
     for batch_size in batch_sizes:
         group_lrs = auto_lrs(batch_size) if lrs is None else [float(lr) for lr in lrs]

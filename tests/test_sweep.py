@@ -77,6 +77,16 @@ def test_a_number_where_a_list_is_needed_is_a_value_error(name, digits, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("name", ["betas", "lrs"])
+@pytest.mark.parametrize("value", [None, "0.1", True])
+def test_a_list_item_that_is_not_a_number_is_a_value_error(name, value, digits, tmp_path):
+    # float() took "0.1" and True as numbers and failed on None with a TypeError.
+    args = dict(batch_sizes=[8], betas=[0.0], **TINY) | {name: [value]}
+    with pytest.raises(ValueError, match=f"{name} must be a list of numbers, got {name}="):
+        sweep.run_sweep(tmp_path / "out", digits, "linear", **args)
+    assert not (tmp_path / "out").exists()
+
+
 def test_numpy_lists_are_taken_and_a_fractional_batch_size_is_refused(digits, tmp_path):
     # NumPy seeds failed to go into a run id (int64 is not JSON serializable); batch size 8.5
     # was trained and recorded as 8.
