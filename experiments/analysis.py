@@ -20,12 +20,13 @@ from __future__ import annotations
 import itertools
 import math
 import pathlib
-import zipfile
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from experiments.store import read_curves_file
 
 Record = Mapping[str, Any]
 Curves = Mapping[str, Mapping[str, np.ndarray]]
@@ -352,20 +353,10 @@ def load_curves(run_dir: str | pathlib.Path, records: Iterable[Record]) -> dict[
       ValueError: naming the file, if one is missing or cannot be read whole (truncated,
         emptied, not an ``.npz``, a failed CRC).
     """
-    out = {}
-    for path in sorted({record["curves"] for record in records}):
-        try:
-            # Opened here: np.load leaves a file it opened itself open when it is not a zip.
-            with (
-                open(pathlib.Path(run_dir) / path, "rb") as f,
-                np.load(f, allow_pickle=False) as data,
-            ):
-                out[path] = {key: data[key] for key in data.files}  # reading checks each CRC
-        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
-            raise ValueError(
-                f"{str(run_dir)!r} has an unreadable curves file ({path}: {e})"
-            ) from None
-    return out
+    return {
+        path: read_curves_file(run_dir, path)
+        for path in sorted({record["curves"] for record in records})
+    }
 
 
 def curve(record: Record, curves: Curves, name: str) -> np.ndarray:

@@ -134,6 +134,25 @@ def read_runs(root: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return _parse_lines(path.read_bytes(), path)[0]
 
 
+def read_curves_file(root: str | os.PathLike[str], name: str) -> dict[str, np.ndarray]:
+    """Every array of the curves file ``name`` (relative to ``root``), read whole.
+
+    Raises:
+      CorruptStoreError: naming the file, if it is missing or cannot be read whole (truncated,
+        emptied, not an ``.npz``, a failed CRC).
+    """
+    try:
+        # Opened here: np.load leaves a file it opened itself open when it is not a zip.
+        with open(Path(root) / name, "rb") as f, np.load(f, allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}  # reading checks each CRC
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        why = e if isinstance(e, OSError | zipfile.BadZipFile) else "not an .npz of curves"
+        raise CorruptStoreError(
+            f"{str(root)!r} has an unreadable curves file ({name}: {why}); move the directory "
+            "away to start afresh."
+        ) from None
+
+
 def load_curves(root: str | os.PathLike[str], record: dict[str, Any]) -> dict[str, np.ndarray]:
     """Loads one run's curves from its group's ``.npz`` file.
 
@@ -215,17 +234,13 @@ class ResultStore:
         would count those runs as done and only a report would fail, later."""
         run_ids = {}
         for name in sorted({r["curves"] for r in self._records}):
-            try:
-                # Opened here: np.load leaves a file it opened itself open when it is not a zip.
-                with open(self.root / name, "rb") as f, np.load(f, allow_pickle=False) as npz:
-                    arrays = {key: npz[key] for key in npz.files}  # reading checks each CRC
-                run_ids[name] = [str(run_id) for run_id in arrays["run_ids"]]
-            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-                why = e if isinstance(e, OSError | zipfile.BadZipFile) else "not an .npz of curves"
+            arrays = read_curves_file(self.root, name)
+            if "run_ids" not in arrays:
                 raise CorruptStoreError(
-                    f"{str(self.root)!r} has an unreadable curves file ({name}: {why}); move the "
-                    "directory away to start afresh."
-                ) from None
+                    f"{str(self.root)!r} has an unreadable curves file ({name}: not an .npz of "
+                    "curves); move the directory away to start afresh."
+                )
+            run_ids[name] = [str(run_id) for run_id in arrays["run_ids"]]
         for record in self._records:
             rows, index = run_ids[record["curves"]], record["curve_index"]
             if not (0 <= index < len(rows) and rows[index] == record["run_id"]):
