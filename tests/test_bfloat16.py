@@ -1,5 +1,6 @@
 """A bfloat16 velocity: nearest rounding stalls, stochastic rounding does not."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -347,3 +348,24 @@ def test_ema_sgd_forwards_the_rounding_and_the_seed():
     assert set(np.unique(seven)) == {low, high}  # nearest rounding would give `low` only
     np.testing.assert_array_equal(seven, velocity(emm.ema_momentum(0.0, seed=7, **options)))
     assert np.any(seven != velocity(emm.ema_sgd(0.1, 0.0, seed=0, **options)))
+
+
+def test_bfloat16_gradients_into_float32_params_give_a_bfloat16_update_unless_cast():
+    """The README's mixed-precision rule: the update keeps the gradient's dtype (optax#1098);
+    casting the gradients to float32 first gives the float32 update that optax.sgd returns."""
+    params = jnp.linspace(0.1, 1.0, 7, dtype=jnp.float32)
+    grads = [(params * c).astype(jnp.bfloat16) for c in (1.2345, -0.7, 3.1)]
+    ours, theirs = emm.ema_sgd(0.1, 0.9), optax.sgd(0.1 * (1 - 0.9), momentum=0.9)
+    s_cast = s_ours = ours.init(params)
+    s_theirs = theirs.init(params)
+    for g in grads:
+        u_ours, s_ours = ours.update(g, s_ours, params)
+        u_cast, s_cast = ours.update(optax.tree.cast(g, jnp.float32), s_cast, params)
+        u_theirs, s_theirs = theirs.update(g, s_theirs, params)
+        assert u_ours.dtype == jnp.bfloat16
+        assert u_cast.dtype == u_theirs.dtype == jnp.float32
+        np.testing.assert_allclose(u_cast, u_theirs, rtol=1e-6)
+        # The same float32 velocity; only the update is rounded (to within bf16's 2**-8).
+        chex.assert_trees_all_equal(s_ours[0].velocity, s_cast[0].velocity)
+        np.testing.assert_allclose(np.asarray(u_ours, np.float32), u_cast, rtol=2**-7)
+        assert not np.array_equal(np.asarray(u_ours, np.float32), u_cast)
