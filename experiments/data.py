@@ -172,7 +172,8 @@ def load_idx_dataset(data_dir: str | os.PathLike[str]) -> Dataset:
 
     Each file may be plain or gzip-compressed (name ending in ``.gz``); where both ``NAME`` and
     ``NAME.gz`` exist, the plain ``NAME`` is read. Pixels are scaled to [0, 1]. The number of
-    classes is the largest label (of either split) plus one.
+    classes is the largest label (of either split) plus one; the training labels must hold at
+    least two classes.
 
     Args:
       data_dir: Folder holding ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
@@ -183,7 +184,8 @@ def load_idx_dataset(data_dir: str | os.PathLike[str]) -> Dataset:
 
     Raises:
       FileNotFoundError: if a file is missing.
-      ValueError: if a file is not a valid IDX file of the expected kind, or the files disagree.
+      ValueError: if a file is not a valid IDX file of the expected kind, the files disagree, or
+        the training labels hold a single class.
     """
     folder = Path(data_dir)
     if not folder.is_dir():
@@ -206,6 +208,12 @@ def load_idx_dataset(data_dir: str | os.PathLike[str]) -> Dataset:
         )
     if len(arrays["x_train"]) == 0 or len(arrays["x_test"]) == 0:
         raise ValueError(f"IDX files in {str(folder)!r} hold no examples.")
+    train_classes = np.unique(arrays["y_train"])
+    if len(train_classes) < 2:  # nothing to learn (and with labels all 0, a loss of 0 at once)
+        raise ValueError(
+            f"IDX training labels in {str(folder)!r} are all {int(train_classes[0])}: "
+            "a classifier needs at least 2 classes."
+        )
     digest = hashlib.sha256()
     for key in sorted(arrays):
         digest.update(f"{key}{arrays[key].shape}".encode())

@@ -253,3 +253,19 @@ def test_mnist1d():
     assert ds.x_train.shape == (4000, 40) and ds.x_test.shape == (1000, 40)
     assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32
     assert set(np.unique(ds.y_train)) == set(range(10))
+
+
+def test_idx_training_labels_of_one_class_are_refused(tmp_path):
+    """One class leaves nothing to learn: labels all 0 made a 1-class model whose loss is 0."""
+    write_mnist(tmp_path)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", data.IDX_LABELS_MAGIC, np.zeros(6))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", data.IDX_LABELS_MAGIC, np.zeros(4))
+    with pytest.raises(ValueError, match=r"training labels in .* are all 0: a classifier needs"):
+        data.load_dataset("idx", tmp_path)
+    # Also when the test labels hold more classes: the model would never see one of them.
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", data.IDX_LABELS_MAGIC, np.arange(4))
+    write_idx(tmp_path / "train-labels-idx1-ubyte", data.IDX_LABELS_MAGIC, np.full(6, 7))
+    with pytest.raises(ValueError, match="are all 7"):
+        data.load_dataset("idx", tmp_path)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", data.IDX_LABELS_MAGIC, [7, 7, 7, 7, 7, 2])
+    assert data.load_dataset("idx", tmp_path).num_classes == 8  # two classes: accepted
