@@ -184,9 +184,11 @@ def load_idx_dataset(data_dir: str | os.PathLike[str]) -> Dataset:
 
     Raises:
       FileNotFoundError: if a file is missing.
-      ValueError: if a file is not a valid IDX file of the expected kind, the files disagree, or
-        the training labels hold a single class.
+      ValueError: if ``data_dir`` is empty, a file is not a valid IDX file of the expected kind,
+        the files disagree, or the training labels hold a single class.
     """
+    if not os.fspath(data_dir):  # Path("") is the current folder: an unset $VAR would read it
+        raise ValueError(f"data_dir must be a folder's path, got data_dir={data_dir!r}.")
     folder = Path(data_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"data_dir is not a directory: {str(folder)!r}.")

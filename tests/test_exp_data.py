@@ -269,3 +269,12 @@ def test_idx_training_labels_of_one_class_are_refused(tmp_path):
         data.load_dataset("idx", tmp_path)
     write_idx(tmp_path / "train-labels-idx1-ubyte", data.IDX_LABELS_MAGIC, [7, 7, 7, 7, 7, 2])
     assert data.load_dataset("idx", tmp_path).num_classes == 8  # two classes: accepted
+
+
+def test_idx_empty_data_dir_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch):
+    """``--data-dir "$UNSET"`` passes ''; Path('') is '.', and the IDX files there were read."""
+    write_mnist(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="data_dir must be a folder's path, got data_dir=''"):
+        data.load_dataset("idx", "")
+    assert data.load_dataset("idx", ".").n_train == 6  # an explicit '.' still means here
