@@ -183,7 +183,7 @@ def load_idx_dataset(data_dir: str | os.PathLike[str]) -> Dataset:
       The :class:`Dataset` named ``"idx"``.
 
     Raises:
-      FileNotFoundError: if a file is missing.
+      FileNotFoundError: if a file is missing, or is not a regular file.
       ValueError: if ``data_dir`` is empty, a file is not a valid IDX file of the expected kind,
         the files disagree, or the training labels hold a single class.
     """
@@ -238,6 +238,8 @@ def _find_idx_file(folder: Path, stem: str) -> Path:
         if path.is_file():
             return path
     for path in candidates:
+        if path.is_symlink() and not path.exists():  # exists() follows it: "missing" misleads
+            raise FileNotFoundError(f"IDX file {str(path)!r} is a broken symbolic link.")
         if path.exists():  # a folder, a FIFO, a device: nothing to read an IDX file from
             raise FileNotFoundError(f"IDX file {str(path)!r} is not a regular file.")
     raise FileNotFoundError(f"missing IDX file {stem!r} (or {stem}.gz) in {str(folder)!r}.")

@@ -278,3 +278,16 @@ def test_idx_empty_data_dir_is_refused_not_read_as_the_current_folder(tmp_path, 
     with pytest.raises(ValueError, match="data_dir must be a folder's path, got data_dir=''"):
         data.load_dataset("idx", "")
     assert data.load_dataset("idx", ".").n_train == 6  # an explicit '.' still means here
+
+
+def test_idx_broken_symlink_is_named_not_reported_missing(tmp_path):
+    write_mnist(tmp_path)
+    link = tmp_path / "t10k-images-idx3-ubyte"
+    link.unlink()
+    link.symlink_to(tmp_path / "moved-away")
+    with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte' is a broken symbolic"):
+        data.load_dataset("idx", tmp_path)
+    link.unlink()
+    link.symlink_to(link)  # a loop
+    with pytest.raises(FileNotFoundError, match="is a broken symbolic link"):
+        data.load_dataset("idx", tmp_path)
