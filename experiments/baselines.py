@@ -181,21 +181,28 @@ def run_baselines(
     return results
 
 
-def _fmt_acc(mean: float | None, std: float | None) -> str:
-    return "diverged" if mean is None else f"{100 * mean:5.1f} ± {100 * std:4.1f}%"
+def _fmt_acc(mean: float | None, std: float | None, seeds: int) -> str:
+    if mean is None:
+        return "diverged"
+    if seeds == 1:  # one seed has no spread to show: "± 0.0%" would claim an exact number
+        return f"{100 * mean:5.1f}%"
+    return f"{100 * mean:5.1f} ± {100 * std:4.1f}%"
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
-    """The results beside the paper's numbers, one line per model and optimizer."""
+    """The results beside the paper's numbers, one line per model and optimizer.
+
+    Accuracy is the mean over seeds, with the standard deviation (ddof 0) where there are several.
+    """
     lines = [f"{'model':<7} {'optimizer':<14} {'lr':>6} {'test accuracy':>15} {'paper':>6}"]
     for model, r in results.items():
         paper = "-" if r["paper"] is None else f"{100 * r['paper']:.0f}%"
-        acc = _fmt_acc(r["test_accuracy"], r["test_accuracy_std"])
+        acc = _fmt_acc(r["test_accuracy"], r["test_accuracy_std"], r["seeds"])
         lines.append(f"{model:<7} {'adam':<14} {r['lr']:>6g} {acc:>15} {paper:>6}")
         e = r["ema_sgd"]
         name = f"ema_sgd b={e['beta']:g}"
         lr = "-" if e["lr"] is None else f"{e['lr']:g}"
-        acc = _fmt_acc(e["test_accuracy"], e["test_accuracy_std"])
+        acc = _fmt_acc(e["test_accuracy"], e["test_accuracy_std"], e["seeds"])
         lines.append(f"{model:<7} {name:<14} {lr:>6} {acc:>15} {'':>6}")
     return "\n".join(lines)
 

@@ -192,3 +192,22 @@ def test_optimizer_enters_run_ids_only_when_not_ema_sgd():
 def test_unknown_optimizer_is_refused(digits):
     with pytest.raises(ValueError, match="optimizer"):
         train.run_group(digits, "linear", 8, 0.0, [0.1], [0], 2, 2, optimizer="sgd")
+
+
+def _entry(acc, std, seeds, ema_acc, ema_std):
+    return {
+        "test_accuracy": acc, "test_accuracy_std": std, "seeds": seeds, "optimizer": "adam",
+        "lr": 0.01, "batch_size": 100, "steps": 6000, "paper": 0.68,
+        "ema_sgd": {"test_accuracy": ema_acc, "test_accuracy_std": ema_std, "lr": 0.3,
+                    "beta": 0.9, "seeds": seeds},
+    }  # fmt: skip
+
+
+def test_table_shows_a_spread_only_where_there_are_several_seeds():
+    """One seed (the CLI's default) has no spread: '67.0 ±  0.0%' claimed an exact result."""
+    one = baselines.table({"mlp": _entry(0.67, 0.0, 1, 0.613, 0.0)}).splitlines()
+    assert "±" not in "\n".join(one)
+    assert one[1].split()[-2:] == ["67.0%", "68%"] and one[2].split()[-1] == "61.3%"
+    four = baselines.table({"cnn": _entry(0.9295, 0.0103, 4, None, None)}).splitlines()
+    assert four[1].split()[-4:] == ["93.0", "±", "1.0%", "68%"]
+    assert four[2].split()[-1] == "diverged"
