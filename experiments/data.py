@@ -260,9 +260,14 @@ def read_idx(path: str | os.PathLike[str], magic: int) -> np.ndarray:
       A uint8 array with the dimensions given in the header.
 
     Raises:
-      ValueError: if the magic number, the header or the payload length is wrong, or a ``.gz``
-        file cannot be decompressed.
+      ValueError: if ``magic`` is neither of those, the file's magic number, header or payload
+        length is wrong, or a ``.gz`` file cannot be decompressed.
     """
+    if type(magic) is not int or magic not in (IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC):
+        raise ValueError(
+            f"magic must be IDX_IMAGES_MAGIC (0x{IDX_IMAGES_MAGIC:08X}) or IDX_LABELS_MAGIC "
+            f"(0x{IDX_LABELS_MAGIC:08X}), got magic={magic!r}."
+        )
     path = Path(path)
     try:
         with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as f:

@@ -291,3 +291,13 @@ def test_idx_broken_symlink_is_named_not_reported_missing(tmp_path):
     link.symlink_to(link)  # a loop
     with pytest.raises(FileNotFoundError, match="is a broken symbolic link"):
         data.load_dataset("idx", tmp_path)
+
+
+@pytest.mark.parametrize("magic", ["0x803", 0x0D01, 0x0802, 2051.0, None])
+def test_read_idx_refuses_a_magic_argument_it_cannot_read(tmp_path, magic):
+    """Was a TypeError for a str, and for 0x0D01 'its data are ubytes; only ubyte ... are read'."""
+    path = tmp_path / "labels"
+    write_idx(path, data.IDX_LABELS_MAGIC, np.arange(3))
+    with pytest.raises(ValueError, match=f"magic must be IDX_IMAGES_MAGIC .*, got magic={magic!r}"):
+        data.read_idx(path, magic)
+    np.testing.assert_array_equal(data.read_idx(path, data.IDX_LABELS_MAGIC), np.arange(3))
