@@ -294,7 +294,9 @@ def _read_idx(f: BinaryIO, path: Path, magic: int) -> np.ndarray:
     found = int.from_bytes(head, "big")
     if found != magic:
         code, why = found >> 8, ""
-        if head[:2] == b"\x1f\x8b":
+        if head[:2] == b"\x1f\x8b" and path.suffix == ".gz":
+            why = " (gzip data inside the .gz: compressed twice)"
+        elif head[:2] == b"\x1f\x8b":
             why = " (a gzip file: its name must end in .gz)"
         elif code in IDX_TYPES and code != magic >> 8:
             why = f" (its data are {IDX_TYPES[code]}s; only ubyte IDX files are read)"

@@ -57,6 +57,13 @@ def test_idx_wrong_magic(tmp_path):
     (tmp_path / "train-labels-idx1-ubyte.gz").replace(tmp_path / "train-labels-idx1-ubyte")
     with pytest.raises(ValueError, match=r"0x1F8B08.*\(a gzip file: its name must end in \.gz\)"):
         data.load_dataset("idx", tmp_path)
+    # Compressed twice: the name does end in .gz, so that is not the advice to give.
+    write_mnist(tmp_path, gz=True)
+    (tmp_path / "train-labels-idx1-ubyte").unlink()
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(gzip.compress(path.read_bytes()))
+    with pytest.raises(ValueError, match=r"0x1F8B08.*\(gzip data inside the \.gz: compressed tw"):
+        data.load_dataset("idx", tmp_path)
 
 
 @pytest.mark.parametrize("code", [0x09, 0x0B, 0x0C, 0x0D, 0x0E])
