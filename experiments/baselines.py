@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from experiments import data as datasets
 from experiments import models as model_zoo
-from experiments.cli import UsageError, add_out_argument, positive_int
+from experiments.cli import UsageError, add_out_argument, positive_int, seed_count
 from experiments.store import write_json
 from experiments.train import GroupResult, run_group
 
@@ -215,7 +215,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"optimizer steps per run (default: {STEPS}, as in the paper)",
     )  # fmt: skip
     parser.add_argument(
-        "--seeds", type=positive_int, default=1, metavar="N",
+        "--seeds", type=seed_count, default=1, metavar="N",
         help="number of seeds 0..N-1 (default: 1)",
     )  # fmt: skip
     parser.add_argument(

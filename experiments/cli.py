@@ -98,6 +98,20 @@ def positive_int_list(text: str, limit: int | None = INT_LIMIT) -> list[int]:
     return [_int_at_least(part.strip(), 1, limit) for part in text.split(",")]
 
 
+MAX_SEEDS = 10_000  # --seeds N: enough for any study here; 2**31 - 1 would fill memory with seeds
+
+
+def seed_count(text: str) -> int:
+    """An argparse ``type``: a number of seeds, an integer in ``[1, MAX_SEEDS]``."""
+    return int_in(1, MAX_SEEDS)(text)
+
+
+def user_path(text: str) -> str:
+    """An argparse ``type``: a path to read, a leading ``~`` being the home directory (as
+    :func:`output_dir` treats ``--out``; a shell leaves ``--data-dir=~/x`` as it is)."""
+    return os.path.expanduser(text)
+
+
 def int_in(low: int, high: int) -> Callable[[str], int]:
     """An argparse ``type``: an integer in ``[low, high]``."""
 

@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 import ema_momentum as emm
-from experiments.cli import add_out_argument, int_in, non_negative_int, positive_int
+from experiments.cli import add_out_argument, int_in, non_negative_int, seed_count
 from experiments.store import write_json
 
 HELP = "the course picture: SGD vs EMA momentum on a noisy ill-conditioned 2-D quadratic"
@@ -308,7 +308,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seeds",
         metavar="N",
-        type=positive_int,
+        type=seed_count,
         default=SEEDS,
         help="noise seeds summarized, from --seed on; the first is drawn (default: %(default)s)",
     )

@@ -49,6 +49,8 @@ from experiments.cli import (
     non_negative_int,
     positive_int,
     positive_int_list,
+    seed_count,
+    user_path,
 )
 from experiments.store import CorruptStoreError, ResultStore, StoreLockedError
 from experiments.train import (
@@ -96,7 +98,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data-dir) (default: mnist1d)",
     )  # fmt: skip
     parser.add_argument(
-        "--data-dir", metavar="PATH", help="folder of MNIST-format IDX files (--dataset idx only)"
+        "--data-dir",
+        type=user_path,
+        metavar="PATH",
+        help="folder of MNIST-format IDX files (--dataset idx only)",
     )
     parser.add_argument(
         "--model", choices=models.MODELS, default="mlp",
@@ -116,7 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "around 0.1*sqrt(B/32) (default: auto)",
     )  # fmt: skip
     parser.add_argument(
-        "--seeds", type=positive_int, default=2, metavar="N",
+        "--seeds", type=seed_count, default=2, metavar="N",
         help="number of seeds 0..N-1; a seed fixes init and data order (default: 2)",
     )  # fmt: skip
     parser.add_argument(

@@ -80,6 +80,7 @@ def test_paper_numbers_are_given_for_mnist1d_only():
         ["--models", ""],
         ["--steps", "0"],
         ["--seeds", "two"],
+        ["--seeds", "10001"],
         ["--dataset", "imagenet"],
     ],
 )

@@ -302,6 +302,7 @@ BAD = [
     (["--steps", "x"], "argument --steps: must be an integer >= 1, got 'x'"),
     (["--seeds", "0"], "argument --seeds: must be an integer >= 1, got '0'"),
     (["--seeds", "-3"], "argument --seeds: must be an integer >= 1, got '-3'"),
+    (["--seeds", "2147483647"], "argument --seeds: must be an integer <= 10_000, got '2147483647'"),
     (["--eval-every", "0"], "argument --eval-every: must be an integer >= 1, got '0'"),
     (["--eval-every", "100", "--steps", "10"], "--eval-every (100) must be <= --steps (10)"),
     (["--target-loss", "-1"], "--target-loss must be in [0, 3.403e+38], got -1.0"),
@@ -349,6 +350,20 @@ def test_bad_idx_data(case, tmp_path, capsys, corrupt_idx):
     )
     assert code == 2 and captured.err.startswith("error: ") and captured.err.count("\n") == 1
     assert not out.exists()
+
+
+def test_data_dir_starting_with_a_tilde_is_under_home(tmp_path, capsys, monkeypatch):
+    # `--data-dir=~/x` reaches the program unexpanded (a shell expands only a word starting with ~).
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "mnist").mkdir()
+    write_mnist(tmp_path / "mnist", n_train=16, n_test=4, rows=8, cols=8)
+    out = tmp_path / "out"
+    argv = ["sweep", "--dataset", "idx", "--data-dir=~/mnist", "--out", str(out),
+            "--batch-sizes", "4", "--betas", "0", "--lrs", "0.1", "--seeds", "1", "--steps", "2",
+            "--eval-every", "2"]  # fmt: skip
+    code, captured = main_in_process(argv, capsys)
+    assert code == 0, captured.err
+    assert len(store.read_runs(out)) == 1
 
 
 def test_idx_runs_of_other_files_are_not_taken_for_done(tmp_path, capsys):
@@ -517,6 +532,7 @@ BAD_NQM_QUADRATIC = [
     ["quadratic", "--seed", "0.5"],
     ["quadratic", "--seed", "-1"],
     ["quadratic", "--seeds", "0"],
+    ["quadratic", "--seeds", "10001"],
 ]
 
 
