@@ -189,24 +189,32 @@ def test_best_lr_is_the_rule_the_notebook_states(swept):
 def install_cell(monkeypatch):
     """Runs the install cell as on a fresh runtime (nothing importable); pip is recorded, not run.
 
-    Returns a function of ``PROJECT``'s value (Python source) and the preinstalled JAX's version
-    that returns pip's argument list and the constraints file's text, or ``None`` when the cell
-    did not call pip.
+    Returns a function of ``PROJECT``'s value (Python source), the preinstalled JAX's version and
+    what pip answers (exit status, stdout, stderr) that returns pip's argument list and the
+    constraints file's text, or ``None`` when the cell did not call pip. As on Colab, whose kernel
+    does not forward a child process's own output to the notebook, pip's output reaches the
+    notebook only if the cell captures it.
     """
     nb = nbformat.read(NOTEBOOK, as_version=4)
     source = _cell(nb, "install")
     assert source.count("\nPROJECT = None") == 1
 
-    def run(project="None", missing=True, jax_version=None):
+    def run(project="None", missing=True, jax_version=None, pip=(0, "", "")):
         calls = []
         installed = version = importlib.metadata.version
         if jax_version is not None:  # a preinstalled JAX of this version
             version = lambda name: jax_version if name in ("jax", "jaxlib") else installed(name)
 
-        def fake_run(cmd, **kwargs):
+        def fake_run(cmd, *, capture_output=False, check=False, text=False, **kwargs):
             constraints = Path(cmd[cmd.index("-c") + 1])
             calls.append((cmd, constraints.read_text()))
             constraints.unlink()
+            code, out, err = pip
+            if not (capture_output and text):
+                out = err = None  # lost (or bytes, which the cell should not get)
+            if check and code:
+                raise subprocess.CalledProcessError(code, cmd, out, err)
+            return subprocess.CompletedProcess(cmd, code, out, err)
 
         code = source.replace("\nPROJECT = None", f"\nPROJECT = {project}")
         with monkeypatch.context() as m:
@@ -244,6 +252,19 @@ def test_install_cell_takes_a_relative_folder_or_a_url(install_cell, monkeypatch
     cmd, constraints = install_cell(project="'git+https://example.org/ema_momentum.git'")
     assert cmd[-1] == "ema-momentum[experiments] @ git+https://example.org/ema_momentum.git"
     assert constraints == _pins()
+
+
+def test_install_cell_shows_what_pip_says(install_cell, monkeypatch, capsys):
+    # Colab's kernel drops a child process's own output: pip's warnings and errors never showed,
+    # and a failed install said only that pip exited with status 1.
+    monkeypatch.chdir(NOTEBOOK.parent)
+    warning = "ERROR: pip's dependency resolver does not currently take into account ...\n"
+    install_cell(pip=(0, "", warning))
+    assert capsys.readouterr().err == warning
+    error = "ERROR: No matching distribution found for flax>=0.12\n"
+    with pytest.raises(RuntimeError, match=r"pip failed \(exit status 1\); its messages are above"):
+        install_cell(pip=(1, "", error))
+    assert capsys.readouterr().err == error
 
 
 def test_install_cell_does_nothing_when_everything_is_importable(install_cell, monkeypatch):
