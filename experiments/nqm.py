@@ -49,6 +49,7 @@ import multiprocessing
 import os
 import pathlib
 import signal
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -424,11 +425,34 @@ def study(
         return [task(batch_size) for batch_size in batch_sizes]
     # spawn, not fork: the parent may have started JAX's threads.
     # A multiprocessing Pool, not a ProcessPoolExecutor: leaving the block terminates the workers,
-    # so Ctrl-C stops at once instead of waiting for the batch sizes in progress. The workers
-    # ignore SIGINT (a terminal sends it to them too): the parent alone reports it.
+    # so Ctrl-C stops at once instead of waiting for the batch sizes in progress.
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) as pool:
+    with context.Pool(workers, _init_worker) as pool:
         return pool.map(task, batch_sizes, chunksize=1)
+
+
+def _init_worker() -> None:
+    """Sets up a worker process of :func:`study`.
+
+    It ignores SIGINT: a terminal's Ctrl-C reaches the whole process group, and the parent alone
+    reports it. If the parent dies without ending the pool (``kill -9``, the OOM killer), the
+    worker exits at once and quietly instead of tuning its batch size to the end and then printing
+    a ``BrokenPipeError`` traceback: a thread waits for the parent's end and exits. A result
+    written to the dead parent's pipe before that thread runs ends the worker by SIGPIPE (the
+    default action, which Python replaces); the thread also ends a worker left waiting for the
+    result pipe's lock that such a worker held.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "SIGPIPE"):  # not on Windows
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: multiprocessing.process.BaseProcess) -> None:
+    parent.join()  # returns when the parent has ended
+    os._exit(1)
 
 
 def _study_one(

@@ -2,6 +2,11 @@
 
 import argparse
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -216,3 +221,44 @@ def test_cli_writes_json_and_figure(tmp_path, capsys):
 def test_workers_give_the_same_rows():
     serial = nqm.study([4, 64], (0.0, 0.9), dim=50)
     assert nqm.study([4, 64], (0.0, 0.9), dim=50, workers=2) == serial
+
+
+_KILLED_PARENT = """
+import multiprocessing, sys, threading, time
+from experiments import nqm
+
+def announce():
+    while len(multiprocessing.active_children()) < 2:
+        time.sleep(0.02)
+    print(*(p.pid for p in multiprocessing.active_children()), flush=True)
+
+threading.Thread(target=announce, daemon=True).start()
+nqm.study([1, 2], (0.0,), dim=100_000, workers=2)  # minutes per batch size
+"""
+
+
+def test_workers_of_a_killed_parent_exit_at_once_and_quietly():
+    # kill -9 (or an OOM kill) of the parent mid-run: the workers used to tune their batch size
+    # to the end, for minutes, then print a BrokenPipeError traceback each.
+    root = os.path.dirname(os.path.dirname(nqm.__file__))
+    env = os.environ | {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_PARENT],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    workers = [int(pid) for pid in parent.stdout.readline().split()]
+    assert len(workers) == 2
+    time.sleep(1.0)  # the workers are tuning
+    parent.kill()
+    parent.wait()
+    try:
+        # The workers (and multiprocessing's resource tracker) hold the parent's stderr: it ends
+        # when they have all exited.
+        _, err = parent.communicate(timeout=20)
+    finally:
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert "Traceback" not in err and "Error" not in err, err
