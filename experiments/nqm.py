@@ -404,7 +404,7 @@ def study(
     For every batch size, the step ``a`` is tuned for SGD (``b = 0``) and for
     every ``b`` in ``betas``; "momentum" is the best ``(a, b)`` over ``betas``.
     With ``workers > 1`` the batch sizes are shared among that many (spawned)
-    processes; the results are the same.
+    processes, at most one per batch size; the results are the same.
 
     Returns:
       One row per batch size with ``batch_size``, ``sgd_steps``,
@@ -421,7 +421,8 @@ def study(
         max_steps=max_steps,
         refinements=refinements,
     )
-    if workers <= 1 or len(batch_sizes) <= 1:
+    workers = min(workers, len(batch_sizes))  # an extra worker would only cost its start
+    if workers <= 1:
         return [task(batch_size) for batch_size in batch_sizes]
     # spawn, not fork: the parent may have started JAX's threads.
     # A multiprocessing Pool, not a ProcessPoolExecutor: leaving the block terminates the workers,
@@ -594,7 +595,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         type=positive_int,
         default=os.cpu_count() or 1,
-        help="processes to share the batch sizes (default: number of CPUs)",
+        help="processes to share the batch sizes, at most one each (default: number of CPUs)",
     )
 
 

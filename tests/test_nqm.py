@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -262,3 +263,19 @@ def test_workers_of_a_killed_parent_exit_at_once_and_quietly():
             except ProcessLookupError:
                 pass
     assert "Traceback" not in err and "Error" not in err, err
+
+
+def test_no_more_workers_than_batch_sizes(monkeypatch):
+    # `nqm --workers 100000` started 100000 processes for 17 batch sizes.
+    context = multiprocessing.get_context("spawn")
+    started = []
+    real_pool = type(context).Pool
+
+    def pool(self, processes=None, *args, **kwargs):
+        started.append(processes)
+        return real_pool(self, processes, *args, **kwargs)
+
+    monkeypatch.setattr(type(context), "Pool", pool)
+    rows = nqm.study([4, 64], (0.0,), dim=20, workers=50)
+    assert started == [2]
+    assert rows == nqm.study([4, 64], (0.0,), dim=20)
