@@ -412,6 +412,9 @@ def study(
       ``momentum_beta``, ``momentum_ema_lr`` (``eta = a / (1 - b)``) and
       ``by_beta``: ``{beta: {"steps", "lr", "ema_lr"}}`` for every beta.
       Steps that were not reached (and their lrs) are ``None``.
+
+    Raises:
+      ChildProcessError: a worker process died (killed, out of memory) before the end.
     """
     task = functools.partial(
         _study_one,
@@ -428,8 +431,21 @@ def study(
     # A multiprocessing Pool, not a ProcessPoolExecutor: leaving the block terminates the workers,
     # so Ctrl-C stops at once instead of waiting for the batch sizes in progress.
     context = multiprocessing.get_context("spawn")
+    others = set(multiprocessing.active_children())
     with context.Pool(workers, _init_worker) as pool:
-        return pool.map(task, batch_sizes, chunksize=1)
+        started = set(multiprocessing.active_children()) - others  # the pool's workers
+        result = pool.map_async(task, batch_sizes, chunksize=1)
+        while not result.ready():
+            # A worker that dies (the OOM killer, kill -9) is replaced by the pool, but the
+            # batch size it was tuning is lost: without this check, the wait would never end.
+            result.wait(0.2)
+            dead = [worker for worker in started if not worker.is_alive()]
+            if dead and not result.ready():
+                raise ChildProcessError(
+                    f"an NQM worker process ended with exit code {dead[0].exitcode} before "
+                    "its batch sizes were done (killed? out of memory?)"
+                )
+        return result.get()
 
 
 def _init_worker() -> None:

@@ -279,3 +279,45 @@ def test_no_more_workers_than_batch_sizes(monkeypatch):
     rows = nqm.study([4, 64], (0.0,), dim=20, workers=50)
     assert started == [2]
     assert rows == nqm.study([4, 64], (0.0,), dim=20)
+
+
+_KILLED_WORKER = """
+import multiprocessing, sys, threading, time
+from experiments import cli
+
+def announce():
+    while len(multiprocessing.active_children()) < 2:
+        time.sleep(0.02)
+    print(*(p.pid for p in multiprocessing.active_children()), flush=True)
+
+threading.Thread(target=announce, daemon=True).start()
+sys.exit(cli.main(["nqm", "--out", sys.argv[1], "--batch-sizes", "1,2", "--betas", "0",
+                   "--dim", "100000", "--workers", "2"]))  # minutes per batch size
+"""
+
+
+def test_a_killed_worker_is_an_error_not_a_hang(tmp_path):
+    # A worker ended by the OOM killer or kill -9: the pool started a new one, the batch size in
+    # progress was lost, and the parent waited for it forever.
+    out = tmp_path / "out"
+    root = os.path.dirname(os.path.dirname(nqm.__file__))
+    env = os.environ | {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WORKER, str(out)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    workers = [int(pid) for pid in parent.stdout.readline().split()]
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
+    try:
+        stdout, err = parent.communicate(timeout=20)
+    finally:
+        for pid in [parent.pid, *workers]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert parent.returncode == 2 and stdout == ""
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert f"exit code -{signal.SIGKILL.value}" in err
+    assert not out.exists()
