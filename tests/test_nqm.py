@@ -321,3 +321,16 @@ def test_a_killed_worker_is_an_error_not_a_hang(tmp_path):
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert f"exit code -{signal.SIGKILL.value}" in err
     assert not out.exists()
+
+
+def test_cli_refuses_a_dimension_beyond_memory(tmp_path, capsys):
+    # --dim 20000000 was a numpy MemoryError traceback (exit 1) once the tuning allocated its maps.
+    from experiments import cli
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["nqm", "--out", str(out), "--dim", str(nqm.MAX_DIMENSION + 1)])
+    code = exit.value.code
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "" and not out.exists()
+    assert captured.err.startswith("error: argument --dim: ") and captured.err.count("\n") == 1
