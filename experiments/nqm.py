@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import io
 import math
 import multiprocessing
 import os
@@ -51,6 +52,7 @@ import pathlib
 import signal
 import threading
 from collections.abc import Sequence
+from typing import BinaryIO
 
 import numpy as np
 
@@ -521,8 +523,8 @@ def _float_or_none(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def plot(rows: Sequence[dict], path: str | pathlib.Path) -> None:
-    """Steps to target vs batch size (log-log) and momentum's speed-up over SGD."""
+def plot(rows: Sequence[dict], path: str | pathlib.Path | BinaryIO) -> None:
+    """Steps to target vs batch size (log-log) and momentum's speed-up over SGD, as a PNG."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
@@ -575,15 +577,19 @@ def plot(rows: Sequence[dict], path: str | pathlib.Path) -> None:
     fig.suptitle(
         "Noisy quadratic model (Zhang et al. 2019; d = 10^4, h_i = 1/i), each point at its best lr"
     )
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
 
 
 def write(rows: Sequence[dict], out_dir: str | pathlib.Path) -> None:
     """Writes ``out_dir/nqm.json`` and ``out_dir/nqm.png``."""
+    # The figure is drawn (a second or so) before anything is written: a Ctrl-C meanwhile leaves
+    # nothing behind, as the CLI then says.
+    figure = io.BytesIO()
+    plot(rows, figure)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "nqm.json", list(rows))  # atomic: a crash leaves the old file whole
-    plot(rows, out / "nqm.png")
+    (out / "nqm.png").write_bytes(figure.getvalue())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -334,3 +334,22 @@ def test_cli_refuses_a_dimension_beyond_memory(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 2 and captured.out == "" and not out.exists()
     assert captured.err.startswith("error: argument --dim: ") and captured.err.count("\n") == 1
+
+
+def test_ctrl_c_while_the_figure_is_drawn_writes_nothing(tmp_path, monkeypatch, capsys):
+    # Drawing takes a second or so; nqm.json used to be written before it, so a Ctrl-C there left
+    # it behind while the CLI said "nothing was written".
+    from matplotlib.figure import Figure
+
+    from experiments import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", interrupted)
+    out = tmp_path / "out"
+    argv = ["nqm", "--out", str(out), "--batch-sizes", "4,64", "--betas", "0", "--dim", "20"]
+    code = cli.main([*argv, "--workers", "1"])
+    assert code == cli.INTERRUPTED
+    assert capsys.readouterr().err == nqm.ON_INTERRUPT + "\n"
+    assert not out.exists()

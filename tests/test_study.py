@@ -441,12 +441,19 @@ def test_a_stage_json_write_that_fails_midway_keeps_the_old_file(stage, tmp_path
     old = json.dumps({"old": list(range(1000))})
     path.write_text(old)
     big = {"rows": [{"x": float(i)} for i in range(2000)]}  # ~30 kB of JSON
+    entry = {"steps": 100, "lr": 0.1, "ema_lr": 1.0}
+    rows = [  # ~30 kB of NQM rows (nqm.write draws them before writing)
+        {"batch_size": 2**i, "sgd_steps": 100, "momentum_steps": 50, "sgd_lr": 0.1,
+         "momentum_lr": 0.1, "momentum_beta": 0.9, "momentum_ema_lr": 1.0,
+         "by_beta": {str(j / 100): entry for j in range(50)}}
+        for i in range(10)
+    ]  # fmt: skip
     handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit: EFBIG
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (8192, hard))
     try:
         with pytest.raises(OSError):
-            module.write(big if stage == "quadratic" else big["rows"], tmp_path)
+            module.write(big if stage == "quadratic" else rows, tmp_path)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, handler)
