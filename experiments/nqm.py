@@ -413,7 +413,7 @@ def study(
     processes, at most one per batch size; the results are the same.
 
     Returns:
-      One row per batch size with ``batch_size``, ``sgd_steps``,
+      One row per batch size with ``batch_size``, ``dim``, ``sgd_steps``,
       ``momentum_steps``, ``sgd_lr`` (``a``), ``momentum_lr`` (heavy-ball ``a``),
       ``momentum_beta``, ``momentum_ema_lr`` (``eta = a / (1 - b)``) and
       ``by_beta``: ``{beta: {"steps", "lr", "ema_lr"}}`` for every beta.
@@ -498,6 +498,7 @@ def _study_one(
     best_steps, best_lr = by_beta[best_beta]
     return {
         "batch_size": int(batch_size),
+        "dim": dim,
         "sgd_steps": _int_or_none(sgd_steps),
         "momentum_steps": _int_or_none(best_steps),
         "sgd_lr": _float_or_none(sgd_lr),
@@ -513,6 +514,12 @@ def _study_one(
             for beta, (steps, lr) in by_beta.items()
         },
     }
+
+
+def row_dim(row: dict) -> int:
+    """The dimension ``d`` of a row of :func:`study` (rows written before it was recorded: the
+    default, which they were run at)."""
+    return row.get("dim", DIMENSION)
 
 
 def _int_or_none(steps: float) -> int | None:
@@ -537,7 +544,11 @@ def plot(rows: Sequence[dict], path: str | pathlib.Path | BinaryIO) -> None:
     ax, ax_ratio = fig.subplots(1, 2, width_ratios=(3, 2))
     ax.loglog(batch, sgd, "o-", label="SGD (lr tuned per batch size)")
     ax.loglog(batch, mom, "s--", label="heavy-ball momentum (lr and beta tuned)")
-    ax.loglog(batch, sgd[0] * batch[0] / batch, ":", color="gray", label="perfect scaling (1/B)")
+    reached = np.flatnonzero(np.isfinite(sgd))  # batch sizes may not have reached the target
+    if reached.size:
+        i = reached[0]
+        scaling = sgd[i] * batch[i] / batch
+        ax.loglog(batch, scaling, ":", color="gray", label="perfect scaling (1/B)")
     for row, b, s in zip(rows, batch, mom, strict=True):
         if np.isfinite(s):
             ax.annotate(
@@ -549,7 +560,9 @@ def plot(rows: Sequence[dict], path: str | pathlib.Path | BinaryIO) -> None:
                 fontsize=7,
                 color="C1",
             )
-    ax.set_ylim(bottom=np.nanmin(np.concatenate([sgd, mom])) / 3)
+    steps = np.concatenate([sgd, mom])
+    if np.isfinite(steps).any():
+        ax.set_ylim(bottom=np.nanmin(steps) / 3)
     ax.set_xlabel("batch size B (examples per step)")
     ax.set_ylabel("steps to expected loss 0.01")
     ax.set_title("Steps to target vs batch size")
@@ -563,10 +576,11 @@ def plot(rows: Sequence[dict], path: str | pathlib.Path | BinaryIO) -> None:
     )
     ax.grid(True, which="major", alpha=0.3)
     ax.legend()
-    ax_ratio.semilogx(batch, sgd / mom, "o-", color="C2")
+    ratio = sgd / mom
+    ax_ratio.semilogx(batch, ratio, "o-", color="C2")
     ax_ratio.axhline(1.0, color="gray", ls=":")
     ax_ratio.set_yscale("log")
-    ratio_top = np.nanmax(sgd / mom)
+    ratio_top = np.nanmax(ratio) if np.isfinite(ratio).any() else 1.0
     ax_ratio.set_yticks([t for t in (1, 1.5, 2, 3, 5, 10, 20, 50, 100) if t <= 1.5 * ratio_top])
     ax_ratio.yaxis.set_major_formatter(ScalarFormatter())
     ax_ratio.yaxis.set_minor_formatter(NullFormatter())
@@ -575,7 +589,8 @@ def plot(rows: Sequence[dict], path: str | pathlib.Path | BinaryIO) -> None:
     ax_ratio.set_title("Momentum's speed-up (1 = no gain)")
     ax_ratio.grid(True, which="both", alpha=0.3)
     fig.suptitle(
-        "Noisy quadratic model (Zhang et al. 2019; d = 10^4, h_i = 1/i), each point at its best lr"
+        f"Noisy quadratic model (Zhang et al. 2019; d = {row_dim(rows[0])}, h_i = 1/i), "
+        "each point at its best lr"
     )
     fig.savefig(path, dpi=120, format="png")
 

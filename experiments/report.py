@@ -1298,15 +1298,37 @@ def _nqm_section(res: Results) -> str:
     from experiments import nqm
 
     rows = res.nqm
-    sgd = analysis.fit_steps_vs_batch(
-        [r["batch_size"] for r in rows if r["sgd_steps"]],
-        [r["sgd_steps"] for r in rows if r["sgd_steps"]],
-    )
-    mom = analysis.fit_steps_vs_batch(
-        [r["batch_size"] for r in rows if r["momentum_steps"]],
-        [r["momentum_steps"] for r in rows if r["momentum_steps"]],
-    )
-    first, last = rows[0], rows[-1]
+
+    # `nqm --out DIR` may have rewritten nqm.json with any batch sizes: some may not have
+    # reached the target, and a fit needs two that did.
+    def fit(key: str) -> analysis.ScalingFit | None:
+        done = [r for r in rows if r[key]]
+        if len({r["batch_size"] for r in done}) < 2:
+            return None
+        return analysis.fit_steps_vs_batch([r["batch_size"] for r in done], [r[key] for r in done])
+
+    sgd, mom = fit("sgd_steps"), fit("momentum_steps")
+    if sgd and mom:
+        fits = (
+            f"Fitted B_crit: SGD {sgd.b_crit:.3g}, momentum {mom.b_crit:.3g}"
+            f"{' (at the search bound)' if mom.b_crit_at_bound else ''}."
+        )
+    else:
+        fits = (
+            f"B_crit: SGD {f'{sgd.b_crit:.3g}' if sgd else 'not fitted'}, momentum "
+            f"{f'{mom.b_crit:.3g}' if mom else 'not fitted'} (a fit needs two batch sizes "
+            "that reached the target)."
+        )
+    reached = [r for r in rows if r["sgd_steps"] and r["momentum_steps"]]
+    if reached:
+        first, last = reached[0], reached[-1]
+        ratios = (
+            f"Momentum / SGD steps: {first['momentum_steps'] / first['sgd_steps']:.2f} at "
+            f"B = {first['batch_size']}, {last['momentum_steps'] / last['sgd_steps']:.3f} at "
+            f"B = {last['batch_size']}. "
+        )
+    else:
+        ratios = "No batch size reached the target. "
     grid = [float(beta) for beta in rows[0].get("by_beta", {})]
     at_edge = [r["batch_size"] for r in rows if grid and r["momentum_beta"] == max(grid)]
     edge = (
@@ -1320,13 +1342,10 @@ def _nqm_section(res: Results) -> str:
         "",
         "![NQM](nqm.png)",
         "",
-        "Loss 0.5 sum_i h_i theta_i^2 with h_i = 1/i, d = 10^4, gradient-noise variance h_i/B; "
-        "the expected loss is propagated in closed form (no sampling) and the step size a (and, "
-        "for momentum, beta) is tuned per batch size for the fewest steps to an expected loss of "
-        f"0.01. Momentum / SGD steps: {first['momentum_steps'] / first['sgd_steps']:.2f} at "
-        f"B = {first['batch_size']}, {last['momentum_steps'] / last['sgd_steps']:.3f} at "
-        f"B = {last['batch_size']}. Fitted B_crit: SGD {sgd.b_crit:.3g}, momentum "
-        f"{mom.b_crit:.3g}{' (at the search bound)' if mom.b_crit_at_bound else ''}.{edge}",
+        f"Loss 0.5 sum_i h_i theta_i^2 with h_i = 1/i, d = {nqm.row_dim(rows[0])}, "
+        "gradient-noise variance h_i/B; the expected loss is propagated in closed form (no "
+        "sampling) and the step size a (and, for momentum, beta) is tuned per batch size for the "
+        f"fewest steps to an expected loss of 0.01. {ratios}{fits}{edge}",
         "",
         nqm.format_table(rows),
     ])  # fmt: skip

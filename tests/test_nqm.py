@@ -353,3 +353,59 @@ def test_ctrl_c_while_the_figure_is_drawn_writes_nothing(tmp_path, monkeypatch, 
     assert code == cli.INTERRUPTED
     assert capsys.readouterr().err == nqm.ON_INTERRUPT + "\n"
     assert not out.exists()
+
+
+def _section(rows):
+    import types
+
+    from experiments import report
+
+    return report._nqm_section(types.SimpleNamespace(nqm=rows))
+
+
+def test_the_figure_and_the_report_name_the_dimension_that_was_run(tmp_path, monkeypatch):
+    # Both said "d = 10^4" whatever --dim was; nqm.json did not record it.
+    from matplotlib.figure import Figure
+
+    titles = []
+    savefig = Figure.savefig
+
+    def record(self, *args, **kwargs):
+        titles.append(self.get_suptitle())
+        return savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    rows = nqm.study([4, 64], (0.0, 0.9), dim=20, refinements=0)
+    assert all(row["dim"] == 20 for row in rows)
+    nqm.write(rows, tmp_path)
+    assert "d = 20," in titles[0] and "10^4" not in titles[0]
+    text = _section(json.loads((tmp_path / "nqm.json").read_text()))
+    assert "d = 20," in text and "10^4" not in text
+    # nqm.json written before the dimension was recorded: the default it was run at.
+    old = [{k: v for k, v in row.items() if k != "dim"} for row in rows]
+    assert "d = 10000," in _section(old)
+
+
+def test_the_report_section_with_fewer_than_two_batch_sizes_at_the_target():
+    # It fitted steps vs batch size regardless: a ValueError (a TypeError when the first batch
+    # size had not reached the target) that stopped the whole report.
+    rows = nqm.study([4, 64], (0.0, 0.9), dim=20, refinements=0)
+    for row in rows[:1]:
+        row.update(sgd_steps=None, momentum_steps=None, sgd_lr=None, momentum_lr=None)
+    text = _section(rows)
+    assert "| 4 | - | - |" in text
+    assert "at B = 64" in text and "B_crit: SGD not fitted, momentum not fitted" in text
+    both = _section(nqm.study([4, 64], (0.0,), dim=20, refinements=0))
+    assert "at B = 4," in both and "Fitted B_crit: SGD " in both
+    one = _section(nqm.study([64], (0.0,), dim=20, refinements=0))
+    assert "B_crit: SGD not fitted, momentum not fitted" in one
+
+
+def test_rows_where_no_batch_size_reached_the_target_are_written_and_reported(tmp_path):
+    # The figure's y limits were NaN: a ValueError once every step count was computed.
+    rows = nqm.study([4, 64], (0.0, 0.9), dim=20, max_steps=10, refinements=0)
+    assert all(row["sgd_steps"] is None and row["momentum_steps"] is None for row in rows)
+    nqm.write(rows, tmp_path)
+    assert (tmp_path / "nqm.png").read_bytes()[:4] == b"\x89PNG"
+    text = _section(json.loads((tmp_path / "nqm.json").read_text()))
+    assert "No batch size reached the target." in text and "| 64 | - | - |" in text
