@@ -64,6 +64,7 @@ from experiments.cli import (
     int_in,
     positive_int,
     positive_int_list,
+    usable_cores,
 )
 from experiments.store import write_json
 
@@ -635,8 +636,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers",
         metavar="N",
         type=positive_int,
-        default=os.cpu_count() or 1,
-        help="processes to share the batch sizes, at most one each (default: number of CPUs)",
+        default=usable_cores(),
+        help="processes to share the batch sizes, at most one each (default: usable cores)",
     )
 
 

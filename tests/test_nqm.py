@@ -409,3 +409,13 @@ def test_rows_where_no_batch_size_reached_the_target_are_written_and_reported(tm
     assert (tmp_path / "nqm.png").read_bytes()[:4] == b"\x89PNG"
     text = _section(json.loads((tmp_path / "nqm.json").read_text()))
     assert "No batch size reached the target." in text and "| 64 | - | - |" in text
+
+
+def test_default_workers_are_the_usable_cores(monkeypatch):
+    # os.cpu_count() counts the machine's CPUs, not those the process may run on (taskset, a
+    # batch scheduler's CPU set): 8 workers would share 2 cores.
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    parser = argparse.ArgumentParser()
+    nqm.add_arguments(parser)
+    assert parser.parse_args([]).workers == 2
