@@ -371,8 +371,11 @@ def tune(
     """Best heavy-ball step ``a`` for one ``(B, b)``: a log grid, then zooms around the best.
 
     The coarse grid spans ``decades`` decades below the stability limit
-    ``2 (1 + b) / h_max``; each refinement lays ``points`` points across the
-    previous spacing on either side of the best point.
+    ``2 (1 + b) / h_max``, and ``log10(1 / (1 - b))`` decades more if its best
+    is its smallest step or none reached the target: at small batches the best
+    step is set by the noise, at about the same effective step ``a / (1 - b)``
+    for every ``b``. Each refinement lays ``points`` points across the previous
+    spacing on either side of the best point.
 
     Returns:
       ``(steps, a)``; ``(inf, nan)`` if no grid point reaches the target.
@@ -380,18 +383,28 @@ def tune(
     h = curvatures() if h is None else h
     limit = 2.0 * (1.0 + beta) / h.max()
     spacing = 1.0 / coarse_per_decade
-    grid = limit * 10.0 ** (-np.arange(1, int(decades * coarse_per_decade) + 1) * spacing)
     best_steps, best_lr = math.inf, math.nan
-    for _ in range(refinements + 1):
+
+    def try_grid(grid: np.ndarray) -> None:
+        nonlocal best_steps, best_lr
         steps = steps_to_target(
             grid, beta, batch_size, h=h, target=target, max_steps=max_steps, stop_at_first=True
         )
         i = int(np.argmin(steps))
         if steps[i] < best_steps or (steps[i] == best_steps and grid[i] < best_lr):
             best_steps, best_lr = float(steps[i]), float(grid[i])
+
+    coarse = limit * 10.0 ** (-np.arange(1, int(decades * coarse_per_decade) + 1) * spacing)
+    try_grid(coarse)
+    # The decades below the coarse grid, searched only where its best is its smallest step or
+    # none of its steps reached the target: elsewhere the best lies within it.
+    extra = math.ceil(coarse_per_decade * math.log10(1.0 / (1.0 - beta)) - 1e-9)
+    if extra and not best_lr > coarse[-1]:
+        try_grid(coarse[-1] * 10.0 ** (-np.arange(1, extra + 1) * spacing))
+    for _ in range(refinements):
         if not math.isfinite(best_steps):
             break
-        grid = best_lr * 10.0 ** (np.linspace(-spacing, spacing, points))
+        try_grid(best_lr * 10.0 ** (np.linspace(-spacing, spacing, points)))
         spacing *= 2.0 / (points - 1)
     return best_steps, best_lr
 

@@ -419,3 +419,16 @@ def test_default_workers_are_the_usable_cores(monkeypatch):
     parser = argparse.ArgumentParser()
     nqm.add_arguments(parser)
     assert parser.parse_args([]).workers == 2
+
+
+def test_tuning_reaches_the_small_steps_of_a_beta_near_one():
+    # At small batches the best heavy-ball step is about (1 - b) times SGD's (the same effective
+    # step a / (1 - b)): for b = 0.99999 it lay below the coarse grid's 7 decades, and the beta
+    # was reported as never reaching the target.
+    h = nqm.curvatures(1000)
+    steps, lr = nqm.tune(1, 0.99999, h=h)
+    assert np.isfinite(steps)
+    _, sgd_lr = nqm.tune(1, 0.0, h=h)
+    assert 0.3 < lr / (1 - 0.99999) / sgd_lr < 3
+    dense = nqm.steps_to_target(lr * np.geomspace(0.3, 3, 100), 0.99999, 1, h=h)
+    assert steps <= 1.025 * dense.min()
