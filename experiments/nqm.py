@@ -461,9 +461,11 @@ def study(
             result.wait(0.2)
             dead = [worker for worker in started if not worker.is_alive()]
             if dead and not result.ready():
+                code = dead[0].exitcode
+                why = f" (killed by signal {-code}: out of memory?)" if code < 0 else ""
                 raise ChildProcessError(
-                    f"an NQM worker process ended with exit code {dead[0].exitcode} before "
-                    "its batch sizes were done (killed? out of memory?)"
+                    f"an NQM worker process ended with exit code {code} before its batch sizes "
+                    f"were done{why}"
                 )
         return result.get()
 

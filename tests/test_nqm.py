@@ -319,7 +319,7 @@ def test_a_killed_worker_is_an_error_not_a_hang(tmp_path):
                 pass
     assert parent.returncode == 2 and stdout == ""
     assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert f"exit code -{signal.SIGKILL.value}" in err
+    assert f"exit code -{signal.SIGKILL.value} " in err and "killed" in err
     assert not out.exists()
 
 
