@@ -453,13 +453,15 @@ def study(
     context = multiprocessing.get_context("spawn")
     others = set(multiprocessing.active_children())
     with context.Pool(workers, _init_worker) as pool:
-        started = set(multiprocessing.active_children()) - others  # the pool's workers
         result = pool.map_async(task, batch_sizes, chunksize=1)
+        # A worker that dies (the OOM killer, kill -9) is replaced by the pool, but the batch
+        # size it was tuning is lost (or the task queue's lock, if it was waiting for one): the
+        # wait would never end. The pool's workers, the replacements included, are watched from
+        # here on; one that died before cannot have taken a task (starting takes longer).
+        seen: set[multiprocessing.process.BaseProcess] = set()
         while not result.ready():
-            # A worker that dies (the OOM killer, kill -9) is replaced by the pool, but the
-            # batch size it was tuning is lost: without this check, the wait would never end.
-            result.wait(0.2)
-            dead = [worker for worker in started if not worker.is_alive()]
+            seen |= set(multiprocessing.active_children()) - others
+            dead = [worker for worker in seen if not worker.is_alive()]
             if dead and not result.ready():
                 code = dead[0].exitcode
                 why = f" (killed by signal {-code}: out of memory?)" if code < 0 else ""
@@ -467,6 +469,7 @@ def study(
                     f"an NQM worker process ended with exit code {code} before its batch sizes "
                     f"were done{why}"
                 )
+            result.wait(0.2)
         return result.get()
 
 

@@ -4,6 +4,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -224,9 +225,8 @@ def test_workers_give_the_same_rows():
     assert nqm.study([4, 64], (0.0, 0.9), dim=50, workers=2) == serial
 
 
-_KILLED_PARENT = """
+_ANNOUNCE = """
 import multiprocessing, sys, threading, time
-from experiments import nqm
 
 def announce():
     while len(multiprocessing.active_children()) < 2:
@@ -234,34 +234,62 @@ def announce():
     print(*(p.pid for p in multiprocessing.active_children()), flush=True)
 
 threading.Thread(target=announce, daemon=True).start()
-nqm.study([1, 2], (0.0,), dim=100_000, workers=2)  # minutes per batch size
 """
+# A study on 2 workers, each tuning one batch size for about 20 s.
+_STUDY = "from experiments import nqm; nqm.study([2, 4], (0.0, 0.9), dim=100_000, workers=2)"
+_CLI = (
+    "from experiments import cli; sys.exit(cli.main(['nqm', '--out', sys.argv[1], "
+    "'--batch-sizes', '2,4', '--betas', '0,0.9', '--dim', '100000', '--workers', '2']))"
+)
 
 
-def test_workers_of_a_killed_parent_exit_at_once_and_quietly():
-    # kill -9 (or an OOM kill) of the parent mid-run: the workers used to tune their batch size
-    # to the end, for minutes, then print a BrokenPipeError traceback each.
+def _cpu_seconds(pid):
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _start_tuning(script, *args):
+    """Runs ``script`` after :data:`_ANNOUNCE`; returns the process and its two workers' pids
+    once both are tuning (past their start, which takes well under a second of CPU)."""
     root = os.path.dirname(os.path.dirname(nqm.__file__))
     env = os.environ | {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     parent = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_PARENT],
+        [sys.executable, "-c", _ANNOUNCE + script, *args],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     workers = [int(pid) for pid in parent.stdout.readline().split()]
     assert len(workers) == 2
-    time.sleep(1.0)  # the workers are tuning
+    deadline = time.monotonic() + 60
+    while min(_cpu_seconds(pid) for pid in workers) < 0.6:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return parent, workers
+
+
+def _kill(pids):
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+needs_proc = pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc")
+
+
+@needs_proc
+def test_workers_of_a_killed_parent_exit_at_once_and_quietly():
+    # kill -9 (or an OOM kill) of the parent mid-run: the workers used to tune their batch size
+    # to the end, then print a BrokenPipeError traceback each.
+    parent, workers = _start_tuning(_STUDY)
     parent.kill()
     parent.wait()
     try:
         # The workers (and multiprocessing's resource tracker) hold the parent's stderr: it ends
         # when they have all exited.
-        _, err = parent.communicate(timeout=20)
+        _, err = parent.communicate(timeout=10)
     finally:
-        for pid in workers:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill(workers)
     assert "Traceback" not in err and "Error" not in err, err
 
 
@@ -281,42 +309,17 @@ def test_no_more_workers_than_batch_sizes(monkeypatch):
     assert rows == nqm.study([4, 64], (0.0,), dim=20)
 
 
-_KILLED_WORKER = """
-import multiprocessing, sys, threading, time
-from experiments import cli
-
-def announce():
-    while len(multiprocessing.active_children()) < 2:
-        time.sleep(0.02)
-    print(*(p.pid for p in multiprocessing.active_children()), flush=True)
-
-threading.Thread(target=announce, daemon=True).start()
-sys.exit(cli.main(["nqm", "--out", sys.argv[1], "--batch-sizes", "1,2", "--betas", "0",
-                   "--dim", "100000", "--workers", "2"]))  # minutes per batch size
-"""
-
-
+@needs_proc
 def test_a_killed_worker_is_an_error_not_a_hang(tmp_path):
     # A worker ended by the OOM killer or kill -9: the pool started a new one, the batch size in
     # progress was lost, and the parent waited for it forever.
     out = tmp_path / "out"
-    root = os.path.dirname(os.path.dirname(nqm.__file__))
-    env = os.environ | {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    parent = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_WORKER, str(out)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    workers = [int(pid) for pid in parent.stdout.readline().split()]
-    assert len(workers) == 2
+    parent, workers = _start_tuning(_CLI, str(out))
     os.kill(workers[0], signal.SIGKILL)
     try:
-        stdout, err = parent.communicate(timeout=20)
+        stdout, err = parent.communicate(timeout=10)
     finally:
-        for pid in [parent.pid, *workers]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill([parent.pid, *workers])
     assert parent.returncode == 2 and stdout == ""
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert f"exit code -{signal.SIGKILL.value} " in err and "killed" in err
