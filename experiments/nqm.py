@@ -398,8 +398,8 @@ def tune(
     try_grid(coarse)
     # The decades below the coarse grid, searched only where its best is its smallest step or
     # none of its steps reached the target: elsewhere the best lies within it.
-    extra = math.ceil(coarse_per_decade * math.log10(1.0 / (1.0 - beta)) - 1e-9)
-    if extra and not best_lr > coarse[-1]:
+    extra = math.ceil(coarse_per_decade * math.log10(1.0 / (1.0 - beta)) - 1e-9) if beta < 1 else 0
+    if extra > 0 and not best_lr > coarse[-1]:
         try_grid(coarse[-1] * 10.0 ** (-np.arange(1, extra + 1) * spacing))
     for _ in range(refinements):
         if not math.isfinite(best_steps):

@@ -435,3 +435,6 @@ def test_tuning_reaches_the_small_steps_of_a_beta_near_one():
     assert 0.3 < lr / (1 - 0.99999) / sgd_lr < 3
     dense = nqm.steps_to_target(lr * np.geomspace(0.3, 3, 100), 0.99999, 1, h=h)
     assert steps <= 1.025 * dense.min()
+    for beta in (1.0, 1.5):  # unstable at every step: not reached, as before
+        steps, lr = nqm.tune(1, beta, h=h)
+        assert steps == np.inf and np.isnan(lr)
