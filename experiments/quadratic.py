@@ -25,9 +25,11 @@ same draws in a seed, so the comparison is paired); the figure draws the first.
 from __future__ import annotations
 
 import argparse
+import io
 import numbers
 import pathlib
 from collections.abc import Sequence
+from typing import BinaryIO
 
 import jax
 import jax.numpy as jnp
@@ -230,8 +232,8 @@ def study(
     return {"setup": setup, "runs": runs}
 
 
-def plot(result: dict, path: str | pathlib.Path) -> None:
-    """One panel per batch size: loss contours and both optimizers' paths."""
+def plot(result: dict, path: str | pathlib.Path | BinaryIO) -> None:
+    """One panel per batch size: loss contours and both optimizers' paths, as a PNG."""
     from matplotlib.figure import Figure
 
     batch_sizes = sorted({run["batch_size"] for run in result["runs"]})
@@ -277,15 +279,19 @@ def plot(result: dict, path: str | pathlib.Path) -> None:
         f"{setup['steps']} steps of SGD vs EMA momentum, same learning rate "
         f"eta = {setup['learning_rate']:g}, same noise draws"
     )
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
 
 
 def write(result: dict, out_dir: str | pathlib.Path) -> None:
     """Writes ``out_dir/quadratic.json`` and ``out_dir/quadratic.png``."""
+    # The figure is drawn (a second or so) before anything is written: a Ctrl-C meanwhile leaves
+    # nothing behind, as the CLI then says.
+    figure = io.BytesIO()
+    plot(result, figure)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "quadratic.json", result)  # atomic: a crash leaves the old file whole
-    plot(result, out / "quadratic.png")
+    (out / "quadratic.png").write_bytes(figure.getvalue())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

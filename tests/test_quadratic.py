@@ -209,3 +209,18 @@ def test_readme_claim_6_row_is_what_the_study_computes():
     )
     assert f"{travel[0]} less travel at B = {b1} and {travel[1]} at B = {b2}" in row
     assert f"median {halving[0]} steps at B = {b1}, {halving[1]} at B = {b2})" in row
+
+
+def test_ctrl_c_while_the_figure_is_drawn_leaves_nothing_behind(tmp_path, monkeypatch):
+    # Drawing takes a second or so; quadratic.json used to be written before it, so a Ctrl-C
+    # there left it behind without its figure.
+    from matplotlib.figure import Figure
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    result = quadratic.study(steps=20, seeds=1)
+    monkeypatch.setattr(Figure, "savefig", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quadratic.write(result, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

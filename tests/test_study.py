@@ -440,7 +440,7 @@ def test_a_stage_json_write_that_fails_midway_keeps_the_old_file(stage, tmp_path
     path = tmp_path / f"{stage}.json"
     old = json.dumps({"old": list(range(1000))})
     path.write_text(old)
-    big = {"rows": [{"x": float(i)} for i in range(2000)]}  # ~30 kB of JSON
+    big = quadratic.study(steps=300, seeds=1)  # ~56 kB of JSON (quadratic.write draws it first)
     entry = {"steps": 100, "lr": 0.1, "ema_lr": 1.0}
     rows = [  # ~30 kB of NQM rows (nqm.write draws them before writing)
         {"batch_size": 2**i, "sgd_steps": 100, "momentum_steps": 50, "sgd_lr": 0.1,
