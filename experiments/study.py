@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from experiments.cli import usable_cores
 from experiments.store import RUNS_FILE, read_runs, write_json
 
 HELP = "the whole study into --out (default: results), then its report"
@@ -447,7 +448,7 @@ class Study:
 
         sizes = self.preset.nqm_batch_sizes
         # Spawning worker processes costs seconds; it pays off only for many batch sizes.
-        workers = min(2, os.cpu_count() or 1) if len(sizes) >= 4 else 1
+        workers = min(2, usable_cores()) if len(sizes) >= 4 else 1
         rows = nqm.study(sizes, self.preset.nqm_betas, workers=workers)
         nqm.write(rows, self.out)
 
