@@ -709,6 +709,40 @@ def test_bench_shards_its_8_runs_over_devices_that_divide_them(n, used):
     assert bench._engine_devices(list(range(n))) == list(range(used))
 
 
+def test_bench_torch_eager_trains_as_the_engine_does(monkeypatch):
+    """The torch contender is the engine's run 0 (model, initial weights, optimizer math): given
+    the engine's data order, its losses are the engine's to float32 rounding (steps 2 to 4 follow
+    the updates, so a wrong learning rate, momentum or weight layout fails)."""
+    torch = pytest.importorskip("torch")
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import bench, train
+
+    steps = 4  # as test_bench_measures_every_contender times it: its compiled scan is reused
+    with jax.threefry_partitionable(False):
+        _, state, st, (x, y) = bench._engine(1, bench.BATCH, jax.devices()[:1])
+        _, engine_losses, _ = train._train_chunk(state, jnp.int32(0), x, y, st=st, length=steps)
+        perm = np.asarray(train._epoch_perm(state.data_key[0], jnp.int32(0), st.n_train))
+    monkeypatch.setattr(torch, "randperm", lambda n, generator: torch.from_numpy(perm.copy()))
+    losses = []
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def recorded(*args, **kwargs):
+        loss = cross_entropy(*args, **kwargs)
+        losses.append(loss.item())
+        return loss
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", recorded)
+    threads = torch.get_num_threads()
+    try:
+        bench._torch_eager(state)(steps)
+    finally:
+        torch.set_num_threads(threads)
+    engine_losses = np.asarray(engine_losses)[0]
+    np.testing.assert_allclose(losses, engine_losses, rtol=1e-5)
+
+
 def test_bench_without_torch_reports_null(monkeypatch):
     """The bookkeeping without torch (the runners are stand-ins): nulls, valid JSON, a table."""
     import types
