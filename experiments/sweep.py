@@ -15,7 +15,8 @@ Multi-host (--distributed): start the same command in every process of the job. 
 first joins it with jax.distributed.initialize() (Cloud TPU, SLURM, Open MPI and Kubernetes are
 detected; elsewhere give --coordinator, --num-processes and --process-id), then every group's run
 axis is sharded over all processes' devices. Process 0 alone locks, reads and writes DIR (on its
-own disk) and prints; the others compute and print nothing. The numbers are the same as on one host.
+own disk) and prints; the others compute and print nothing. The numbers are the same as on one
+host, also when the processes have different numbers of devices.
 Processes started with different sweeps are stopped with an error instead of waiting on each other.
 """
 
@@ -35,6 +36,7 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from experiments import data as datasets
@@ -309,9 +311,7 @@ def run_sweep(
                 refused = e
         missing = [0 if store is None else len(store.missing(ids)) for *_, ids in plan]
         if jax.process_count() > 1:  # process 0's store decides for every process
-            agreed = multihost_utils.broadcast_one_to_all(
-                np.asarray([refused is not None, *missing], np.int32)
-            )
+            agreed = _every_process(np.asarray([refused is not None, *missing], np.int32))[0]
             if agreed[0] and refused is None:
                 raise StoreLockedError(f"process 0 could not open the results in {out_dir}")
             missing = [int(m) for m in agreed[1:]]
@@ -358,12 +358,31 @@ def _check_same_plan(plan: Sequence[tuple[GroupSpec, list[float], list[str]]]) -
     other forever; comparing a digest of every process's run ids turns that into an error.
     """
     digest = hashlib.sha256(json.dumps([ids for *_, ids in plan]).encode()).digest()
-    every = np.asarray(multihost_utils.process_allgather(np.frombuffer(digest[:8], np.int32)))
+    every = _every_process(np.frombuffer(digest[:8], np.int32))
     if (every != every[0]).any():
         raise SweepMismatchError(
             "the processes of the job were given different sweeps; start the same command in "
             "every process"
         )
+
+
+def _every_process(value: np.ndarray) -> np.ndarray:
+    """``value`` of every process, stacked in process order; every process must call it.
+
+    Gathered as ``run_group`` gathers its results: from a global array with a row per device.
+    ``multihost_utils.process_allgather`` of a host array and ``broadcast_one_to_all`` need the
+    same number of devices in every process, which a job need not have.
+    """
+    devices = jax.devices()
+    by_device = NamedSharding(Mesh(np.asarray(devices), ("devices",)), PartitionSpec("devices"))
+    rows = jax.make_array_from_callback(
+        (len(devices), *value.shape), by_device, lambda index: value[None]
+    )
+    every = np.asarray(multihost_utils.process_allgather(rows, tiled=True))
+    first: dict[int, np.ndarray] = {}
+    for device, row in zip(devices, every, strict=True):
+        first.setdefault(device.process_index, row)
+    return np.stack([first[i] for i in range(jax.process_count())])
 
 
 def _mean(values: Sequence[float | None]) -> float:

@@ -29,8 +29,8 @@ every process first, then ``run_group(...)`` with the same arguments in every pr
 is sharded over all hosts' devices (each process supplies its devices' shards of the inputs) and
 every process gets the full results (gathered with ``multihost_utils.process_allgather``). Let only
 process 0 write the results store, as :func:`experiments.sweep.run_sweep` and ``sweep
---distributed`` do. Tested with two local processes of two CPU devices each: the same numbers as
-one process.
+--distributed`` do. Tested with two local processes of two CPU devices each, and of one and three:
+the same numbers as one process.
 """
 
 from __future__ import annotations

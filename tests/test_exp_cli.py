@@ -133,14 +133,17 @@ def free_port():
         return s.getsockname()[1]
 
 
-def sweep_on_two_processes(args, env, per_process=((), ())):
+def sweep_on_two_processes(args, env, per_process=((), ()), devices=(2, 2)):
     """Runs ``args`` (plus ``per_process[i]`` in process i) as a 2-process JAX job on this machine.
 
-    Each process has 2 CPU devices. Returns ``(stdout, stderr, exit status)`` per process.
+    Process i has ``devices[i]`` CPU devices. Returns ``(stdout, stderr, exit status)`` per process.
     """
-    env = env | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    flags = [{"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"} for n in devices]
     job = ["--coordinator", f"localhost:{free_port()}", "--num-processes", "2"]
-    procs = [start([*args, *job, "--process-id", str(i), *per_process[i]], env) for i in range(2)]
+    procs = [
+        start([*args, *job, "--process-id", str(i), *per_process[i]], env | flags[i])
+        for i in range(2)
+    ]
     try:
         return [(*proc.communicate(timeout=300), proc.returncode) for proc in procs]
     finally:
@@ -203,6 +206,22 @@ def test_processes_running_different_sweeps_are_stopped(tmp_path, env):
     for _, err, _ in results:
         assert err.splitlines()[-1].startswith("error: the processes of the job were given")
     assert store.read_runs(out) == []
+
+
+def test_processes_with_different_device_counts(reference, env, tmp_path):
+    """One device in process 0, three in process 1: the sweep runs over all four, and its
+    records and curves are those of the one-process reference (8 devices)."""
+    out = tmp_path / "out"
+    sweep = [a for a in SWEEP if a not in ("--betas", "0,0.5,0.9")] + ["--betas", "0.9"]
+    results = sweep_on_two_processes([*sweep, "--out", str(out)], env, devices=(1, 3))
+    assert [code for *_, code in results] == [0, 0], results[0][1] + results[1][1]
+    records = store.read_runs(out)
+    expected = [r for r in store.read_runs(reference[0]) if r["beta"] == 0.9]
+    assert len(records) == 4 and without_wall_time(records) == without_wall_time(expected)
+    for r, e in zip(records, expected, strict=True):
+        mine, theirs = store.load_curves(out, r), store.load_curves(reference[0], e)
+        for name in mine:
+            np.testing.assert_array_equal(mine[name], theirs[name])
 
 
 def test_distributed_without_a_cluster_is_a_usage_error(tmp_path, env):
