@@ -17,7 +17,8 @@ detected; elsewhere give --coordinator, --num-processes and --process-id), then 
 axis is sharded over all processes' devices. Process 0 alone locks, reads and writes DIR (on its
 own disk) and prints; the others compute and print nothing. The numbers are the same as on one
 host, also when the processes have different numbers of devices.
-Processes started with different sweeps are stopped with an error instead of waiting on each other.
+Processes started with different sweeps, or a process that cannot load the data (its files are on
+its own disk), are stopped with an error instead of waiting on each other.
 """
 
 from __future__ import annotations
@@ -186,26 +187,17 @@ def run(args: argparse.Namespace) -> int:
     )
     if distributed:
         _join(args)
-    n_devices = len(jax.devices())
-    if args.devices is not None and args.devices > n_devices:
-        raise UsageError(f"--devices {args.devices} but only {n_devices} device(s) are available")
-    out = args.out
+    # What each process checks from here on may fail in one process only (the data files of
+    # --data-dir are on its own disk): the others must not wait for it.
     try:
-        data = datasets.load_dataset(args.dataset, args.data_dir)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot load dataset {args.dataset}: {e}") from None
-    too_big = [b for b in args.batch_sizes if b > data.n_train]
-    if too_big:
-        raise UsageError(
-            f"batch size {too_big[0]} is larger than the {data.n_train} training examples"
-        )
-    try:  # e.g. images too small for the CNN's three stride-2 convolutions; before DIR is opened
-        nnx.eval_shape(lambda: models.make_model(args.model, data, nnx.Rngs(0)))
-    except ValueError as e:
-        raise UsageError(f"--model {args.model}: {e}") from None
+        data = _load(args)
+    except UsageError:
+        _agree(ok=False)
+        raise
+    _agree(ok=True)
     try:
         records = run_sweep(
-            out,
+            args.out,
             data,
             args.model,
             args.batch_sizes,
@@ -222,6 +214,39 @@ def run(args: argparse.Namespace) -> int:
     if jax.process_index() == 0:
         print(summary(records))
     return 0
+
+
+def _load(args: argparse.Namespace) -> datasets.Dataset:
+    """The dataset, once it and the arguments that depend on it (--devices too) are checked."""
+    n_devices = len(jax.devices())
+    if args.devices is not None and args.devices > n_devices:
+        raise UsageError(f"--devices {args.devices} but only {n_devices} device(s) are available")
+    try:
+        data = datasets.load_dataset(args.dataset, args.data_dir)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load dataset {args.dataset}: {e}") from None
+    too_big = [b for b in args.batch_sizes if b > data.n_train]
+    if too_big:
+        raise UsageError(
+            f"batch size {too_big[0]} is larger than the {data.n_train} training examples"
+        )
+    try:  # e.g. images too small for the CNN's three stride-2 convolutions; before DIR is opened
+        nnx.eval_shape(lambda: models.make_model(args.model, data, nnx.Rngs(0)))
+    except ValueError as e:
+        raise UsageError(f"--model {args.model}: {e}") from None
+    return data
+
+
+def _agree(*, ok: bool) -> None:
+    """In a multi-process job, raises a UsageError in every process that is ``ok`` unless all are.
+
+    Every process calls it, so none waits on one that stopped.
+    """
+    if jax.process_count() == 1:
+        return
+    failed = np.flatnonzero(_every_process(np.asarray([ok], np.int32))[:, 0] == 0)
+    if ok and len(failed):
+        raise UsageError(f"process {failed[0]} of the job stopped with an error (see its output)")
 
 
 def _join(args: argparse.Namespace) -> None:

@@ -224,6 +224,26 @@ def test_processes_with_different_device_counts(reference, env, tmp_path):
             np.testing.assert_array_equal(mine[name], theirs[name])
 
 
+def test_a_process_that_cannot_load_the_data_stops_the_job(tmp_path, env):
+    """The data files are on process 0's disk only: process 1 says why it stops, process 0 that
+    process 1 stopped."""
+    out, idx = tmp_path / "out", tmp_path / "idx"
+    idx.mkdir()
+    write_mnist(idx)
+    sweep = ["sweep", "--dataset", "idx", "--batch-sizes", "2", "--betas", "0", "--lrs", "0.1"]
+    sweep += ["--steps", "2", "--eval-every", "2", "--out", str(out)]
+    dirs = (["--data-dir", str(idx)], ["--data-dir", str(tmp_path / "missing")])
+    results = sweep_on_two_processes(sweep, env, per_process=dirs)
+    assert [code for *_, code in results] == [2, 2]
+    (_, err0, _), (_, err1, _) = results
+    assert err1.splitlines()[-1].startswith("error: cannot load dataset idx: ")
+    assert (
+        err0.splitlines()[-1]
+        == "error: process 1 of the job stopped with an error (see its output)"
+    )
+    assert not out.exists()
+
+
 def test_distributed_without_a_cluster_is_a_usage_error(tmp_path, env):
     out = tmp_path / "out"
     env = {k: v for k, v in env.items() if not k.startswith(("JAX_COORDINATOR", "SLURM_", "OMPI_"))}
