@@ -17,8 +17,9 @@ detected; elsewhere give --coordinator, --num-processes and --process-id), then 
 axis is sharded over all processes' devices. Process 0 alone locks, reads and writes DIR (on its
 own disk) and prints; the others compute and print nothing. The numbers are the same as on one
 host, also when the processes have different numbers of devices.
-Processes started with different sweeps, or a process that cannot load the data (its files are on
-its own disk), are stopped with an error instead of waiting on each other.
+Processes started with different sweeps or holding different data, or a process that cannot load
+the data (its files are on its own disk), are stopped with an error instead of waiting on each
+other or training on different data.
 """
 
 from __future__ import annotations
@@ -303,7 +304,8 @@ def run_sweep(
     Raises:
       experiments.store.StoreLockedError: if another process is writing ``out_dir``.
       experiments.store.CorruptStoreError: if ``out_dir`` holds a corrupt ``runs.jsonl``.
-      SweepMismatchError: in a multi-process job, if the processes were given different sweeps.
+      SweepMismatchError: in a multi-process job, if the processes were given different sweeps
+        or different data.
     """
     batch_sizes, betas = listed(batch_sizes, "batch_sizes"), listed(betas, "betas")
     lrs = None if lrs is None else listed(lrs, "lrs")
@@ -325,7 +327,7 @@ def run_sweep(
             plan.append((spec, group_lrs, ids))
 
     if jax.process_count() > 1:
-        _check_same_plan(plan)
+        _check_same_plan(plan, data)
     lead = jax.process_index() == 0
     with contextlib.ExitStack() as stack:
         store, refused = None, None
@@ -376,18 +378,33 @@ class SweepMismatchError(ValueError):
     """The processes of a multi-process job were asked for different sweeps."""
 
 
-def _check_same_plan(plan: Sequence[tuple[GroupSpec, list[float], list[str]]]) -> None:
+def _check_same_plan(
+    plan: Sequence[tuple[GroupSpec, list[float], list[str]]], data: datasets.Dataset
+) -> None:
     """Raises :class:`SweepMismatchError` in every process unless all run the same sweep.
 
     Processes running different sweeps would compile different programs and wait on each
     other forever; comparing a digest of every process's run ids turns that into an error.
+    The data are compared too: each process supplies its own devices' copy, so processes holding
+    different data would train the runs on their devices on it, under the same run ids (those of
+    a built-in dataset do not hash its arrays).
     """
-    digest = hashlib.sha256(json.dumps([ids for *_, ids in plan]).encode()).digest()
-    every = _every_process(np.frombuffer(digest[:8], np.int32))
-    if (every != every[0]).any():
+    plan_digest = hashlib.sha256(json.dumps([ids for *_, ids in plan]).encode()).digest()
+    data_digest = hashlib.sha256(str(data.num_classes).encode())
+    for array in (data.x_train, data.y_train, data.x_test, data.y_test):
+        data_digest.update(f"{array.shape}{array.dtype}".encode())
+        data_digest.update(np.ascontiguousarray(array).tobytes())
+    digests = plan_digest[:8] + data_digest.digest()[:8]
+    every = _every_process(np.frombuffer(digests, np.int32))
+    if (every[:, :2] != every[0, :2]).any():
         raise SweepMismatchError(
             "the processes of the job were given different sweeps; start the same command in "
             "every process"
+        )
+    if (every != every[0]).any():
+        raise SweepMismatchError(
+            "the processes of the job loaded different data (the same dataset name, other "
+            "numbers: other files or library versions?)"
         )
 
 

@@ -25,12 +25,12 @@ The optimizer is ``ema_sgd(lr, beta)`` unless ``run_group(..., optimizer="adam")
 paper, used by the baselines. It is a compile-time choice, part of a group's identity.
 
 Multi-host (several processes, e.g. a TPU pod slice): call ``jax.distributed.initialize()`` in
-every process first, then ``run_group(...)`` with the same arguments in every process: the run axis
-is sharded over all hosts' devices (each process supplies its devices' shards of the inputs) and
-every process gets the full results (gathered with ``multihost_utils.process_allgather``). Let only
-process 0 write the results store, as :func:`experiments.sweep.run_sweep` and ``sweep
---distributed`` do. Tested with two local processes of two CPU devices each, and of one and three:
-the same numbers as one process.
+every process first, then ``run_group(...)`` with the same arguments in every process, the same
+data too (nothing checks it here; ``run_sweep`` does): the run axis is sharded over all hosts'
+devices (each process supplies its devices' shards of the inputs) and every process gets the full
+results (gathered with ``multihost_utils.process_allgather``). Let only process 0 write the
+results store, as :func:`experiments.sweep.run_sweep` and ``sweep --distributed`` do. Tested with
+two local processes of two CPU devices each, and of one and three: the same numbers as one process.
 """
 
 from __future__ import annotations

@@ -224,6 +224,54 @@ def test_processes_with_different_device_counts(reference, env, tmp_path):
             np.testing.assert_array_equal(mine[name], theirs[name])
 
 
+# Process i of a 2-process job calls run_sweep on the digits, process 1 on another order of the
+# same training set (what another host's library version might give): argv is port, i, DIR.
+DIFFERENT_DATA = """
+import dataclasses, sys
+import jax
+port, i, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=i)
+from experiments import data, sweep
+digits = data.load_dataset("digits")
+if i == 1:
+    digits = dataclasses.replace(digits, x_train=digits.x_train[::-1].copy())
+try:
+    sweep.run_sweep(out, digits, "linear", [16], [0.9], lrs=[0.3, 0.1], seeds=[0, 1], steps=2,
+                    eval_every=2, progress=False)
+except sweep.SweepMismatchError as e:
+    print(e)
+    sys.exit(3)
+"""
+
+
+def test_processes_given_different_data_are_stopped(tmp_path, env):
+    """The run ids of a built-in dataset do not hash its arrays: processes holding different
+    data trained the runs on each one's devices on its own data, and process 0 recorded them
+    all, with no error."""
+    out = tmp_path / "out"
+    env = env | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", DIFFERENT_DATA, port, str(i), str(out)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        results = [(*proc.communicate(timeout=300), proc.returncode) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [code for *_, code in results] == [3, 3], results
+    for stdout, _, _ in results:
+        assert stdout.splitlines()[-1].startswith("the processes of the job loaded different data")
+    assert not out.exists()
+
+
 def test_a_process_that_cannot_load_the_data_stops_the_job(tmp_path, env):
     """The data files are on process 0's disk only: process 1 says why it stops, process 0 that
     process 1 stopped."""
