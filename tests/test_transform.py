@@ -394,6 +394,22 @@ def test_none_leaves():
     chex.assert_trees_all_close(updates["a"], -0.05 * jnp.ones(2))
 
 
+def test_a_none_gradient_keeps_the_velocity_of_its_param():
+    # A param with no gradient this step (None) keeps its velocity, so the state keeps its
+    # structure (a jitted step or a scan carry needs it) and the EMA resumes where it was.
+    tx = emm.ema_momentum(0.5)
+    params = {"a": jnp.zeros(2), "b": jnp.zeros(2)}
+    state = tx.init(params)
+    _, state = tx.update({"a": jnp.ones(2), "b": jnp.full(2, 4.0)}, state)
+    updates, skipped = jax.jit(tx.update)({"a": jnp.ones(2), "b": None}, state)
+    assert updates["b"] is None
+    chex.assert_trees_all_equal_structs(skipped, state)
+    chex.assert_trees_all_equal(skipped.velocity["b"], jnp.full(2, 2.0))
+    chex.assert_trees_all_close(skipped.velocity["a"], jnp.full(2, 0.75))
+    updates, _ = jax.jit(tx.update)({"a": jnp.ones(2), "b": jnp.zeros(2)}, skipped)
+    chex.assert_trees_all_equal(updates["b"], jnp.full(2, 1.0))
+
+
 def test_compiles_once():
     traces = []
     tx = emm.ema_sgd(0.1, 0.9, debias=True)
@@ -577,6 +593,23 @@ def test_numpy_float64_hyperparameters_do_not_widen_the_compute_under_x64(dtype)
             updates, state = jax.jit(tx.update)(params, state)
         assert updates["a"].dtype == dtype
         assert state[0].weight_sum.dtype == jnp.float64  # the scalar debias weight is wide
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"), [({}, 0.5), ({"nesterov": True}, 0.75), ({"debias": True}, 1.0)]
+)
+def test_a_numpy_float64_from_a_schedule_does_not_widen_the_compute_under_x64(kwargs, expected):
+    # optax.constant_schedule returns its value as it is, here a strongly typed np.float64: the
+    # beta the update reads each step must be cast like any other array, not taken as weak.
+    with enable_x64(True):
+        params = {"a": jnp.ones(3, jnp.float32)}
+        tx = emm.ema_momentum(optax.constant_schedule(np.float64(0.5)), **kwargs)
+        state = tx.init(params)
+        assert "f64[3]" not in str(jax.make_jaxpr(tx.update)(params, state))
+        with jax.numpy_dtype_promotion("strict"):
+            updates, state = jax.jit(tx.update)(params, state)
+        assert updates["a"].dtype == state.velocity["a"].dtype == jnp.float32
+        np.testing.assert_array_equal(updates["a"], np.full(3, expected))
 
 
 def test_python_scalar_leaves():
@@ -792,6 +825,10 @@ def test_flags_must_be_bools(flag, value):
 def test_nesterov_with_nu():
     with pytest.raises(ValueError, match=r"nesterov=True and nu=0.5 are exclusive"):
         emm.ema_sgd(0.1, 0.9, nesterov=True, nu=0.5)
+    # nu=0 (plain SGD) is a value too, not "no nu": with nesterov it would be silently ignored.
+    for nu in (0.0, 0, np.float32(0.0)):
+        with pytest.raises(ValueError, match=r"nesterov=True and nu=.* are exclusive"):
+            emm.ema_momentum(0.9, nesterov=True, nu=nu)
 
 
 @pytest.mark.parametrize(
