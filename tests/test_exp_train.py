@@ -2,6 +2,7 @@
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -332,3 +333,73 @@ def test_numpy_target_loss_is_taken(digits):
     run = train.run_group(*args, target_loss=np.float32(3.0), devices=jax.devices()[:1]).runs[0]
     assert type(run.target_loss) is float and run.target_loss == 3.0
     assert run.run_id == spec.run_id(0.25, 0, 3.0) and run.steps_to_target == 2
+
+
+def _runs_on_one_device() -> jax.sharding.NamedSharding:
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("runs",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("runs"))
+
+
+def _crafted_chunk(x, y, num_classes, bias, kernel, steps, beta=0.9, lr=0.1):
+    """``steps`` steps of linear runs from the given (stacked, one per run) bias and kernel, on
+    ``x``, ``y`` in batches of half the set: the engine's state before and after, and its
+    per-step losses and gradient norms."""
+    st = train._Static("linear", x.shape[1:], num_classes, len(y), len(y) // 2)
+    runs = _runs_on_one_device()
+    with jax.threefry_partitionable(False):
+        state = train._init_runs([(lr, 0)] * len(bias), beta, st, runs)
+        values = {
+            "bias": jnp.asarray(bias, jnp.float32),
+            "kernel": jnp.asarray(kernel, jnp.float32),
+        }
+        params = jax.tree_util.tree_map_with_path(
+            lambda path, a: values["bias" if "bias" in jax.tree_util.keystr(path) else "kernel"],
+            state.params,
+        )
+        state = state._replace(params=params)
+        after, losses, gnorms = train._train_chunk(
+            state, jnp.int32(0), jnp.asarray(x), jnp.asarray(y), st=st, length=steps
+        )
+    return state, after, np.asarray(losses), np.asarray(gnorms)
+
+
+def test_the_threshold_is_exceeded_not_reached_and_at_least_100():
+    """Two classes: the threshold is 100 * max(1, ln 2) = 100, not 100 * ln 2 (about 69).
+
+    Zero inputs and all labels 1: a bias (b, 0) gives every example the loss b exactly (in float32,
+    log(1 + e^-b) vanishes), so the first losses are 80, 100 and 120; only 120 exceeds 100.
+    """
+    x, y = np.zeros((8, 3), np.float32), np.ones(8, np.int32)
+    bias = [[80.0, 0.0], [100.0, 0.0], [120.0, 0.0]]
+    _, after, losses, _ = _crafted_chunk(x, y, 2, bias, np.zeros((3, 3, 2)), steps=2)
+    np.testing.assert_array_equal(losses[:, 0], [80.0, 100.0, 120.0])
+    assert np.asarray(after.diverged_at).tolist() == [-1, -1, 1]
+    assert np.isfinite(losses[:2]).all() and np.isnan(losses[2, 1])
+
+
+def test_a_diverged_run_stays_frozen_even_when_later_batches_are_sane():
+    """A run that diverges at step 1 keeps its parameters and optimizer state from then on, and
+    its later losses and gradient norms stay NaN, though the later batches would be harmless.
+
+    The first batch (epoch 0's order) holds the only examples with non-zero inputs. Run 0 meets
+    them with a kernel row giving loss 1000 (over the threshold); run 1 with a zero kernel: its
+    loss is ln 2, but the gradient of the kernel row that feature 1 (1e30) feeds overflows the
+    gradient norm, which alone catches it. The second batch has zero inputs and a small finite
+    loss: a run that took it for a recovery would resume training.
+    """
+    n = 8
+    with jax.threefry_partitionable(False):
+        data_key = jax.random.split(jax.random.key(0))[1]
+        first_batch = np.asarray(shuffle.permutation(jax.random.fold_in(data_key, 0), n))[: n // 2]
+    x, y = np.zeros((n, 3), np.float32), np.ones(n, np.int32)
+    x[first_batch, 0], x[first_batch, 1] = 1.0, 1e30
+    kernel = np.zeros((2, 3, 2), np.float32)
+    kernel[0, 0, 0] = 1000.0
+    before, after, losses, gnorms = _crafted_chunk(x, y, 2, np.zeros((2, 2)), kernel, steps=4)
+    assert losses[0, 0] == pytest.approx(1000.0) and losses[1, 0] == pytest.approx(math.log(2))
+    assert np.isinf(gnorms[:, 0]).all()
+    assert np.asarray(after.diverged_at).tolist() == [1, 1]
+    assert np.asarray(after.diverged).all()
+    assert np.isnan(losses[:, 1:]).all() and np.isnan(gnorms[:, 1:]).all()
+    chex.assert_trees_all_equal(after.params, before.params)
+    chex.assert_trees_all_equal(after.opt_state, before.opt_state)
