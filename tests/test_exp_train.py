@@ -111,6 +111,8 @@ def test_cnn_identical_on_one_and_two_devices():
     ]
     assert [r.diverged_at for r in results[0].runs] == [None, 2, None]
     assert np.isfinite(results[0].train_loss[[0, 2]]).all()
+    for result in results:  # the group's time is shared by its runs, not by the padding
+        assert sum(r.wall_seconds for r in result.runs) == pytest.approx(result.wall_seconds)
     for other in results[1:]:
         for name in CURVES:
             np.testing.assert_array_equal(getattr(other, name), getattr(results[0], name))
@@ -182,7 +184,8 @@ def test_steps_to_target_compares_the_loss_exactly(digits, late):
 
 
 def test_each_epoch_draws_a_fresh_permutation(digits, late):
-    """The sane run of ``late`` is plain SGD on epoch e's order shuffle.permutation(fold_in(k, e)).
+    """The sane run of ``late`` is plain SGD on epoch e's order shuffle.permutation(fold_in(k, e)),
+    and its grad_norm curve is the global L2 norm of each step's mini-batch gradient.
 
     Tolerance: relative 1e-5 (float32; vmapping may change XLA's fusion and so the last bits).
     """
@@ -203,17 +206,19 @@ def test_each_epoch_draws_a_fresh_permutation(digits, late):
     def sgd_step(params, opt_state, x, y):
         loss, grads = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p), x, y))(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
 
-    opt_state, losses = tx.init(params), []
+    opt_state, losses, norms = tx.init(params), [], []
     for step in range(steps):
         epoch, pos = divmod(step, per_epoch)
         idx = perms[epoch][pos * batch : (pos + 1) * batch]
-        params, opt_state, loss = sgd_step(
+        params, opt_state, loss, norm = sgd_step(
             params, opt_state, digits.x_train[idx], digits.y_train[idx]
         )
         losses.append(float(loss))
+        norms.append(float(norm))
     np.testing.assert_allclose(late.batch_loss[0], losses, rtol=1e-5)
+    np.testing.assert_allclose(late.grad_norm[0], norms, rtol=1e-5)
 
 
 def test_divergence_at_the_first_step():
@@ -234,6 +239,37 @@ def test_divergence_at_the_first_step():
             assert np.isnan(curve[r]).all()
         assert run.final_train_loss is run.final_test_loss is run.final_test_accuracy is None
         assert run.steps_to_target is None
+
+
+def test_a_non_finite_evaluation_before_divergence_is_recorded_as_none(digits):
+    """lr 1e38: step 1's loss is sane, but its update overflows the parameters. The evaluation
+    after step 1 comes before the divergence (detected at step 2) and so counts, but its infinite
+    train loss is recorded as None (a record is JSON), while its finite accuracy is kept."""
+    result = train.run_group(
+        digits, "linear", 16, 0.0, [1e38], [0], 2, 1, devices=jax.devices()[:1]
+    )
+    run = result.runs[0]
+    assert run.diverged_at == 2 and np.isfinite(result.batch_loss[0, 0])
+    assert np.isinf(result.train_loss[0, 0]) and np.isnan(result.train_loss[0, 1])
+    assert run.final_train_loss is None
+    assert run.final_test_accuracy == pytest.approx(float(result.test_accuracy[0, 0]))
+
+
+def test_each_seed_has_its_own_initialization_and_data_order():
+    """Run i of a grid gets the parameters and data key of its own seed s: the halves of
+    ``jax.random.split(jax.random.key(s))``, whatever the order of the grid."""
+    st = train._Static("linear", (3,), 2, 8, 4)
+    runs = _runs_on_one_device()
+    grid = [(0.1, 1), (0.1, 0), (0.2, 1)]
+    with jax.threefry_partitionable(False):
+        state = train._init_runs(grid, 0.9, st, runs)
+        for i, (_, seed) in enumerate(grid):
+            init_key, data_key = jax.random.split(jax.random.key(seed))
+            np.testing.assert_array_equal(
+                jax.random.key_data(state.data_key[i]), jax.random.key_data(data_key)
+            )
+            params = nnx.split(make_model("linear", st, nnx.Rngs(params=init_key)))[1]
+            chex.assert_trees_all_equal(jax.tree.map(lambda a, i=i: a[i], state.params), params)
 
 
 def test_evaluation_is_the_mean_over_the_whole_sets(digits):
@@ -281,8 +317,11 @@ def test_negative_zero_beta_is_zero():
         ({"batch_size": 5000}, "batch_size"),
         ({"beta": 1.0}, "beta"),
         ({"beta": -0.5}, "beta"),
+        ({"beta": 0.99999999}, "beta"),  # 1 as a float32: the run would not learn
         ({"lrs": [0.1, 0.0]}, "lrs"),
         ({"lrs": [float("nan")]}, "lrs"),
+        ({"lrs": [1e-40]}, "lrs"),  # a float32 denormal, which XLA on CPU flushes to 0
+        ({"seeds": [2**31]}, "seeds"),  # not an int32
         ({"seeds": [-1]}, "seeds"),
         ({"seeds": []}, "seeds"),
         ({"seeds": 2}, "seeds=2"),  # the CLI's --seeds 2 means seeds 0 and 1: a slip
@@ -292,6 +331,7 @@ def test_negative_zero_beta_is_zero():
         ({"steps": 0}, "steps"),
         ({"eval_every": 40}, "eval_every"),
         ({"target_loss": -1.0}, "target_loss"),
+        ({"target_loss": float("inf")}, "target_loss"),
         ({"target_loss": "1"}, "target_loss"),
         ({"beta": None}, "beta=None"),  # was a TypeError from float()
         ({"beta": "0.9"}, "beta='0.9'"),  # was taken as 0.9
