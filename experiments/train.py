@@ -549,7 +549,8 @@ def run_group(
     n_runs = len(grid)
     # Each device gets the same number of runs, and at least two: XLA compiles a vmap of one run
     # to different kernels, which would make a run's numbers depend on the device count. Padding
-    # repeats the first run, so it can neither diverge nor cost anything unusual.
+    # repeats the first run: it costs what a real run costs, and if it diverges, only as the first
+    # run does (runs are isolated, and padded rows are dropped from the results).
     per_device = max(MIN_RUNS_PER_DEVICE, -(-n_runs // len(devices)))
     padded = grid + [grid[0]] * (per_device * len(devices) - n_runs)
     mesh = Mesh(np.asarray(devices), ("runs",))
