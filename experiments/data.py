@@ -15,6 +15,7 @@ import math
 import os
 import random
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -216,10 +217,6 @@ def load_idx_dataset(data_dir: str | os.PathLike[str]) -> Dataset:
             f"IDX training labels in {str(folder)!r} are all {int(train_classes[0])}: "
             "a classifier needs at least 2 classes."
         )
-    digest = hashlib.sha256()
-    for key in sorted(arrays):
-        digest.update(f"{key}{arrays[key].shape}".encode())
-        digest.update(np.ascontiguousarray(arrays[key]).tobytes())
     return Dataset(
         name="idx",
         x_train=arrays["x_train"].astype(np.float32) / 255.0,
@@ -227,8 +224,17 @@ def load_idx_dataset(data_dir: str | os.PathLike[str]) -> Dataset:
         x_test=arrays["x_test"].astype(np.float32) / 255.0,
         y_test=arrays["y_test"].astype(np.int32),
         num_classes=int(max(arrays["y_train"].max(), arrays["y_test"].max())) + 1,
-        digest=digest.hexdigest()[:16],
+        digest=array_digest(arrays).hex()[:16],
     )
+
+
+def array_digest(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """The SHA-256 of named arrays: each name, shape and contents, in name order."""
+    digest = hashlib.sha256()
+    for key in sorted(arrays):
+        digest.update(f"{key}{arrays[key].shape}".encode())
+        digest.update(np.ascontiguousarray(arrays[key]).tobytes())
+    return digest.digest()
 
 
 def _find_idx_file(folder: Path, stem: str) -> Path:

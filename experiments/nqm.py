@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import io
 import math
 import multiprocessing
 import os
@@ -66,7 +65,7 @@ from experiments.cli import (
     positive_int_list,
     usable_cores,
 )
-from experiments.store import write_json
+from experiments.store import write_json_and_figure
 
 HELP = "noisy quadratic model (Zhang et al. 2019): steps to target vs batch size, closed form"
 ON_INTERRUPT = "interrupted; nothing was written"  # printed on Ctrl-C
@@ -615,15 +614,9 @@ def plot(rows: Sequence[dict], path: str | pathlib.Path | BinaryIO) -> None:
 
 
 def write(rows: Sequence[dict], out_dir: str | pathlib.Path) -> None:
-    """Writes ``out_dir/nqm.json`` and ``out_dir/nqm.png``."""
-    # The figure is drawn (a second or so) before anything is written: a Ctrl-C meanwhile leaves
-    # nothing behind, as the CLI then says.
-    figure = io.BytesIO()
-    plot(rows, figure)
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "nqm.json", list(rows))  # atomic: a crash leaves the old file whole
-    (out / "nqm.png").write_bytes(figure.getvalue())
+    """Writes ``out_dir/nqm.json`` and ``out_dir/nqm.png`` (nothing if interrupted while
+    drawing)."""
+    write_json_and_figure(out_dir, "nqm", list(rows), functools.partial(plot, rows))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

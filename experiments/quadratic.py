@@ -25,7 +25,7 @@ same draws in a seed, so the comparison is paired); the figure draws the first.
 from __future__ import annotations
 
 import argparse
-import io
+import functools
 import numbers
 import pathlib
 from collections.abc import Sequence
@@ -38,7 +38,7 @@ import optax
 
 import ema_momentum as emm
 from experiments.cli import add_out_argument, int_in, non_negative_int, seed_count
-from experiments.store import write_json
+from experiments.store import write_json_and_figure
 
 HELP = "the course picture: SGD vs EMA momentum on a noisy ill-conditioned 2-D quadratic"
 DESCRIPTION = """\
@@ -283,15 +283,9 @@ def plot(result: dict, path: str | pathlib.Path | BinaryIO) -> None:
 
 
 def write(result: dict, out_dir: str | pathlib.Path) -> None:
-    """Writes ``out_dir/quadratic.json`` and ``out_dir/quadratic.png``."""
-    # The figure is drawn (a second or so) before anything is written: a Ctrl-C meanwhile leaves
-    # nothing behind, as the CLI then says.
-    figure = io.BytesIO()
-    plot(result, figure)
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "quadratic.json", result)  # atomic: a crash leaves the old file whole
-    (out / "quadratic.png").write_bytes(figure.getvalue())
+    """Writes ``out_dir/quadratic.json`` and ``out_dir/quadratic.png`` (nothing if interrupted
+    while drawing)."""
+    write_json_and_figure(out_dir, "quadratic", result, functools.partial(plot, result))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,13 +18,14 @@ One process writes a DIR at a time: :class:`ResultStore` holds an exclusive ``fl
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import tempfile
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
@@ -51,6 +52,22 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_and_figure(
+    out_dir: str | os.PathLike[str], stem: str, obj: Any, plot: Callable[[BinaryIO], None]
+) -> None:
+    """Writes ``out_dir/stem.json`` (atomically) and ``out_dir/stem.png``, which ``plot`` draws.
+
+    The figure is drawn (a second or so) before anything is written: a Ctrl-C meanwhile leaves
+    nothing behind.
+    """
+    figure = io.BytesIO()
+    plot(figure)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{stem}.json", obj)  # atomic: a crash leaves the old file whole
+    (out / f"{stem}.png").write_bytes(figure.getvalue())
 
 
 class StoreLockedError(RuntimeError):
