@@ -18,7 +18,10 @@ so runs that differ only in lr are paired. Each epoch is a fresh permutation of 
 A run *diverges* at the first step whose mini-batch loss or gradient norm is not finite or whose
 loss exceeds ``EXPLOSION_FACTOR * max(1, ln(num_classes))`` (100 times the loss of a uniform guess).
 That step's update is not applied, the run's parameters stay frozen from then on, its later curve
-entries are NaN, and the other runs in the vmap are unaffected.
+entries are NaN, and the other runs in the vmap are unaffected. No mini-batch checks the last
+update: a run whose full-train-set loss at the final evaluation fails the same test diverges at
+step ``steps + 1``, the step that would have come next (that evaluation is kept, as one before a
+diverging step is).
 
 The optimizer is ``ema_sgd(lr, beta)`` unless ``run_group(..., optimizer="adam")`` asks for
 ``optax.adam(lr)`` (with its defaults; beta is then unused): the reference setup of the MNIST-1D
@@ -584,6 +587,11 @@ def run_group(
         np.stack([_to_host(e[i]) for e in evals], axis=1)[:n_runs] for i in range(3)
     )
     diverged_at = _to_host(state.diverged_at)[:n_runs]
+    # The last update's result is checked by no mini-batch: the final evaluation, on the whole
+    # training set, stands in for the step that would have come next.
+    final = train_loss[:, -1]
+    blown = (diverged_at < 0) & ~(np.isfinite(final) & (final <= st.threshold))
+    diverged_at = np.where(blown, spec.steps + 1, diverged_at)
     eval_steps = np.asarray(spec.eval_steps, np.int64)
     after = (diverged_at[:, None] >= 0) & (eval_steps[None, :] >= diverged_at[:, None])
     for curve in (train_loss, test_loss, test_acc):

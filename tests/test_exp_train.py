@@ -147,6 +147,23 @@ def test_finite_loss_above_threshold_diverges(late):
     assert np.isnan(loss[6:]).all() and np.isnan(gnorm[6:]).all()
 
 
+def test_a_blow_up_by_the_last_update_is_caught_by_the_final_evaluation(digits):
+    """LATE's lr 120 run stopped after 5 steps: every mini-batch loss passed (the 6th, the first
+    above the threshold, is never taken), but the final evaluation, after the 5th update, is above
+    it: the run is marked diverged at step 6, the step that would have come next."""
+    threshold = train.EXPLOSION_FACTOR * math.log(10)
+    result = train.run_group(
+        digits, "linear", LATE["batch"], 0.0, [1.0, 120.0], [LATE["seed"]], 5, 5,
+        devices=jax.devices()[:1],
+    )  # fmt: skip
+    sane, blown = result.runs
+    assert (result.batch_loss[1] < threshold).all() and result.train_loss[1, -1] > threshold
+    assert blown.diverged and blown.diverged_at == 6
+    assert not sane.diverged and sane.diverged_at is None
+    # Like an evaluation before a diverging step, the final one is kept as measured.
+    assert blown.final_train_loss == pytest.approx(float(result.train_loss[1, -1]))
+
+
 def test_divergence_at_an_evaluation_step_keeps_the_previous_one(late):
     run = late.runs[1]
     assert late.eval_steps.tolist() == [3, 6, 9, 12] and run.diverged_at == 6
