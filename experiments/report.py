@@ -1070,7 +1070,13 @@ def verdict_momentum(res: Results) -> dict:
         verdict = NOT_SUPPORTED if positions or ratios else UNSETTLED
     lines.append(
         "steps to target at the small batch sizes, momentum / SGD (each at its best lr): "
-        + (", ".join(f"B = {b}: {r:.2f}" for b, _, r in ratios) or "none where both reached it")
+        + (
+            ", ".join(
+                f"B = {b}" + (f", beta {beta:g}" if len(momentum_betas) > 1 else "") + f": {r:.2f}"
+                for b, beta, r in ratios
+            )
+            or "none where both reached it"
+        )
     )
     lines.append(
         "less full-train-loss jitter than SGD beyond seed spread at B = "

@@ -453,6 +453,15 @@ def test_claim_5_without_the_effective_test_says_so():
     )
 
 
+def test_claim_5_names_the_beta_of_each_ratio_when_several_were_swept():
+    # The full preset sweeps betas 0.5, 0.9 and 0.99: each batch size had one unlabelled ratio
+    # per beta ("B = 8: 0.80, B = 8: 0.50"), which a reader could not tell apart.
+    sweep, curves = _sweep({(8, 0.0): (100, FLAT), (8, 0.5): (80, FLAT), (8, 0.9): (50, FLAT)})
+    evidence = report.verdict_momentum(_results(sweep, curves))["evidence"]
+    expected = "(each at its best lr): B = 8, beta 0.5: 0.80, B = 8, beta 0.9: 0.50;"
+    assert expected in evidence
+
+
 def _study_dir(path, sweep=(), curves=None, dataset="digits"):
     """A main job's directory holding only ``study.json`` and (if any) the sweep's records."""
     import dataclasses
