@@ -1206,6 +1206,20 @@ def verdicts(res: Results) -> list[dict]:
 # The report.
 
 
+def _evaluations(res: Results) -> str:
+    """How many full evaluations the sweep's runs made: the preset asks for about
+    ``evals_per_run``, a whole number of steps apart (e.g. "75-80")."""
+    counts = {
+        int(r["steps"]) // int(r["eval_every"])
+        for r in res.sweep
+        if isinstance(r.get("eval_every"), int) and r["eval_every"] > 0
+    }
+    if not counts:
+        return f"about {res.preset['evals_per_run']}"
+    low, high = min(counts), max(counts)
+    return str(low) if low == high else f"{low}-{high}"
+
+
 def _setup_section(res: Results) -> str:
     p, meta = res.preset, res.meta
     stages = meta.get("stages", {})
@@ -1231,7 +1245,7 @@ def _setup_section(res: Results) -> str:
         f"- **Budget** (in steps): clip({p['example_budget']} examples / B, "
         f"{p['step_range'][0]}, {p['step_range'][1]}) steps per run"
         + (f" ({', '.join(f'B={b}: {s}' for b, s in steps.items())})" if steps else "")
-        + f"; {p['evals_per_run']} evaluations of the full train and test sets per run, evenly "
+        + f"; {_evaluations(res)} evaluations of the full train and test sets per run, evenly "
         "spaced, which sets the resolution of steps to result.",
         f"- **Target**: full-training-set loss <= {p['target_loss']:g}; steps to result = the "
         "first evaluation at or below it (Shallue et al.). Best lr per (batch size, beta): the "

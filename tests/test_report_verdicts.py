@@ -674,3 +674,23 @@ def test_noise_scale_caption_names_the_run_and_the_error_bars(tmp_path):
     assert "one SGD run (B = 32, lr 0.316, seed 0)" in caption
     assert "bars: one standard error" in caption
     assert "| B_simple ± s.e. |" in report._noise_section(res)
+
+
+def test_setup_states_the_evaluations_the_runs_made():
+    # The quick preset asks for about 80 evaluations per run; a whole number of steps apart,
+    # the runs made 75 (B >= 128: every 8 of 600 steps) to 80: the setup said "80" of all.
+    from experiments.study import PRESETS
+
+    preset = dataclasses.asdict(PRESETS["quick"])
+    sweep, curves = _sweep({(32, 0.0): (100, FLAT), (128, 0.0): (100, FLAT)})
+    for record in sweep:
+        record["steps"], record["eval_every"] = (
+            (2000, 25) if record["batch_size"] == 32 else (600, 8)
+        )
+    res = dataclasses.replace(_results(sweep, curves), meta={"preset": preset, "stages": {}})
+    assert "; 75-80 evaluations of the full train and test sets per run" in (
+        report._setup_section(res)
+    )
+    for record in sweep:
+        record["steps"], record["eval_every"] = 600, 8
+    assert "; 75 evaluations of the full train" in report._setup_section(res)
