@@ -223,3 +223,14 @@ def test_readme_large_seed_advice_makes_a_hyperparameter_that_maps():
     for _ in range(3):
         _, state = jax.jit(plain.update)(grad, state)
     np.testing.assert_array_equal(velocity[0], np.asarray(state.velocity, np.float32))
+
+
+def test_readme_verdicts_are_those_of_the_exported_report():
+    """The README's results table states, claim by claim, the verdicts stored in docs/results."""
+    import json
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Results", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (\d)\. [^|]*\| \*\*([^*]+)\*\* \|", section, flags=re.MULTILINE)
+    stored = json.loads((ROOT / "docs" / "results" / "verdicts.json").read_text())
+    assert rows == [(v["claim"].split(".", 1)[0], v["verdict"]) for v in stored]
