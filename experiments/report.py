@@ -1093,10 +1093,11 @@ def verdict_momentum(res: Results) -> dict:
         "loss late in training (the mean over the last half) lies at least half way, on a "
         "log scale, from SGD's at B to SGD's at B (1 + beta) / (1 - beta), at every B tested. "
         "At tuned lrs, it buys small-batch speed if it needs < 0.9x SGD's median steps to the "
-        "target, averaged over the three smallest batch sizes. Supported if both hold; partly if "
-        "one does, or if momentum at least steadies the parameters (less jitter of the "
-        "full-train loss than SGD at the same B, every seed below every SGD seed, at every B "
-        "tested).",
+        "target, averaged over the three smallest batch sizes"
+        + (" and the momentum betas" if len(momentum_betas) > 1 else "")
+        + ". Supported if both hold; partly if one does, or if momentum at least steadies the "
+        "parameters (less jitter of the full-train loss than SGD at the same B, every seed below "
+        "every SGD seed, at every B tested).",
         "; ".join(lines),
         "Shallue et al. and Zhang et al. (NQM): momentum matches SGD at small batch sizes and "
         "helps only above a critical batch size, by extending perfect scaling; Kidambi et al. "

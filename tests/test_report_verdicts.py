@@ -462,6 +462,15 @@ def test_claim_5_names_the_beta_of_each_ratio_when_several_were_swept():
     assert expected in evidence
 
 
+def test_claim_5_rule_says_the_speed_ratio_averages_over_the_betas_when_several_were_swept():
+    several = _sweep({(8, 0.0): (100, FLAT), (8, 0.5): (80, FLAT), (8, 0.9): (50, FLAT)})
+    one = _sweep({(8, 0.0): (100, FLAT), (8, 0.9): (50, FLAT)})
+    rules = [report.verdict_momentum(_results(*s))["rule"] for s in (several, one)]
+    averaged = "averaged over the three smallest batch sizes and the momentum betas."
+    assert averaged in rules[0]
+    assert "averaged over the three smallest batch sizes. Supported" in rules[1]
+
+
 def _study_dir(path, sweep=(), curves=None, dataset="digits"):
     """A main job's directory holding only ``study.json`` and (if any) the sweep's records."""
     import dataclasses
