@@ -381,6 +381,13 @@ def ema_momentum(
         weight = beta_t if nesterov else nu
 
         def leaf(index, path, g, v):
+            if not jax.tree_util.all_leaves([v]):
+                # `flatten_up_to` matches a leaf of the updates with any subtree of the velocity.
+                raise ValueError(
+                    "updates do not have the structure of the state's velocity (init was given "
+                    f"params of another structure): updates{jax.tree_util.keystr(path)} are an "
+                    f"array where the velocity has {jax.tree.structure(v)}."
+                )
             g = jnp.asarray(g)
             if g.shape != v.shape:
                 raise ValueError(

@@ -896,6 +896,22 @@ def test_updates_of_other_params_than_init_saw(updates, match, jit):
         update(updates, state)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize(
+    "init_w",
+    # Params where the gradients have an array: a None (an unused or filtered-out part of the
+    # model), a subtree, a masked-out leaf. The treedef of the updates matches any subtree at
+    # a leaf, so these got past the structure check and failed with an AttributeError.
+    [None, {"x": jnp.ones(2)}, (jnp.ones(2),), optax.MaskedNode()],
+)
+def test_an_array_of_updates_where_init_saw_no_array(init_w, jit):
+    tx = emm.ema_momentum(0.9)
+    state = tx.init({"w": init_w, "b": jnp.ones(2)})
+    update = jax.jit(tx.update) if jit else tx.update
+    with pytest.raises(ValueError, match=r"structure of the state's velocity.*updates\['w'\]"):
+        update({"w": jnp.ones(2), "b": jnp.ones(2)}, state)
+
+
 def test_good_edge_values_are_accepted():
     emm.ema_sgd(0.0, 0.0)
     emm.ema_sgd(jnp.asarray(0.1), jnp.asarray(0.999), nu=1.0)
