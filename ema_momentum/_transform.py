@@ -104,6 +104,14 @@ def _check_flag(value: Any, name: str) -> None:
     numpy_bool = dtype is not None and dtype == jnp.bool_ and getattr(value, "shape", None) == ()
     if not (isinstance(value, bool) or numpy_bool):
         raise ValueError(f"{name} must be True or False, got {name}={value!r}.")
+    try:
+        bool(value)
+    except jax.errors.ConcretizationTypeError:
+        # A flag picks the form of the update; traced (under jit or vmap), it cannot.
+        raise ValueError(
+            f"{name} must be a concrete True or False, got {name}={value!r}: a flag cannot be "
+            "traced; build one transform per value."
+        ) from None
 
 
 def _check_seed(seed: Any) -> None:
@@ -307,9 +315,9 @@ def ema_momentum(
     Raises:
       ValueError: for a ``beta`` or ``nu`` that is not a real scalar (a bool is
         not one) or, for ``beta``, a schedule, a concrete ``beta`` outside
-        ``[0, 1)``, ``nu`` outside ``[0, 1]``, a ``nesterov`` or ``debias`` that is not a bool,
-        ``nesterov`` together with ``nu``, an ``accumulator_dtype`` that is not
-        a floating or complex dtype, an unknown ``rounding``,
+        ``[0, 1)``, ``nu`` outside ``[0, 1]``, a ``nesterov`` or ``debias`` that is
+        not a concrete bool, ``nesterov`` together with ``nu``, an
+        ``accumulator_dtype`` that is not a floating or complex dtype, an unknown ``rounding``,
         ``rounding="stochastic"`` with an ``accumulator_dtype`` other than
         bfloat16 or ``None``, or a ``seed`` that is not an integer in
         ``[0, 2**32)``. The returned ``init`` raises it for complex parameters

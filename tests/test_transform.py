@@ -822,6 +822,20 @@ def test_flags_must_be_bools(flag, value):
         emm.ema_sgd(0.1, 0.9, **{flag: value})
 
 
+@pytest.mark.parametrize("flag", ["nesterov", "debias"])
+@pytest.mark.parametrize("transform", [jax.jit, jax.vmap])
+def test_traced_flags_are_named(flag, transform):
+    # A flag picks the form of the update, so it cannot be traced (say, vmapped over a sweep's
+    # configurations). It used to pass the check as a bool array and then fail in `if flag`
+    # with JAX's TracerBoolConversionError, which names no argument.
+    def velocity(value):
+        tx = emm.ema_momentum(0.9, **{flag: value})
+        return tx.update(jnp.ones(2), tx.init(jnp.ones(2)))[0]
+
+    with pytest.raises(ValueError, match=rf"{flag} must be a concrete True or False, got {flag}="):
+        transform(velocity)(jnp.array([True, False]) if transform is jax.vmap else True)
+
+
 def test_nesterov_with_nu():
     with pytest.raises(ValueError, match=r"nesterov=True and nu=0.5 are exclusive"):
         emm.ema_sgd(0.1, 0.9, nesterov=True, nu=0.5)
