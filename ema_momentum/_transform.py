@@ -159,14 +159,27 @@ def _compute_dtype(*dtypes: jnp.dtype) -> jnp.dtype:
         return jnp.result_type(*dtypes, jnp.float32)
 
 
-def _zeros_like(param: jax.Array, dtype: jnp.dtype | None) -> jax.Array:
+def _zeros_like(param: jax.Array, dtype: jnp.dtype | None, path: Any = ()) -> jax.Array:
     """Zeros shaped, typed and *sharded* like `param`, eagerly or under `jit`.
 
     `jnp.zeros_like` keeps the sharding of a concrete array but not of a tracer:
     under a jitted `init` its output would be left to the compiler, which puts
     it on one device. `shard_alike` ties the output's sharding to `param`'s.
     """
-    param = jnp.asarray(param)
+    try:
+        array = jnp.asarray(param)
+    except TypeError:  # a function, a string, ...: e.g. an unfiltered Equinox module's field
+        array = None
+    if array is None or not (
+        jnp.issubdtype(array.dtype, jnp.number) or jnp.issubdtype(array.dtype, jnp.bool_)
+    ):
+        what = f"a {array.dtype} array" if array is not None else f"a {type(param).__name__}"
+        raise ValueError(
+            f"params{jax.tree_util.keystr(path)} is {what}, which cannot have a velocity: "
+            "give init only the numeric arrays (None in place of the others), e.g. "
+            "eqx.filter(model, eqx.is_inexact_array)."
+        )
+    param = array
     if (
         dtype is not None
         and jnp.issubdtype(param.dtype, jnp.complexfloating)
@@ -321,7 +334,8 @@ def ema_momentum(
         ``rounding="stochastic"`` with an ``accumulator_dtype`` other than
         bfloat16 or ``None``, or a ``seed`` that is not an integer in
         ``[0, 2**32)``. The returned ``init`` raises it for complex parameters
-        and a real ``accumulator_dtype``, and ``update`` for complex gradients
+        and a real ``accumulator_dtype`` and for a leaf of the params that is not a
+        numeric array (a PRNG key, a function), and ``update`` for complex gradients
         into a real velocity or for updates whose tree structure or shapes differ
         from the params ``init`` was given.
 
@@ -372,7 +386,9 @@ def ema_momentum(
         return EmaMomentumState(
             count=jnp.zeros([], jnp.int32),
             weight_sum=jnp.zeros([], jax.dtypes.canonicalize_dtype(jnp.float64)),
-            velocity=jax.tree.map(lambda p: _zeros_like(p, accumulator_dtype), params),
+            velocity=jax.tree_util.tree_map_with_path(
+                lambda path, p: _zeros_like(p, accumulator_dtype, path), params
+            ),
         )
 
     def update_fn(

@@ -926,6 +926,23 @@ def test_an_array_of_updates_where_init_saw_no_array(init_w, jit):
         update({"w": jnp.ones(2), "b": jnp.ones(2)}, state)
 
 
+@pytest.mark.parametrize(
+    "leaf, what",
+    # What an unfiltered model carries besides its weights: a PRNG key, an activation
+    # function, a name. They failed with NotImplementedError ('Cannot call abstract method
+    # astype') or a TypeError from jnp, naming neither the argument nor the leaf.
+    [(jax.random.key(0), r"a key<fry> array"), (jax.nn.relu, r"a \w+"), ("relu", r"a str")],
+)
+def test_params_that_are_not_numeric_arrays(leaf, what):
+    with pytest.raises(ValueError, match=rf"params\['extra'\] is {what}, which cannot have"):
+        emm.ema_momentum(0.9).init({"w": jnp.ones(2), "extra": leaf})
+
+
+def test_a_key_in_the_params_of_a_jitted_init():
+    with pytest.raises(ValueError, match=r"params\['extra'\] is a key<fry> array"):
+        jax.jit(emm.ema_momentum(0.9).init)({"w": jnp.ones(2), "extra": jax.random.key(0)})
+
+
 def test_good_edge_values_are_accepted():
     emm.ema_sgd(0.0, 0.0)
     emm.ema_sgd(jnp.asarray(0.1), jnp.asarray(0.999), nu=1.0)
