@@ -153,9 +153,18 @@ def output_dir(text: str) -> Path:
     """
     if not text:
         raise argparse.ArgumentTypeError("must be a directory path, got ''")
-    path = Path(text).expanduser()
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # ~name of no user (or no home directory): pathlib cannot expand it
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: cannot expand {Path(text).parts[0]!r} to a home directory"
+        ) from None
+    # A broken symbolic link does not "exist", but it cannot be made a directory either: the
+    # mkdir would fail only when results are written (after training, for some commands).
+    existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
     where = "" if existing == path else f" (its parent {str(existing)!r})"
+    if not existing.exists():
+        raise argparse.ArgumentTypeError(f"{text!r}{where} is a broken symbolic link")
     if not existing.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r}{where} exists and is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):

@@ -928,3 +928,41 @@ def test_finite_float_takes_plain_decimal_numbers(text, value):
 
 def test_finite_float_minus_zero_is_zero():
     assert math.copysign(1.0, cli.finite_float("-0")) == 1.0  # one value, one run id
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--out", "{out}"],
+        ["sweep", "--dataset", "digits", "--out", "{out}"],
+        ["nqm", "--out", "{out}"],
+        ["quadratic", "--out", "{out}"],
+        ["baselines", "--out", "{out}"],
+        ["report", "{tmp}", "--export", "{out}"],
+    ],
+    ids=lambda argv: argv[0],
+)
+def test_out_under_an_unknown_users_home_is_one_error_line(argv, tmp_path, capsys, monkeypatch):
+    # Path.expanduser raised RuntimeError ("Could not determine home directory") for ~someone
+    # who is not a user: a traceback and exit status 1.
+    monkeypatch.chdir(tmp_path)
+    out = "~no_such_user_of_this_machine/results"
+    argv = [a.replace("{out}", out).replace("{tmp}", str(tmp_path)) for a in argv]
+    code, captured = main_in_process(argv, capsys)
+    assert code == 2 and captured.out == ""
+    assert captured.err.startswith("error: argument --") and captured.err.count("\n") == 1
+    assert "~no_such_user_of_this_machine" in captured.err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [[], ["sweep"], ["baselines"], ["nqm"], ["quadratic"]])
+def test_out_that_is_a_broken_symbolic_link_is_refused_when_parsed(command, tmp_path, capsys):
+    # It passed the check (it does not "exist"), so the work ran and only the final mkdir failed:
+    # "error: [Errno 17] File exists", after minutes of training for baselines.
+    out = tmp_path / "link"
+    out.symlink_to(tmp_path / "nowhere")
+    code, captured = main_in_process([*command, "--out", str(out)], capsys)
+    assert code == 2 and captured.out == ""
+    assert captured.err.startswith("error: argument --out: ") and captured.err.count("\n") == 1
+    assert "broken symbolic link" in captured.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link"]
