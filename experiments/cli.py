@@ -63,7 +63,8 @@ def _int_at_least(text: str, low: int, limit: int | None = INT_LIMIT) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
     value = int(digits)
     if limit is not None and value >= limit:
-        shown = "2**31" if limit == INT_LIMIT else f"{limit:_}"
+        power = limit.bit_length() - 1
+        shown = f"2**{power}" if limit == 2**power else f"{limit:_}"
         raise argparse.ArgumentTypeError(f"must be an integer < {shown}, got {text!r}")
     return value
 

@@ -85,6 +85,9 @@ DIMENSION = 10_000
 MAX_DIMENSION = 10**6
 TARGET_LOSS = 0.01
 BATCH_SIZES = tuple(2**k for k in range(17))
+# The CLI's bound on a batch size: the closed form computes with B as a float64, exact below 2**53
+# (a batch size of 309 digits or more is not a float64 at all).
+MAX_BATCH_SIZE = 2**53
 # 0 is in the grid, so "momentum" below means "tuned over beta, SGD included";
 # the per-beta results are reported too, so a reader sees what each beta does.
 BETAS = (0.0, 0.5, 0.9, 0.95, 0.99, 0.995, 0.999)
@@ -625,9 +628,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-sizes",
         metavar="LIST",
-        type=functools.partial(positive_int_list, limit=None),  # closed form: any size
+        # Not bounded by int32 (the closed form trains nothing), but a float64 in it.
+        type=functools.partial(positive_int_list, limit=MAX_BATCH_SIZE),
         default=",".join(str(b) for b in BATCH_SIZES),
-        help="comma-separated batch sizes (default: 1, 2, 4, ..., 65536)",
+        help="comma-separated batch sizes below 2**53 (default: 1, 2, 4, ..., 65536)",
     )
     parser.add_argument(
         "--betas",

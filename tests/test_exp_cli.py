@@ -966,3 +966,16 @@ def test_out_that_is_a_broken_symbolic_link_is_refused_when_parsed(command, tmp_
     assert captured.err.startswith("error: argument --out: ") and captured.err.count("\n") == 1
     assert "broken symbolic link" in captured.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link"]
+
+
+@pytest.mark.parametrize("batch_size", [str(2**53), "9" * 400])
+def test_nqm_batch_sizes_beyond_exact_float64_are_refused(batch_size, tmp_path, capsys):
+    # The closed form computes with B as a float64: a batch size of 400 digits was an
+    # OverflowError traceback ("int too large to convert to float").
+    out = tmp_path / "out"
+    argv = ["nqm", "--out", str(out), "--batch-sizes", f"1,{batch_size}", "--dim", "1"]
+    code, captured = main_in_process([*argv, "--betas", "0", "--workers", "1"], capsys)
+    assert code == 2 and captured.out == ""
+    assert captured.err.startswith("error: argument --batch-sizes: must be an integer < 2**53")
+    assert captured.err.count("\n") == 1
+    assert not out.exists()
