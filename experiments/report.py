@@ -1630,6 +1630,10 @@ def run(args: argparse.Namespace) -> int:
     """Rebuilds the report; prints its path."""
     from experiments.cli import UsageError
 
+    # Checked before the report is rebuilt: copying its files onto themselves would fail after.
+    dest = args.export
+    if dest and dest.exists() and Path(args.dir).exists() and dest.samefile(args.dir):
+        raise UsageError(f"--export {str(dest)!r} is DIR itself; give another directory")
     try:
         path = build(args.dir)
     except (ValueError, zipfile.BadZipFile) as e:  # no study, or a corrupt one

@@ -133,6 +133,25 @@ def test_report_export_to_a_file_is_refused_before_anything_is_written(
     capsys.readouterr()
 
 
+@pytest.mark.parametrize("through_a_link", [False, True])
+def test_report_export_to_the_study_itself_is_refused_before_anything_is_written(
+    through_a_link, tiny_study, tmp_path, capsys
+):
+    # The report was rebuilt, then copying report.md onto itself failed: "error:
+    # PosixPath('.../report.md') and PosixPath('.../report.md') are the same file".
+    dest = tiny_study
+    if through_a_link:
+        dest = tmp_path / "link"
+        dest.symlink_to(tiny_study)
+    report = tiny_study / "report.md"
+    report.write_text("stale")
+    assert cli.main(["report", str(tiny_study), "--export", str(dest)]) == 2
+    assert _one_error_line(capsys).startswith("error: --export ")
+    assert report.read_text() == "stale"  # not rebuilt
+    assert cli.main(["report", str(tiny_study)]) == 0  # restores the fixture's report
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize("damage", ["emptied", "truncated"])
 def test_report_of_a_study_with_a_damaged_curves_file_is_one_error_line(
     damage, tiny_study, tmp_path, capsys
