@@ -209,15 +209,20 @@ class ResultStore:
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        lock_path = self.root / LOCK_FILE
+        made_lock = not lock_path.exists()
         self._lock = lock_directory(self.root)
         try:
             self._open()
         except BaseException:
+            # A store refused (damaged, or blocked by what the file system refuses) is left as it
+            # was: the lock file goes too if this made it (removed while still held).
+            if made_lock:
+                lock_path.unlink(missing_ok=True)
             os.close(self._lock)
             raise
 
     def _open(self) -> None:
-        (self.root / CURVES_DIR).mkdir(exist_ok=True)
         path = self.root / RUNS_FILE
         data = path.read_bytes() if path.exists() else b""
         self._records, valid = _parse_lines(data, path)
@@ -234,6 +239,7 @@ class ResultStore:
             )
         self._check_curves()
         self._done = {r["run_id"] for r in self._records}
+        (self.root / CURVES_DIR).mkdir(exist_ok=True)  # once the store is known to be sound
         self._runs = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             if valid < len(data):

@@ -979,3 +979,34 @@ def test_nqm_batch_sizes_beyond_exact_float64_are_refused(batch_size, tmp_path, 
     assert captured.err.startswith("error: argument --batch-sizes: must be an integer < 2**53")
     assert captured.err.count("\n") == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("damage", ["corrupt runs.jsonl", "runs.jsonl a folder", "curves a file"])
+def test_a_refused_store_is_left_as_it_was(damage, tmp_path, capsys):
+    # The store was refused only after it had made DIR/.lock and DIR/curves/ in it.
+    out = tmp_path / "out"
+    out.mkdir()
+    if damage == "corrupt runs.jsonl":
+        (out / "runs.jsonl").write_bytes(b"garbage\n{}\n")
+    elif damage == "runs.jsonl a folder":
+        (out / "runs.jsonl").mkdir()
+    else:
+        (out / "curves").write_text("x")
+    before = sorted(p.name for p in out.iterdir())
+    args = ["sweep", *BAD_INPUT_BASE, "--out", str(out), "--batch-sizes", "16", "--lrs", "0.1"]
+    code, captured = main_in_process(args, capsys)
+    assert code == 2 and captured.out == "" and captured.err.count("\n") == 1
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_a_refused_store_keeps_a_lock_file_it_did_not_make(tmp_path):
+    (tmp_path / "runs.jsonl").write_bytes(b"garbage\n{}\n")
+    (tmp_path / store.LOCK_FILE).write_bytes(b"")
+    with pytest.raises(store.CorruptStoreError):
+        store.ResultStore(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [store.LOCK_FILE, "runs.jsonl"]
+    with store.ResultStore(tmp_path / "new"):  # and one that opens keeps its own
+        pass
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == [
+        store.LOCK_FILE, "curves", "runs.jsonl"
+    ]  # fmt: skip
