@@ -317,6 +317,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     use_one_cpu_device_per_core()
     on_interrupt = "interrupted"  # until the command is known (Ctrl-C while jax is imported)
     hook, sys.unraisablehook = sys.unraisablehook, _interrupt_again(sys.unraisablehook)
+    stdout, errors = sys.stdout, getattr(sys.stdout, "errors", None)
+    if errors == "strict" and hasattr(stdout, "reconfigure"):
+        # A path whose bytes are not UTF-8 (decoded as surrogates) is printed as those bytes, as
+        # `ls` shows it, instead of failing with a UnicodeEncodeError after the work is done.
+        stdout.reconfigure(errors="surrogateescape")
     try:
         with _sigint_deferred():
             parser = build_parser()  # imports the commands' modules, and with them jax
@@ -342,3 +347,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return INTERRUPTED
     finally:
         sys.unraisablehook = hook
+        if errors == "strict" and hasattr(stdout, "reconfigure"):
+            stdout.reconfigure(errors=errors)

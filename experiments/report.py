@@ -1564,7 +1564,8 @@ def build(out: str | Path) -> Path:
     text = "\n".join(parts)
     while "\n\n\n" in text:
         text = text.replace("\n\n\n", "\n\n")
-    path.write_text(text)
+    # A path in it that is not UTF-8 (bytes Python decodes as surrogates) is written as it is.
+    path.write_text(text, encoding="utf-8", errors="surrogateescape")
     return path
 
 

@@ -1,5 +1,6 @@
 """Tests of the command line and the results store: end to end, crash, resume, lock, bad input."""
 
+import io
 import json
 import math
 import os
@@ -1010,3 +1011,16 @@ def test_a_refused_store_keeps_a_lock_file_it_did_not_make(tmp_path):
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == [
         store.LOCK_FILE, "curves", "runs.jsonl"
     ]  # fmt: skip
+
+
+def test_a_path_that_is_not_utf8_is_printed_as_its_bytes(tmp_path, monkeypatch):
+    # Python decodes such a path's bytes as surrogates, which a UTF-8 stdout refuses (the usual
+    # "strict" errors of a UTF-8 locale): the results were written, then printing where was a
+    # UnicodeEncodeError traceback, exit status 1.
+    out = tmp_path / os.fsdecode(b"out\xff")
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert cli.main(["quadratic", "--out", str(out), "--steps", "2", "--seeds", "1"]) == 0
+    stdout.flush()
+    assert os.fsencode(out / "quadratic.json") in stdout.buffer.getvalue()
+    assert sys.stdout is stdout and stdout.errors == "strict"  # as it was

@@ -1,9 +1,11 @@
 """The main job end to end at a tiny size, its resume, the report subcommand and bad input."""
 
 import dataclasses
+import io
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -150,6 +152,22 @@ def test_report_export_to_the_study_itself_is_refused_before_anything_is_written
     assert report.read_text() == "stale"  # not rebuilt
     assert cli.main(["report", str(tiny_study)]) == 0  # restores the fixture's report
     capsys.readouterr()
+
+
+def test_report_of_a_study_whose_path_is_not_utf8(tiny_study, tmp_path, monkeypatch):
+    # The path's bytes (surrogates once decoded) could not be encoded into report.md: "error:
+    # 'utf-8' codec can't encode character '\\udcff'" from the report command, and a traceback
+    # at the very end of the main job.
+    out = tmp_path / os.fsdecode(b"study\xff")
+    shutil.copytree(tiny_study, out)
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert cli.main(["report", str(out)]) == 0
+    stdout.flush()
+    assert b"report: " + os.fsencode(out / "report.md") in stdout.buffer.getvalue()
+    text = (out / "report.md").read_bytes()
+    assert b"python -m experiments report " + os.fsencode(out) in text
+    assert "±".encode() in text  # UTF-8 whatever the locale's encoding
 
 
 @pytest.mark.parametrize("damage", ["emptied", "truncated"])
