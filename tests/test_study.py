@@ -166,8 +166,21 @@ def test_report_of_a_study_whose_path_is_not_utf8(tiny_study, tmp_path, monkeypa
     stdout.flush()
     assert b"report: " + os.fsencode(out / "report.md") in stdout.buffer.getvalue()
     text = (out / "report.md").read_bytes()
-    assert b"python -m experiments report " + os.fsencode(out) in text
+    assert b"python -m experiments report '" + os.fsencode(out) + b"'" in text
     assert "±".encode() in text  # UTF-8 whatever the locale's encoding
+
+
+def test_the_reports_commands_quote_a_path_with_a_space(tiny_study, tmp_path, capsys):
+    # `python -m experiments report /my results` is two arguments to a shell: the report's
+    # commands to reproduce it could not be pasted.
+    out = tmp_path / "my results"
+    shutil.copytree(tiny_study, out)
+    assert cli.main(["report", str(out)]) == 0
+    capsys.readouterr()
+    text = (out / "report.md").read_text()
+    assert f"python -m experiments report '{out}'" in text
+    assert f"python -m experiments --out '{out}' --preset tiny" in text
+    assert f" {out}" not in text
 
 
 @pytest.mark.parametrize("damage", ["emptied", "truncated"])
