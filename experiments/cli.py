@@ -119,7 +119,7 @@ def int_in(low: int, high: int) -> Callable[[str], int]:
     """An argparse ``type``: an integer in ``[low, high]``."""
 
     def parse(text: str) -> int:
-        value = _int_at_least(text, low)
+        value = _int_at_least(text, low, limit=None)
         if value > high:
             raise argparse.ArgumentTypeError(f"must be an integer <= {high:_}, got {text!r}")
         return value

@@ -391,6 +391,7 @@ BAD = [
     (["--seeds", "0"], "argument --seeds: must be an integer >= 1, got '0'"),
     (["--seeds", "-3"], "argument --seeds: must be an integer >= 1, got '-3'"),
     (["--seeds", "2147483647"], "argument --seeds: must be an integer <= 10_000, got '2147483647'"),
+    (["--seeds", "2147483648"], "argument --seeds: must be an integer <= 10_000, got '2147483648'"),
     (["--eval-every", "0"], "argument --eval-every: must be an integer >= 1, got '0'"),
     (["--eval-every", "100", "--steps", "10"], "--eval-every (100) must be <= --steps (10)"),
     (["--target-loss", "-1"], "--target-loss must be in [0, 3.403e+38], got -1.0"),
