@@ -17,6 +17,7 @@ One process writes a DIR at a time: :class:`ResultStore` holds an exclusive ``fl
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import io
 import json
@@ -37,14 +38,13 @@ CURVES_DIR = "curves"
 LOCK_FILE = ".lock"
 
 
-def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Writes JSON atomically: a crash leaves the old file or the new one, never half of one."""
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Writes ``data`` atomically: a crash leaves the old file or the new one, never half of one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, allow_nan=False)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes the file private; results are for sharing
@@ -54,20 +54,29 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
         raise
 
 
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Writes ``obj`` as JSON atomically (:func:`write_bytes`)."""
+    write_bytes(path, (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode())
+
+
 def write_json_and_figure(
     out_dir: str | os.PathLike[str], stem: str, obj: Any, plot: Callable[[BinaryIO], None]
 ) -> None:
-    """Writes ``out_dir/stem.json`` (atomically) and ``out_dir/stem.png``, which ``plot`` draws.
+    """Writes ``out_dir/stem.json`` and ``out_dir/stem.png``, which ``plot`` draws, each atomically.
 
     The figure is drawn (a second or so) before anything is written: a Ctrl-C meanwhile leaves
-    nothing behind.
+    nothing behind. A folder in the place of either file is refused before either is written.
     """
     figure = io.BytesIO()
     plot(figure)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / f"{stem}.json", obj)  # atomic: a crash leaves the old file whole
-    (out / f"{stem}.png").write_bytes(figure.getvalue())
+    targets = out / f"{stem}.json", out / f"{stem}.png"
+    for target in targets:
+        if target.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(target))
+    write_json(targets[0], obj)
+    write_bytes(targets[1], figure.getvalue())
 
 
 class StoreLockedError(RuntimeError):

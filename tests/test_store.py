@@ -185,3 +185,26 @@ def test_a_failed_append_leaves_no_torn_line_behind(tmp_path, monkeypatch):
         assert s.records == []
         s.add_group(make_group([0.2], batch_size=32))
     assert [r["lr"] for r in store.read_runs(tmp_path)] == [0.2]
+
+
+@pytest.mark.parametrize("blocked", ["json", "png"])
+def test_json_and_figure_with_a_folder_in_the_way_writes_neither(blocked, tmp_path):
+    # quadratic and nqm: with a folder named quadratic.png, quadratic.json was replaced, and then
+    # the figure failed with "Is a directory".
+    (tmp_path / "r.json").write_text('{"old": 1}\n')
+    (tmp_path / f"r.{blocked}").unlink(missing_ok=True)
+    (tmp_path / f"r.{blocked}").mkdir()
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(IsADirectoryError):
+        store.write_json_and_figure(tmp_path, "r", {"new": 2}, lambda f: f.write(b"png"))
+    assert sorted(os.listdir(tmp_path)) == before
+    if blocked == "png":
+        assert (tmp_path / "r.json").read_text() == '{"old": 1}\n'
+
+
+def test_json_and_figure_are_written_whole(tmp_path):
+    store.write_json_and_figure(tmp_path, "r", {"a": [1.5]}, lambda f: f.write(b"\x89PNG"))
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": [1.5]}
+    assert (tmp_path / "r.png").read_bytes() == b"\x89PNG"
+    assert sorted(os.listdir(tmp_path)) == ["r.json", "r.png"]
+    assert oct((tmp_path / "r.png").stat().st_mode & 0o777) == "0o644"
