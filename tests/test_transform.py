@@ -426,6 +426,69 @@ def test_compiles_once():
     assert len(traces) == 1
 
 
+def _eager_dispatches(jaxpr):
+    """How many computations an eager run of `jaxpr` dispatches, one per operation.
+
+    A nested `jit` is one computation; a `custom_jvp` function runs its body
+    operation by operation when called eagerly, so its equations are counted.
+    """
+    n = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "custom_jvp_call":
+            n += _eager_dispatches(eqn.params["call_jaxpr"].jaxpr)
+        else:
+            n += 1
+    return n
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "most"),
+    [
+        # v_new = (1 - b) * g + b * v, pinned to v's sharding: 2 products, a sum, shard_alike.
+        ({}, 4),
+        # ... plus the cast of the bfloat16 velocity and one jitted stochastic rounding.
+        ({"accumulator_dtype": jnp.bfloat16, "rounding": "stochastic"}, 6),
+    ],
+)
+def test_an_eager_update_dispatches_few_operations_per_leaf(kwargs, most):
+    # Unjitted, each operation is dispatched on its own (~10-30 us on CPU): the step for one
+    # more leaf was 5 operations (`g ** 1` of `optax.tree.update_moment` among them) and,
+    # with stochastic rounding, 53 (the leaf's salt, 27 scalar operations, and the rounding's).
+    tx = emm.ema_momentum(0.9, **kwargs)
+
+    def count(num_leaves):
+        params = {f"p{i}": jnp.zeros(5) for i in range(num_leaves)}
+        state = tx.init(params)
+        return _eager_dispatches(jax.make_jaxpr(tx.update)(params, state).jaxpr)
+
+    assert count(3) - count(2) <= most
+
+
+def test_an_eager_update_compiles_nothing_for_more_leaves_of_a_known_shape():
+    # The jitted pieces of an eager update are cached by shape and dtype: neither the leaf's
+    # index nor the step count nor the values may force a compilation.
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    tx = emm.ema_sgd(0.1, 0.9, accumulator_dtype=jnp.bfloat16, rounding="stochastic")
+    small = {"a": jnp.ones(3)}
+    jax.block_until_ready(tx.update(small, tx.init(small), small))
+    params = {f"p{i}": jnp.full(3, i, jnp.float32) for i in range(4)}
+    state = tx.init(params)
+    jax.block_until_ready(state)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for _ in range(2):
+            _, state = tx.update(params, state, params)
+        jax.block_until_ready(state)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+
+
 @pytest.mark.parametrize(
     "kwargs", [{}, {"accumulator_dtype": jnp.bfloat16, "rounding": "stochastic"}]
 )
