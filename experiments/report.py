@@ -103,12 +103,14 @@ class Results:
 
 
 def load(out: str | Path) -> Results:
-    """Loads a study directory; raises ValueError if it holds no study."""
+    """Loads a study directory; raises ValueError if it holds no study, or a file of it that
+    the report cannot read."""
     from experiments.study import (
         EFFECTIVE_DIR,
         STUDY_FILE,
         SWEEP_DIR,
         Preset,
+        read_stage_file,
         sweep_dir,
         valid_meta,
     )
@@ -149,10 +151,10 @@ def load(out: str | Path) -> Results:
         sweep_curves=sweep_curves,
         effective=effective,
         effective_curves=effective_curves,
-        quadratic=_read_json(out / "quadratic.json"),
-        nqm=_read_json(out / "nqm.json"),
-        noise=_read_json(out / "noise_scale.json"),
-        baselines=_read_json(out / "baselines.json"),
+        quadratic=read_stage_file(out / "quadratic.json"),
+        nqm=read_stage_file(out / "nqm.json"),
+        noise=read_stage_file(out / "noise_scale.json"),
+        baselines=read_stage_file(out / "baselines.json"),
         extra_sweeps=extra_sweeps,
     )
 

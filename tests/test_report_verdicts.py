@@ -549,6 +549,121 @@ def test_report_of_a_record_it_cannot_read_is_one_error_line(edit, what, tmp_pat
     assert sorted(p.name for p in path.iterdir()) == ["study.json", "sweep"]  # nothing written
 
 
+def _stage_files():
+    """A file of each stage's results, of the shape its writer writes, at the smallest size."""
+    summary = {
+        "final_loss": 0.3, "mean_loss_second_half": 0.3, "path_length": 3.0,
+        "mean_cos_successive": -0.5, "reversal_fraction": 0.6, "steep_axis_travel": 2.0,
+        "steep_loss_second_half": 0.1, "flat_loss_second_half": 0.2, "flat_half_steps": 2,
+    }  # fmt: skip
+    setup = {
+        "curvatures": [1.0, 0.01], "start": [1.0, 1.0], "learning_rate": 0.5, "beta": 0.9,
+        "noise_std_per_example": 1.0, "steps": 2, "seed": 0, "seeds": 1,
+    }  # fmt: skip
+    runs = [
+        {"optimizer": name, "beta": beta, "batch_size": 4, "summary": summary,
+         "path": [[1.0, 1.0], [0.5, 0.9], [0.2, 0.4]], "seed_summaries": [summary]}
+        for name, beta in (("SGD", 0.0), ("EMA momentum", 0.9))
+    ]  # fmt: skip
+    nqm_row = {
+        "batch_size": 1, "dim": 10, "sgd_steps": 100, "momentum_steps": None, "sgd_lr": 0.5,
+        "momentum_lr": None, "momentum_beta": 0.0, "momentum_ema_lr": None,
+        "by_beta": {"0.0": {"steps": 100, "lr": 0.5, "ema_lr": 0.5}},
+    }  # fmt: skip
+    noise_row = {
+        "step": 0, "train_loss": 2.3, "b_simple": 120.0, "b_simple_stderr": 6.0, "grad_sq": 0.5,
+        "grad_sq_stderr": 0.01, "trace": 60.0, "trace_stderr": 2.0, "small_sq": 2.3, "big_sq": 0.6,
+    }  # fmt: skip
+    baseline = {
+        "test_accuracy": 0.6, "test_accuracy_std": 0.0, "seeds": 1, "optimizer": "adam",
+        "lr": 0.01, "batch_size": 100, "steps": 50, "paper": None,
+        "ema_sgd": {"test_accuracy": 0.5, "test_accuracy_std": 0.0, "lr": 0.3, "beta": 0.9,
+                    "seeds": 1},
+    }  # fmt: skip
+    return {
+        "quadratic.json": {"setup": setup, "runs": runs},
+        "nqm.json": [nqm_row],
+        "noise_scale.json": {"lr": 0.1, "beta": 0.0, "rows": [noise_row]},
+        "baselines.json": {"linear": baseline},
+    }
+
+
+def test_report_reads_the_stage_files_of_a_study(tmp_path):
+    import json
+
+    path = _study_dir(tmp_path)
+    for name, value in _stage_files().items():
+        (path / name).write_text(json.dumps(value))
+    text, verdicts = _build_quietly(path)
+    assert "Gaussian gradient noise of std 1/sqrt(B)" in text
+    assert "| 1 | 100 | - | 0.5 | - | 0 | - |" in text  # the NQM row
+    assert "| 0 | 2.300 | 120 ± 6 | 0.5 ± 0.01 | 60 ± 2 |" in text  # the noise-scale row
+    assert "| linear | - | 0.600 | 0.500 (beta 0.9, lr 0.3) | 1 |" in text
+    assert verdicts[5]["verdict"] != report.UNSETTLED  # claim 6, from quadratic.json
+
+
+DELETE = object()
+
+
+def _edited(value, keys, new):
+    """``value`` with the item at ``keys`` (a path of keys and indices) set to ``new``, or
+    removed if ``new`` is ``DELETE``; ``new`` itself if ``keys`` is empty."""
+    if not keys:
+        return new
+    *parents, last = keys
+    target = value
+    for key in parents:
+        target = target[key]
+    if new is DELETE:
+        del target[last]
+    else:
+        target[last] = new
+    return value
+
+
+# Valid JSON of another shape than its stage writes: a value missing, or of another type.
+MISSHAPEN = [
+    ("baselines.json", (), [1]),
+    ("baselines.json", ("linear", "ema_sgd"), 0.5),
+    ("baselines.json", ("linear", "seeds"), "1"),
+    ("noise_scale.json", ("rows",), 3),
+    ("noise_scale.json", ("rows", 0, "b_simple"), DELETE),
+    ("noise_scale.json", ("lr",), None),
+    ("noise_scale.json", ("rows", 0, "train_loss"), "NaN"),
+    ("nqm.json", (), {"rows": []}),
+    ("nqm.json", (0,), 1),
+    ("nqm.json", (0, "momentum_beta"), None),
+    ("nqm.json", (0, "sgd_steps"), [100]),
+    ("nqm.json", (0, "by_beta"), {"SGD": {}}),
+    ("quadratic.json", (), [1]),
+    ("quadratic.json", ("setup", "curvatures"), DELETE),
+    ("quadratic.json", ("runs", 1), DELETE),  # SGD without momentum: nothing to pair it with
+    ("quadratic.json", ("runs", 0, "seed_summaries", 0, "reversal_fraction"), "0.6"),
+]
+
+
+@pytest.mark.parametrize("name, keys, new", MISSHAPEN)
+def test_report_of_a_stage_file_of_another_shape_is_one_error_line(
+    name, keys, new, tmp_path, capsys
+):
+    # The report drew its figures (and some wrote verdicts.json), then ended in a traceback
+    # (AttributeError, TypeError, KeyError).
+    import json
+
+    from experiments import cli
+
+    path = _study_dir(tmp_path)
+    for file, value in _stage_files().items():
+        (path / file).write_text(json.dumps(_edited(value, keys, new) if file == name else value))
+    (path / "report.md").write_text("old")
+    before = sorted(p.name for p in path.iterdir())
+    assert cli.main(["report", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {str(path / name)!r} does not hold "), err
+    assert sorted(p.name for p in path.iterdir()) == before  # no figures, no verdicts.json
+    assert (path / "report.md").read_text() == "old"
+
+
 def test_best_lr_figure_leaves_out_settings_where_every_lr_diverged(tmp_path, monkeypatch):
     # With no lr that trained, the tie-break's pick (the smallest lr) was drawn as "best".
     figures, make = [], report._figure

@@ -381,12 +381,15 @@ def test_a_stage_whose_output_was_removed_or_damaged_runs_again(tmp_path):
     # A stage recorded as done was skipped even when its output was gone: the report then said
     # "Not run" of it and gave other verdicts (claim 5 turned "not supported" without effective/),
     # or, with its JSON cut short, the main job ended in a traceback.
+    from test_report_verdicts import _stage_files
+
     job = study.Study(tmp_path, TINY, progress=False)
     ran = []
+    stored = _stage_files()["quadratic.json"]
 
     def quadratic():
         ran.append("quadratic")
-        (tmp_path / "quadratic.json").write_text('{"setup": {}}')
+        (tmp_path / "quadratic.json").write_text(json.dumps(stored))
         (tmp_path / "quadratic.png").write_bytes(b"png")
 
     job.stage("quadratic", quadratic)
@@ -397,11 +400,49 @@ def test_a_stage_whose_output_was_removed_or_damaged_runs_again(tmp_path):
     (tmp_path / "quadratic.json").write_text('{"setup": {')
     study.Study(tmp_path, TINY, progress=False).stage("quadratic", quadratic)  # a new process
     assert ran == ["quadratic"] * 3
-    assert json.loads((tmp_path / "quadratic.json").read_text()) == {"setup": {}}
+    assert json.loads((tmp_path / "quadratic.json").read_text()) == stored
     # A stage skipped for want of a learning rate wrote nothing, and stays done.
     job.stage("effective", lambda: study.Study._no_lr(16))
     job.stage("effective", lambda: ran.append("effective"))
     assert "effective" not in ran
+
+
+@pytest.mark.parametrize("stage", ["quadratic", "nqm", "noise_scale", "baselines"])
+def test_a_stage_whose_output_has_another_shape_runs_again(stage, tmp_path, capsys):
+    # Valid JSON of another shape (baselines.json holding [1], a noise-scale row without a key)
+    # was taken as the stage's results: the main job ran every other stage, then ended in the
+    # report's traceback (AttributeError, TypeError, KeyError), and so did every rerun.
+    from test_report_verdicts import MISSHAPEN, _edited, _stage_files
+
+    name, ran = f"{stage}.json", []
+
+    def write():
+        ran.append(stage)
+        (tmp_path / name).write_text(json.dumps(_stage_files()[name]))
+        (tmp_path / f"{stage}.png").write_bytes(b"png")  # quadratic and nqm draw one
+
+    job = study.Study(tmp_path, TINY)
+    job.stage(stage, write)
+    job.stage(stage, write)
+    assert ran == [stage]
+    misshapen = [(keys, new) for file, keys, new in MISSHAPEN if file == name]
+    for keys, new in misshapen:
+        (tmp_path / name).write_text(json.dumps(_edited(_stage_files()[name], keys, new)))
+        capsys.readouterr()
+        job.stage(stage, write)
+        assert f"[{stage}] done before, but {name} does not hold what the stage writes" in (
+            capsys.readouterr().err
+        )
+    assert ran == [stage] * (1 + len(misshapen))
+    assert json.loads((tmp_path / name).read_text()) == _stage_files()[name]
+
+
+def test_what_each_stage_writes_has_the_shape_the_report_reads(tiny_study):
+    # The check of each stage file's shape is that of what its writer really writes (the main job
+    # of the tiny preset runs them all): were they to drift apart, every study would recompute
+    # the stage on each rerun, and the report would refuse it.
+    for name, has_its_shape in study.STAGE_FILES.items():
+        assert has_its_shape(json.loads((tiny_study / name).read_text())), name
 
 
 def test_main_job_reruns_a_stage_whose_output_was_removed(tiny_study, tmp_path, capsys):
