@@ -230,19 +230,30 @@ def sweep_dir(model: str, study_model: str) -> str:
 
 
 def valid_meta(meta: Any) -> bool:
-    """Whether ``meta`` (read from ``DIR/study.json``) has the shape the study writes."""
+    """Whether ``meta`` (read from ``DIR/study.json``) has the shape the study writes, in what the
+    report reads of it."""
     return (
         isinstance(meta, dict)
         and isinstance(meta.get("preset"), dict)
         and isinstance(meta["preset"].get("name"), str)
+        and isinstance(meta.get("machine", {}), dict)
+        and isinstance(meta.get("machine", {}).get("devices", []), list)
         and isinstance(meta.get("stages", {}), dict)
-        and all(
-            isinstance(record, dict)
-            and isinstance(record.get("wall_seconds"), int | float)
-            and not isinstance(record["wall_seconds"], bool)
-            for record in meta.get("stages", {}).values()
-        )
+        and all(_valid_stage_record(*item) for item in meta.get("stages", {}).items())
     )
+
+
+def _valid_stage_record(name: str, record: Any) -> bool:
+    """Whether ``record`` has the shape :meth:`Study.stage` stores for stage ``name``: its wall
+    time, and of what the stage returns, the effective-batch test's lr and beta (unless it was
+    skipped) and the sweep's steps per batch size."""
+    if not _has(record, _number, "wall_seconds"):
+        return False
+    if name == "effective" and "skipped" not in record:
+        return _has(record, _number, "lr") and _has(
+            record, lambda b: _number(b) and 0 <= b < 1, "beta"
+        )
+    return name != "sweep" or isinstance(record.get("steps", {}), dict)
 
 
 # The shape of each stage's JSON file as the report reads it (what the stage's writer writes,

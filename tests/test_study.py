@@ -443,6 +443,7 @@ def test_what_each_stage_writes_has_the_shape_the_report_reads(tiny_study):
     # the stage on each rerun, and the report would refuse it.
     for name, has_its_shape in study.STAGE_FILES.items():
         assert has_its_shape(json.loads((tiny_study / name).read_text())), name
+    assert study.valid_meta(json.loads((tiny_study / "study.json").read_text()))
 
 
 def test_main_job_reruns_a_stage_whose_output_was_removed(tiny_study, tmp_path, capsys):
@@ -514,6 +515,34 @@ def test_a_stage_record_of_another_shape_is_refused(tmp_path):
     meta = json.loads((tmp_path / "study.json").read_text())
     meta["stages"] = {"quadratic": 5}
     (tmp_path / "study.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="is not a study's record"):
+        study.Study(tmp_path, TINY)
+
+
+@pytest.mark.parametrize(
+    "keys, new",
+    [
+        (("stages", "effective"), {"wall_seconds": 1.0, "lr": 0.1}),
+        (("stages", "effective"), {"wall_seconds": 1.0, "lr": None, "beta": 0.9}),
+        (("stages", "effective"), {"wall_seconds": 1.0, "lr": 0.1, "beta": "0.9"}),
+        (("stages", "effective"), {"wall_seconds": 1.0, "lr": 0.1, "beta": 1}),
+        (("stages", "sweep"), {"wall_seconds": 1.0, "steps": [600]}),
+        (("machine",), ["cpu"]),
+        (("machine", "devices"), 8),
+    ],
+)
+def test_a_study_record_the_report_cannot_read_is_refused(keys, new, tmp_path, capsys):
+    # What the report reads of study.json, of another type or missing: the report drew its
+    # figures, then ended in a traceback (KeyError, AttributeError, ZeroDivisionError) or an
+    # error naming no file, and the main job took the record as it was and did the same at its end.
+    from test_report_verdicts import _edited
+
+    study.Study(tmp_path, TINY, progress=False)._save()
+    meta = _edited(json.loads((tmp_path / "study.json").read_text()), keys, new)
+    (tmp_path / "study.json").write_text(json.dumps(meta))
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert f"{str(tmp_path / 'study.json')!r} is not a study's record" in _one_error_line(capsys)
+    assert [p.name for p in tmp_path.iterdir()] == ["study.json"]
     with pytest.raises(ValueError, match="is not a study's record"):
         study.Study(tmp_path, TINY)
 
