@@ -271,6 +271,11 @@ def _number_or_none(value: Any) -> bool:
     return value is None or _number(value)
 
 
+def _stderr_or_none(value: Any) -> bool:
+    """A standard error (a number >= 0), or None where not finite."""
+    return value is None or (_number(value) and value >= 0)
+
+
 def _int(value: Any) -> bool:
     """A JSON integer."""
     return isinstance(value, int) and not isinstance(value, bool)
@@ -309,7 +314,9 @@ def _quadratic_summaries(run: dict) -> int | None:
     them): its ``seed_summaries``, or for an older version its one ``path`` of (theta_1, theta_2)
     points, which the report summarizes afresh."""
     stored = run.get("seed_summaries") or []
-    if stored and all(isinstance(x, dict) and "flat_half_steps" in x for x in stored):
+    if not (isinstance(stored, list) and all(isinstance(x, dict) for x in stored)):
+        return None
+    if stored and all("flat_half_steps" in x for x in stored):
         readable = all(
             _has(x, _number, *QUADRATIC_SUMMARY) and _steps_or_none(x["flat_half_steps"])
             for x in stored
@@ -369,20 +376,22 @@ def valid_nqm(rows: Any) -> bool:
     )
 
 
-# The numbers of a row of noise_scale.json that the report reads (None where not finite).
-NOISE_SCALE_ROW = ("train_loss", "b_simple", "grad_sq", "grad_sq_stderr", "trace", "trace_stderr")
+# The numbers of a row of noise_scale.json that the report reads (None where not finite), and
+# their standard errors (b_simple_stderr optional: an older version did not write it).
+NOISE_SCALE_ROW = ("train_loss", "b_simple", "grad_sq", "trace")
+NOISE_SCALE_STDERR = ("grad_sq_stderr", "trace_stderr")
 
 
 def valid_noise_scale(result: Any) -> bool:
-    """Whether ``result`` (``noise_scale.json``) has the shape :meth:`Study.noise_scale` writes
-    (``b_simple_stderr`` optional: an older version did not write it)."""
+    """Whether ``result`` (``noise_scale.json``) has the shape :meth:`Study.noise_scale` writes."""
     return (
         _has(result, _number, "lr")
         and _has(result, lambda rows: isinstance(rows, list), "rows")
         and all(
             _has(row, _int, "step")
             and _has(row, _number_or_none, *NOISE_SCALE_ROW)
-            and _number_or_none(row.get("b_simple_stderr"))
+            and _has(row, _stderr_or_none, *NOISE_SCALE_STDERR)
+            and _stderr_or_none(row.get("b_simple_stderr"))
             for row in result["rows"]
         )
     )

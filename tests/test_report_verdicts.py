@@ -630,6 +630,7 @@ MISSHAPEN = [
     ("noise_scale.json", ("rows", 0, "b_simple"), DELETE),
     ("noise_scale.json", ("lr",), None),
     ("noise_scale.json", ("rows", 0, "train_loss"), "NaN"),
+    ("noise_scale.json", ("rows", 0, "b_simple_stderr"), -3.0),  # drawn as an error bar
     ("nqm.json", (), {"rows": []}),
     ("nqm.json", (0,), 1),
     ("nqm.json", (0, "momentum_beta"), None),
@@ -639,6 +640,8 @@ MISSHAPEN = [
     ("quadratic.json", ("setup", "curvatures"), DELETE),
     ("quadratic.json", ("runs", 1), DELETE),  # SGD without momentum: nothing to pair it with
     ("quadratic.json", ("runs", 0, "seed_summaries", 0, "reversal_fraction"), "0.6"),
+    ("quadratic.json", ("runs", 0, "seed_summaries"), 2.5),
+    ("quadratic.json", ("runs", 0, "seed_summaries", 0), 1.5),
 ]
 
 
