@@ -602,6 +602,29 @@ def test_report_reads_the_stage_files_of_a_study(tmp_path):
     assert verdicts[5]["verdict"] != report.UNSETTLED  # claim 6, from quadratic.json
 
 
+def test_report_reads_the_stage_files_of_an_older_version(tmp_path):
+    # Fields added since (the quadratic's seeds, the NQM's d and by_beta, B_simple's standard
+    # error, the paper's accuracy) are not required: such files are the stage's results too.
+    import json
+
+    from experiments import study
+
+    files = _stage_files()
+    del files["quadratic.json"]["setup"]["seeds"]
+    for run in files["quadratic.json"]["runs"]:
+        del run["seed_summaries"]  # the report summarizes the one stored path afresh
+    del files["nqm.json"][0]["dim"], files["nqm.json"][0]["by_beta"]
+    del files["noise_scale.json"]["rows"][0]["b_simple_stderr"]
+    del files["baselines.json"]["linear"]["paper"]
+    path = _study_dir(tmp_path)
+    for name, value in files.items():
+        assert study.STAGE_FILES[name](value), name
+        (path / name).write_text(json.dumps(value))
+    text, verdicts = _build_quietly(path)
+    assert "| 0 | 2.300 | 120 ± - | 0.5 ± 0.01 | 60 ± 2 |" in text
+    assert "reversals 0% vs 0%" in verdicts[5]["evidence"]  # of the path (60% in its summary)
+
+
 DELETE = object()
 
 
