@@ -33,6 +33,7 @@ import os
 import platform
 import sys
 import time
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -234,13 +235,37 @@ def valid_meta(meta: Any) -> bool:
     report reads of it."""
     return (
         isinstance(meta, dict)
-        and isinstance(meta.get("preset"), dict)
-        and isinstance(meta["preset"].get("name"), str)
+        and _valid_preset(meta.get("preset"))
         and isinstance(meta.get("machine", {}), dict)
         and isinstance(meta.get("machine", {}).get("devices", []), list)
         and isinstance(meta.get("stages", {}), dict)
         and all(_valid_stage_record(*item) for item in meta.get("stages", {}).items())
     )
+
+
+def _valid_preset(preset: Any) -> bool:
+    """Whether ``preset`` is a :class:`Preset` as ``study.json`` stores it: each setting that this
+    code knows of its type (tuples as lists)."""
+    hints = typing.get_type_hints(Preset)
+    return (
+        isinstance(preset, dict)
+        and isinstance(preset.get("name"), str)
+        and all(_stored_as(value, hints[name]) for name, value in preset.items() if name in hints)
+    )
+
+
+def _stored_as(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is JSON of type ``hint``: int, float, str, or a tuple of them (a list)."""
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        if args[-1] is Ellipsis:
+            return isinstance(value, list) and all(_stored_as(v, args[0]) for v in value)
+        return (
+            isinstance(value, list)
+            and len(value) == len(args)
+            and all(map(_stored_as, value, args))
+        )
+    return {int: _int, float: _number, str: lambda v: isinstance(v, str)}[hint](value)
 
 
 def _valid_stage_record(name: str, record: Any) -> bool:

@@ -529,12 +529,16 @@ def test_a_stage_record_of_another_shape_is_refused(tmp_path):
         (("stages", "sweep"), {"wall_seconds": 1.0, "steps": [600]}),
         (("machine",), ["cpu"]),
         (("machine", "devices"), 8),
+        (("preset", "betas"), None),
+        (("preset", "step_range"), [600]),
+        (("preset", "target_loss"), "0.5"),
     ],
 )
 def test_a_study_record_the_report_cannot_read_is_refused(keys, new, tmp_path, capsys):
     # What the report reads of study.json, of another type or missing: the report drew its
-    # figures, then ended in a traceback (KeyError, AttributeError, ZeroDivisionError) or an
-    # error naming no file, and the main job took the record as it was and did the same at its end.
+    # figures, then ended in a traceback (KeyError, AttributeError, ZeroDivisionError, IndexError)
+    # or an error naming no file, and the main job took a stage record as it was and did the same
+    # at its end. (A preset of another type the main job refused as "other settings" already.)
     from test_report_verdicts import _edited
 
     study.Study(tmp_path, TINY, progress=False)._save()
