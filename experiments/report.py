@@ -52,7 +52,7 @@ SUPPORTED, PARTLY, NOT_SUPPORTED, UNSETTLED = (
 
 
 def _read_json(path: Path) -> Any:
-    from experiments.study import read_json
+    from experiments.store import read_json
 
     return read_json(path)
 
@@ -105,12 +105,12 @@ class Results:
 def load(out: str | Path) -> Results:
     """Loads a study directory; raises ValueError if it holds no study, or a file of it that
     the report cannot read."""
+    from experiments.stage_files import read_stage_file
     from experiments.study import (
         EFFECTIVE_DIR,
         STUDY_FILE,
         SWEEP_DIR,
         Preset,
-        read_stage_file,
         sweep_dir,
         valid_meta,
     )

@@ -38,6 +38,20 @@ CURVES_DIR = "curves"
 LOCK_FILE = ".lock"
 
 
+def read_json(path: Path) -> Any:
+    """The JSON in ``path``, or None if there is none.
+
+    Raises:
+      ValueError: naming ``path``, if it is not valid JSON (cut short or edited by hand).
+    """
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{str(path)!r} is not valid JSON ({e})") from None
+
+
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Writes ``data`` atomically: a crash leaves the old file or the new one, never half of one."""
     path = Path(path)

@@ -607,7 +607,7 @@ def test_report_reads_the_stage_files_of_an_older_version(tmp_path):
     # error, the paper's accuracy) are not required: such files are the stage's results too.
     import json
 
-    from experiments import study
+    from experiments import stage_files
 
     files = _stage_files()
     del files["quadratic.json"]["setup"]["seeds"]
@@ -618,7 +618,7 @@ def test_report_reads_the_stage_files_of_an_older_version(tmp_path):
     del files["baselines.json"]["linear"]["paper"]
     path = _study_dir(tmp_path)
     for name, value in files.items():
-        assert study.STAGE_FILES[name](value), name
+        assert stage_files.STAGE_FILES[name](value), name
         (path / name).write_text(json.dumps(value))
     text, verdicts = _build_quietly(path)
     assert "| 0 | 2.300 | 120 ± - | 0.5 ± 0.01 | 60 ± 2 |" in text

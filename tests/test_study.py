@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import cli, report, store, study
+from experiments import cli, report, stage_files, store, study
 
 TINY = dataclasses.replace(
     study.PRESETS["quick"],
@@ -441,7 +441,7 @@ def test_what_each_stage_writes_has_the_shape_the_report_reads(tiny_study):
     # The check of each stage file's shape is that of what its writer really writes (the main job
     # of the tiny preset runs them all): were they to drift apart, every study would recompute
     # the stage on each rerun, and the report would refuse it.
-    for name, has_its_shape in study.STAGE_FILES.items():
+    for name, has_its_shape in stage_files.STAGE_FILES.items():
         assert has_its_shape(json.loads((tiny_study / name).read_text())), name
     assert study.valid_meta(json.loads((tiny_study / "study.json").read_text()))
 
