@@ -10,16 +10,18 @@ source material follows a rule stated next to it.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import datetime
 import functools
+import io
 import itertools
 import math
 import shlex
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -320,7 +322,7 @@ def _figure(**kwargs):
     return Figure(layout="constrained", **kwargs)
 
 
-def fig_loss_curves(res: Results, path: Path) -> str:
+def fig_loss_curves(res: Results, path: Path | BinaryIO) -> str:
     """Train (mini-batch) loss vs step for a small, a medium and a large batch."""
     sizes = res.batch_sizes()
     picks = sorted({sizes[0], sizes[len(sizes) // 2], sizes[-1]})
@@ -359,7 +361,7 @@ def fig_loss_curves(res: Results, path: Path) -> str:
     )
 
 
-def fig_steps(res: Results, path: Path) -> str:
+def fig_steps(res: Results, path: Path | BinaryIO) -> str:
     """Steps (and examples) to the target vs batch size, with the fitted trade-off curves."""
     betas = res.betas()
     fig = _figure(figsize=(12, 4.8))
@@ -417,7 +419,7 @@ def fig_steps(res: Results, path: Path) -> str:
     )
 
 
-def fig_best_lr(res: Results, path: Path) -> str:
+def fig_best_lr(res: Results, path: Path | BinaryIO) -> str:
     """Best learning rate vs batch size against linear and square-root scaling."""
     betas = res.betas()
     fig = _figure(figsize=(6.5, 4.6))
@@ -483,7 +485,7 @@ def _lr_grid_note(res: Results) -> str:
     )
 
 
-def fig_oscillation(res: Results, path: Path) -> str:
+def fig_oscillation(res: Results, path: Path | BinaryIO) -> str:
     """Oscillation vs batch size (claim 1) and through training (claim 2)."""
     betas = res.betas()
     fig = _figure(figsize=(12, 9))
@@ -579,7 +581,7 @@ def fig_oscillation(res: Results, path: Path) -> str:
     )
 
 
-def fig_effective(res: Results, path: Path) -> str:
+def fig_effective(res: Results, path: Path | BinaryIO) -> str:
     """Is momentum at B like SGD at B (1 + beta) / (1 - beta)? Full-train loss at one lr."""
     triples = effective_triples(res)
     stage = res.meta["stages"]["effective"]
@@ -623,7 +625,7 @@ def fig_effective(res: Results, path: Path) -> str:
     )
 
 
-def fig_noise_scale(res: Results, path: Path) -> str:
+def fig_noise_scale(res: Results, path: Path | BinaryIO) -> str:
     """B_simple along training against the fitted critical batch sizes."""
     rows = res.noise["rows"]
     steps = np.array([max(r["step"], 1) for r in rows], float)
@@ -1441,12 +1443,14 @@ def _extra_sweep_parts(res: Results) -> list[str]:
 
 
 def build(out: str | Path) -> Path:
-    """Writes ``DIR/report.md``, ``DIR/figures/*.png`` and ``DIR/verdicts.json``."""
-    from experiments.store import write_json
+    """Writes ``DIR/report.md``, ``DIR/figures/*.png`` and ``DIR/verdicts.json``.
+
+    Everything is drawn and composed in memory first: an error on the way writes nothing.
+    """
+    from experiments.store import write_bytes, write_json
 
     res = load(out)
-    figures = res.out / FIGURES_DIR
-    figures.mkdir(exist_ok=True)
+    drawn: dict[str, io.BytesIO] = collections.defaultdict(io.BytesIO)  # figure name: its PNG
     captions = {}
     sweep_figures = {
         "loss_curves": fig_loss_curves,
@@ -1456,14 +1460,13 @@ def build(out: str | Path) -> Path:
     }
     if res.sweep:
         for name, draw in sweep_figures.items():
-            captions[name] = draw(res, figures / f"{name}.png")
+            captions[name] = draw(res, drawn[name])
     if effective_triples(res):
-        captions["effective_batch"] = fig_effective(res, figures / "effective_batch.png")
+        captions["effective_batch"] = fig_effective(res, drawn["effective_batch"])
     # A log axis needs a positive B_simple (null where the |G|^2 estimate was not positive).
     if res.noise and any((r["b_simple"] or 0) > 0 for r in res.noise["rows"]):
-        captions["noise_scale"] = fig_noise_scale(res, figures / "noise_scale.png")
+        captions["noise_scale"] = fig_noise_scale(res, drawn["noise_scale"])
     items = verdicts(res)  # each one "not settled" where its results are missing
-    write_json(res.out / "verdicts.json", items)
 
     def figure(name: str) -> str:
         if name in captions:
@@ -1568,8 +1571,13 @@ def build(out: str | Path) -> Path:
     text = "\n".join(parts)
     while "\n\n\n" in text:
         text = text.replace("\n\n\n", "\n\n")
+    if drawn:
+        (res.out / FIGURES_DIR).mkdir(exist_ok=True)
+    for name, png in drawn.items():
+        write_bytes(res.out / FIGURES_DIR / f"{name}.png", png.getvalue())
+    write_json(res.out / "verdicts.json", items)
     # A path in it that is not UTF-8 (bytes Python decodes as surrogates) is written as it is.
-    path.write_text(text, encoding="utf-8", errors="surrogateescape")
+    write_bytes(path, text.encode("utf-8", errors="surrogateescape"))
     return path
 
 

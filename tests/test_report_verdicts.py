@@ -510,6 +510,27 @@ def test_report_of_a_sweep_where_every_run_diverged(tmp_path):
     assert not re.search(r"\b(nan|inf)\b", text, re.IGNORECASE)  # no NaN shown as a number
 
 
+def test_a_report_that_fails_while_being_built_writes_nothing(tmp_path, monkeypatch):
+    # The figures were written as they were drawn: an error in a later section left the new
+    # figures (and verdicts.json) beside the old report.md.
+    sweep, curves = _sweep({(b, beta): (100, SHRINKING) for b in (16, 64) for beta in (0, 0.9)})
+    path = _study_dir(tmp_path, sweep, curves)
+    before = {p: p.stat().st_mtime_ns for p in path.rglob("*")}
+
+    def fail(res):
+        raise RuntimeError("a section failed")
+
+    monkeypatch.setattr(report, "_baselines_section", fail)
+    with pytest.raises(RuntimeError, match="a section failed"):
+        report.build(path)
+    assert {p: p.stat().st_mtime_ns for p in path.rglob("*")} == before
+    monkeypatch.undo()
+    text, _ = _build_quietly(path)  # and without the failure, each linked figure is a PNG
+    linked = re.findall(r"\]\((figures/\w+\.png)\)", text)
+    assert len(linked) >= 4
+    assert all((path / name).read_bytes().startswith(b"\x89PNG") for name in linked)
+
+
 def test_report_of_a_small_sweep_without_the_other_stages(tmp_path):
     sweep, curves = _sweep({(b, beta): (100, SHRINKING) for b in (16, 64) for beta in (0, 0.9)})
     text, verdicts = _build_quietly(_study_dir(tmp_path, sweep, curves))
