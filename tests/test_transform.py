@@ -4,6 +4,7 @@ import decimal
 import fractions
 import functools
 import pickle
+import warnings
 
 import chex
 import hypothesis
@@ -673,6 +674,30 @@ def test_a_numpy_float64_from_a_schedule_does_not_widen_the_compute_under_x64(kw
             updates, state = jax.jit(tx.update)(params, state)
         assert updates["a"].dtype == state.velocity["a"].dtype == jnp.float32
         np.testing.assert_array_equal(updates["a"], np.full(3, expected))
+
+
+@pytest.mark.skipif(
+    not hasattr(jax.config, "jax_explicit_x64_dtypes"), reason="jax has no explicit_x64_dtypes"
+)
+def test_the_compute_dtype_follows_jax_explicit_x64_dtypes_set_mid_process():
+    # With x64 off, jax_explicit_x64_dtypes decides whether float64 arrays promote to float64
+    # ("allow") or are cut to float32 ("warn"): the same dtypes, another compute dtype, so a
+    # cached compute dtype must be keyed on it as on jax_enable_x64.
+    previous = jax.config.jax_explicit_x64_dtypes
+    try:
+        jax.config.update("jax_explicit_x64_dtypes", "allow")
+        grads = jnp.full(3, 0.1, jnp.float64)
+        tx = emm.ema_momentum(0.25)
+        state = tx.init(grads)
+        jax.config.update("jax_explicit_x64_dtypes", "warn")
+        with warnings.catch_warnings():  # "float64 ... will be truncated", once per key
+            warnings.simplefilter("ignore")
+            tx.update(grads, state)  # computed in float32
+        jax.config.update("jax_explicit_x64_dtypes", "allow")
+        updates, _ = tx.update(grads, state)
+        np.testing.assert_array_equal(updates, np.full(3, 0.75 * np.float64(0.1)))
+    finally:
+        jax.config.update("jax_explicit_x64_dtypes", previous)
 
 
 def test_python_scalar_leaves():
