@@ -156,16 +156,8 @@ def _canonical_accumulator_dtype(accumulator_dtype: Any) -> jnp.dtype | None:
 
 def _compute_dtype(*dtypes: jnp.dtype) -> jnp.dtype:
     """The dtype the EMA is computed in: the inputs' common dtype, at least float32."""
-    # Cached: an eager `update` asks once per leaf, and `result_type` is slow next to a step.
-    # Keyed on the settings `result_type` reads besides the dtypes (the promotion mode is fixed
-    # below): with x64 off, "allow" promotes float64 inputs to float64 and "warn" cuts them.
-    explicit_x64 = getattr(jax.config, "jax_explicit_x64_dtypes", None)  # newer jax only
-    return _cached_compute_dtype(dtypes, jax.config.jax_enable_x64, explicit_x64)
-
-
-@functools.lru_cache(maxsize=256)
-def _cached_compute_dtype(dtypes: tuple[jnp.dtype, ...], x64: bool, explicit_x64: Any) -> jnp.dtype:
-    del x64, explicit_x64  # part of the cache key only: they change what `result_type` returns
+    # Not cached: besides the dtypes, `result_type` reads JAX settings (x64, explicit x64 dtypes)
+    # that a cache key would have to track; it costs about 14 us per leaf of an eager update.
     # Promotion here is deliberate, so it must not trip a user's strict mode.
     with jax.numpy_dtype_promotion("standard"):
         return jnp.result_type(*dtypes, jnp.float32)
