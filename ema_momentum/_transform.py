@@ -178,10 +178,14 @@ def _zeros_like(param: jax.Array, dtype: jnp.dtype | None, path: Any = ()) -> ja
         jnp.issubdtype(array.dtype, jnp.number) or jnp.issubdtype(array.dtype, jnp.bool_)
     ):
         what = f"a {array.dtype} array" if array is not None else f"a {type(param).__name__}"
+        fix = (
+            "for abstract params, call jax.eval_shape(tx.init, params)"
+            if isinstance(param, jax.ShapeDtypeStruct)
+            else "give init only the numeric arrays (None in place of the others), e.g. "
+            "eqx.filter(model, eqx.is_inexact_array)"
+        )
         raise ValueError(
-            f"params{jax.tree_util.keystr(path)} is {what}, which cannot have a velocity: "
-            "give init only the numeric arrays (None in place of the others), e.g. "
-            "eqx.filter(model, eqx.is_inexact_array)."
+            f"params{jax.tree_util.keystr(path)} is {what}, which cannot have a velocity: {fix}."
         )
     param = array
     if (

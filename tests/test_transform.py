@@ -1033,6 +1033,15 @@ def test_a_key_in_the_params_of_a_jitted_init():
         jax.jit(emm.ema_momentum(0.9).init)({"w": jnp.ones(2), "extra": jax.random.key(0)})
 
 
+def test_abstract_params_point_to_eval_shape():
+    # A ShapeDtypeStruct given to init itself was told to filter with eqx.filter.
+    params = {"w": jax.ShapeDtypeStruct((2, 3), jnp.float32)}
+    tx = emm.ema_momentum(0.9)
+    with pytest.raises(ValueError, match=r"params\['w'\] is a ShapeDtypeStruct.*jax\.eval_shape"):
+        tx.init(params)
+    assert jax.eval_shape(tx.init, params).velocity["w"].shape == (2, 3)
+
+
 def test_good_edge_values_are_accepted():
     emm.ema_sgd(0.0, 0.0)
     emm.ema_sgd(jnp.asarray(0.1), jnp.asarray(0.999), nu=1.0)
