@@ -21,12 +21,12 @@ import shlex
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import numpy as np
 
 from experiments import analysis
-from experiments.store import CorruptStoreError, read_runs
+from experiments.store import CorruptStoreError, read_json, read_runs, write_bytes, write_json
 
 HELP = "rebuild DIR/report.md and its figures from stored results (no training)"
 
@@ -51,12 +51,6 @@ SUPPORTED, PARTLY, NOT_SUPPORTED, UNSETTLED = (
     "not supported",
     "not settled by this run",
 )
-
-
-def _read_json(path: Path) -> Any:
-    from experiments.store import read_json
-
-    return read_json(path)
 
 
 @dataclasses.dataclass
@@ -118,7 +112,7 @@ def load(out: str | Path) -> Results:
     )
 
     out = Path(out)
-    meta = _read_json(out / STUDY_FILE)
+    meta = read_json(out / STUDY_FILE)
     if meta is None:
         hint = (
             "; it holds a sweep's results, and the report reads the directory of the main job "
@@ -1447,8 +1441,6 @@ def build(out: str | Path) -> Path:
 
     Everything is drawn and composed in memory first: an error on the way writes nothing.
     """
-    from experiments.store import write_bytes, write_json
-
     res = load(out)
     drawn: dict[str, io.BytesIO] = collections.defaultdict(io.BytesIO)  # figure name: its PNG
     captions = {}
@@ -1585,7 +1577,7 @@ def summary(out: str | Path) -> str:
     """A short text summary: the verdicts and the steps-to-result of each batch size."""
     res = load(out)
     lines = [f"{'claim':<7}verdict"]
-    for v in _read_json(res.out / "verdicts.json") or []:
+    for v in read_json(res.out / "verdicts.json") or []:
         lines.append(f"{v['claim'].split('.')[0]:<7}{v['verdict']}")
     betas = res.betas()
     lines.append("")
