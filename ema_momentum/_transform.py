@@ -362,7 +362,8 @@ def ema_momentum(
         ``[0, 2**32)``. The returned ``init`` raises it for complex parameters
         and a real ``accumulator_dtype`` and for a leaf of the params that is not a
         numeric array (a PRNG key, a function), and ``update`` for complex gradients
-        into a real velocity or for updates whose tree structure or shapes differ
+        into a real velocity, for a float0 gradient (pass ``None`` for a leaf
+        without one) or for updates whose tree structure or shapes differ
         from the params ``init`` was given.
 
     Note:
@@ -443,6 +444,13 @@ def ema_momentum(
                     "updates do not have the structure of the state's velocity (init was given "
                     f"params of another structure): updates{jax.tree_util.keystr(path)} are an "
                     f"array where the velocity has {jax.tree.structure(v)}."
+                )
+            if getattr(g, "dtype", None) == jax.dtypes.float0:
+                # What jax.grad(..., allow_int=True) gives an integer leaf: no gradient at all.
+                raise ValueError(
+                    f"updates{jax.tree_util.keystr(path)} are float0 (the gradient of an integer "
+                    "input, from jax.grad(..., allow_int=True)), which has no values to average; "
+                    "pass None in its place (the leaf's velocity is then kept)."
                 )
             g = g if isinstance(g, jax.Array) else jnp.asarray(g)
             if g.shape != v.shape:

@@ -725,6 +725,24 @@ def test_integer_leaves_get_a_float_velocity(param):
     np.testing.assert_allclose(updates["a"], 10 * (1 - 0.9**50), rtol=1e-6)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_float0_gradient_of_an_integer_leaf_is_named(jit):
+    # jax.grad(..., allow_int=True), the way to differentiate a tree with integer leaves, gives
+    # them float0 gradients; they failed inside jnp ('dtype=float0 is not a valid dtype for JAX
+    # type promotion'), naming neither the updates nor the leaf.
+    params = {"w": jnp.ones(2), "step": jnp.arange(3)}
+    grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2), allow_int=True)(params)
+    tx = emm.ema_sgd(0.1, 0.9)
+    update = jax.jit(tx.update) if jit else tx.update
+    with pytest.raises(ValueError, match=r"updates\['step'\] are float0 .* None in its place"):
+        update(grads, tx.init(params), params)
+    # The fix the message names: None for the leaf without a gradient.
+    grads["step"] = None
+    updates, _ = update(grads, tx.init(params), params)
+    assert updates["step"] is None
+    chex.assert_trees_all_close(updates["w"], -0.1 * 0.1 * 2 * jnp.ones(2))
+
+
 def test_a_complex_accumulator_for_real_params():
     # A tree that mixes complex and real params needs one complex accumulator_dtype; the real
     # leaves' updates stay real (without a ComplexWarning-style lossy cast) and exact.
