@@ -154,11 +154,9 @@ def steps_table_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     ]
     fmt = lambda value, spec: "-" if value is None else format(value, spec)
     for row in rows:
-        spread = (
-            "-"
-            if row["steps_mean"] is None
-            else f"{row['steps_mean']:.0f} ± {row['steps_std']:.0f}"
-        )
+        # One seed that reached has no seed-to-seed spread (its std, 0, is not a measurement).
+        std = "n/a" if row["reached"] < 2 else format(row["steps_std"], ".0f")
+        spread = "-" if row["steps_mean"] is None else f"{row['steps_mean']:.0f} ± {std}"
         span = "-" if row["steps_min"] is None else f"{row['steps_min']:.0f}-{row['steps_max']:.0f}"
         edge = " (grid edge)" if row["lr_at_grid_edge"] else ""
         lines.append(

@@ -1280,10 +1280,12 @@ def _effective_table(res: Results) -> str:
     ]
     for m, s, g in effective_triples(res):
         for case in (s, m, g):
+            late = case.late_train_loss
+            # One seed has no spread over seeds (its std, 0, is not a measurement).
+            std = _fmt(case.std(late), ".2g") if len(late) > 1 else "n/a"
             lines.append(
                 f"| {m.batch_size} | {_label(case.beta)} | {case.batch_size} "
-                f"| {_fmt(case.mean(case.late_train_loss), '.4f')} ± "
-                f"{_fmt(case.std(case.late_train_loss), '.2g')} "
+                f"| {_fmt(case.mean(late), '.4f')} ± {std} "
                 f"| {_fmt(case.mean(case.batch_loss_oscillation))} "
                 f"| {_fmt(case.mean(case.full_loss_oscillation))} "
                 f"| {_fmt(case.mean(case.full_loss_jitter))} |"

@@ -276,3 +276,19 @@ def test_steps_table_header_says_which_seeds_each_column_is_over():
     assert "median (all seeds)" in header
     assert "mean ± std (seeds that reached)" in header
     assert "| 200 | 150 ± 50 | 100-200 | 2/3 |" in table
+
+
+def test_steps_table_shows_no_spread_for_one_seed():
+    # One seed has no seed-to-seed spread: the table said "100 ± 0", a spread of zero measured.
+    one = analysis.steps_table_markdown(analysis.best_settings([_record(8, 0.0, 0.1, 0, 100, 0.1)]))
+    assert one.endswith("| 100 | 100 ± n/a | 100-100 | 1/1 | 0.1000 | 0.900 |")
+    # Two seeds that agree have a spread, and it is zero.
+    two = [_record(8, 0.0, 0.1, seed, 100, 0.1) for seed in range(2)]
+    assert "| 100 | 100 ± 0 | 100-100 | 2/2 |" in analysis.steps_table_markdown(
+        analysis.best_settings(two)
+    )
+    # One of two seeds reached: the spread over the seeds that reached is not known either.
+    two[1]["steps_to_target"] = None
+    assert "| 100 ± n/a | 100-100 | 1/2 |" in analysis.steps_table_markdown(
+        analysis.best_settings(two)
+    )

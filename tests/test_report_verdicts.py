@@ -865,3 +865,13 @@ def test_setup_states_the_evaluations_the_runs_made():
     for record in sweep:
         record["steps"], record["eval_every"] = 600, 8
     assert "; 75 evaluations of the full train" in report._setup_section(res)
+
+
+def test_effective_table_shows_no_spread_for_one_seed():
+    # With one seed the late loss's spread over seeds was printed as "± 0".
+    jitter = {(8, 0.9): 0.01, (8, 0.0): 0.05, (152, 0.0): 0.005}
+    res = _effective_results(jitter)
+    assert "| 1.0000 ± 0 |" in report._effective_table(res)  # two seeds that agree: zero
+    res.effective = [r for r in res.effective if r["seed"] == 0]
+    table = report._effective_table(res)
+    assert "± 0 " not in table and table.count("| 1.0000 ± n/a |") == 3
