@@ -17,6 +17,7 @@ the ``curves/*.npz`` sidecars. Nothing here trains or plots.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 import pathlib
@@ -110,8 +111,9 @@ def best_settings(records: Iterable[Record]) -> list[dict]:
     that did not reach the target, or diverged, counts as infinitely slow);
     ties, including "no learning rate reached the target with more than half
     of its seeds", are broken by the smaller median final train loss, then by
-    the smaller learning rate. Records of different datasets or models must be
-    separated first (:func:`filter_records`).
+    the smaller learning rate. Records of different datasets, models or budgets must be
+    separated first (:func:`filter_records`): a seed recorded twice at one setting raises
+    ``ValueError``.
 
     Returns:
       Rows sorted by ``(beta, batch_size)``: ``batch_size``, ``beta``, ``lr``,
@@ -128,6 +130,15 @@ def best_settings(records: Iterable[Record]) -> list[dict]:
         )
     rows = []
     for (batch_size, beta), by_lr in groups.items():
+        for lr, runs in by_lr.items():
+            seeds = collections.Counter(r.get("seed") for r in runs)
+            twice = [seed for seed, count in seeds.items() if count > 1]
+            if twice:
+                raise ValueError(
+                    f"batch_size={batch_size}, beta={beta}, lr={lr}: seed {twice[0]} has "
+                    f"{seeds[twice[0]]} records; a seed counts once (separate runs of other "
+                    "settings, e.g. another budget, first)"
+                )
         stats = {lr: seed_stats(runs) for lr, runs in by_lr.items()}
         best = min(by_lr, key=lambda lr, stats=stats: _rank(stats[lr], lr))
         tried = sorted(by_lr)

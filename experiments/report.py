@@ -163,6 +163,7 @@ def _check_records(where: Path, records: Sequence[dict], curves: dict | None = N
     """Raises CorruptStoreError (a ValueError), before anything is written, unless the report
     can read every record (one written by hand, or by another tool, may lack a field or point
     past its curves)."""
+    seen: dict[tuple, int] = {}  # (batch_size, beta, lr, seed): the record's number
     for number, record in enumerate(records, start=1):
         bad = [
             key for key in NUMBER_FIELDS
@@ -183,6 +184,17 @@ def _check_records(where: Path, records: Sequence[dict], curves: dict | None = N
                 f"read ({', '.join(bad)} missing or invalid); remove that line to recompute the "
                 "run, or move the directory away"
             )
+        # A run recorded twice (a repeated line, or a sweep of other settings into this
+        # directory) would count as one more seed of its setting.
+        key = tuple(float(record[k]) for k in ("batch_size", "beta", "lr", "seed"))
+        if key in seen:
+            raise CorruptStoreError(
+                f"record {number} of {str(where / 'runs.jsonl')!r} repeats the run of record "
+                f"{seen[key]} (batch size {key[0]:g}, beta {key[1]:g}, lr {key[2]:g}, seed "
+                f"{key[3]:g}), which would count as one more seed; remove one of the two lines, "
+                "or move the directory away"
+            )
+        seen[key] = number
 
 
 # ---------------------------------------------------------------------------

@@ -292,3 +292,12 @@ def test_steps_table_shows_no_spread_for_one_seed():
     assert "| 100 ± n/a | 100-100 | 1/2 |" in analysis.steps_table_markdown(
         analysis.best_settings(two)
     )
+
+
+def test_best_settings_refuses_a_seed_recorded_twice():
+    # A seed run twice (e.g. a second sweep into the directory with another budget) counted as
+    # a third seed: "3/3 seeds reached" of a 2-seed sweep, its steps in the median twice.
+    records = [_record(8, 0.0, 0.1, seed, 100 + seed, 0.1) for seed in range(2)]
+    records.append({**records[1], "run_id": "another", "steps_to_target": 900})
+    with pytest.raises(ValueError, match=r"batch_size=8, beta=0.0, lr=0.1: seed 1 .* 2 records"):
+        analysis.best_settings(records)

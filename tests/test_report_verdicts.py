@@ -875,3 +875,17 @@ def test_effective_table_shows_no_spread_for_one_seed():
     res.effective = [r for r in res.effective if r["seed"] == 0]
     table = report._effective_table(res)
     assert "± 0 " not in table and table.count("| 1.0000 ± n/a |") == 3
+
+
+def test_report_of_a_sweep_holding_a_run_twice_is_one_error_line(tmp_path, capsys):
+    # A repeated line of runs.jsonl counted its run as one more seed ("3/3" of a 2-seed sweep).
+    from experiments import cli
+
+    sweep, curves = _sweep({(16, 0): ([100, 300], SHRINKING), (64, 0): (100, SHRINKING)})
+    sweep.append(dict(sweep[1]))
+    path = _study_dir(tmp_path, sweep, curves)
+    assert cli.main(["report", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: record 5 of "), err
+    assert "repeats the run of record 2 (batch size 16, beta 0, lr 0.1, seed 1)" in err[0]
+    assert sorted(p.name for p in path.iterdir()) == ["study.json", "sweep"]  # nothing written
