@@ -301,3 +301,12 @@ def test_best_settings_refuses_a_seed_recorded_twice():
     records.append({**records[1], "run_id": "another", "steps_to_target": 900})
     with pytest.raises(ValueError, match=r"batch_size=8, beta=0.0, lr=0.1: seed 1 .* 2 records"):
         analysis.best_settings(records)
+
+
+def test_steps_table_names_no_best_lr_where_most_seeds_diverged_at_every_lr():
+    # The tie-break's pick (the smallest lr, "at the grid edge") was shown as the best lr.
+    records = [
+        _record(8, 0.0, lr, seed, None, None, diverged=True) for lr in (0.1, 0.3) for seed in (0, 1)
+    ]
+    table = analysis.steps_table_markdown(analysis.best_settings(records))
+    assert table.endswith("| 0 | 8 | none (diverged) | - | - | - | 0/2 | - | - |")
