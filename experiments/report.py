@@ -800,12 +800,16 @@ def _grows(first_last: np.ndarray) -> bool:
 
 
 def _best_lr_first_last_tenth(res: Results, batch_size: int, beta: float) -> dict | None:
-    """:func:`_first_last_tenth` of the seeds at the best lr of ``(batch_size, beta)`` that did
-    not diverge (a diverged run's curves are NaN from its divergence on); ``None`` if none."""
+    """:func:`_first_last_tenth` of every seed at the best lr of ``(batch_size, beta)``; ``None``
+    where there is no best lr (most seeds diverged at every lr).
+
+    A seed that diverged stays: its curves are NaN from its divergence on, so it fails the
+    rule's "every seed" (dropping it judged the seeds that survived as every seed).
+    """
     row = res.best_row(batch_size, beta)
-    records = res.sweep_runs(batch_size, beta, row["lr"]) if row else []
-    records = [r for r in records if not r.get("diverged")]
-    return _first_last_tenth(records, res.sweep_curves) if records else None
+    if row is None or row["final_train_loss"] is None:
+        return None
+    return _first_last_tenth(res.sweep_runs(batch_size, beta, row["lr"]), res.sweep_curves)
 
 
 def verdict_shrinks(res: Results) -> dict:

@@ -889,3 +889,17 @@ def test_report_of_a_sweep_holding_a_run_twice_is_one_error_line(tmp_path, capsy
     assert len(err) == 1 and err[0].startswith("error: record 5 of "), err
     assert "repeats the run of record 2 (batch size 16, beta 0, lr 0.1, seed 1)" in err[0]
     assert sorted(p.name for p in path.iterdir()) == ["study.json", "sweep"]  # nothing written
+
+
+def test_claim_2_counts_a_seed_that_diverged_at_the_best_lr():
+    # Three seeds, the third diverged at the best lr (still the best: most seeds reached the
+    # target). The rule asks every seed to shrink; the diverged one was dropped, and the two
+    # left passed for "every seed".
+    sweep, curves = _sweep({(32, 0.0): (100, SHRINKING)}, seeds=3)
+    assert report.verdict_shrinks(_results(sweep, curves))["verdict"] == report.SUPPORTED
+    _diverged([r for r in sweep if r["seed"] == 2], curves, at=300)
+    verdict = report.verdict_shrinks(_results(sweep, curves))
+    assert verdict["verdict"] == report.NOT_SUPPORTED
+    shrink = "the spread and the gradient norm both shrink at B = none "
+    assert verdict["evidence"].startswith(shrink)
+    assert "With 3 seeds" in verdict["rule"]
