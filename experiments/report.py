@@ -1266,7 +1266,10 @@ def _setup_section(res: Results) -> str:
         f"- **Target**: full-training-set loss <= {p['target_loss']:g}; steps to result = the "
         "first evaluation at or below it (Shallue et al.). Best lr per (batch size, beta): the "
         "fewest median steps over seeds, a seed that never reached counting as infinitely slow; "
-        "ties broken by the final train loss.",
+        "ties broken by the final train loss. It is picked on the same seeds whose results the "
+        "tables, figures and verdicts then report (no held-out seeds), so these are the best of "
+        "the grid on these seeds: optimistic where two lrs come close, for SGD and momentum "
+        "alike.",
         f"- **Preset** `{p['name']}`; machine: {m.get('processor', '?')}, "
         f"{m.get('cpu_count', '?')} "
         f"CPUs, {m.get('platform', '?')}, JAX {m.get('jax', '?')} on {m.get('backend', '?')} "

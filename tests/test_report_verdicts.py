@@ -903,3 +903,14 @@ def test_claim_2_counts_a_seed_that_diverged_at_the_best_lr():
     shrink = "the spread and the gradient norm both shrink at B = none "
     assert verdict["evidence"].startswith(shrink)
     assert "With 3 seeds" in verdict["rule"]
+
+
+def test_setup_says_the_best_lr_is_picked_on_the_seeds_it_reports():
+    # The tables report the seeds the best lr was picked on (no held-out seeds): a selection
+    # the setup did not state.
+    sweep, curves = _sweep({(32, 0.0): (100, FLAT)})
+    from experiments.study import PRESETS
+
+    preset = dataclasses.asdict(PRESETS["quick"])
+    res = dataclasses.replace(_results(sweep, curves), meta={"preset": preset, "stages": {}})
+    assert "picked on the same seeds whose results" in report._setup_section(res)
