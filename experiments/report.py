@@ -757,7 +757,8 @@ def verdict_noise(res: Results) -> dict:
         "changes.)",
         "; ".join(lines),
         "Mini-batch gradient noise has covariance Sigma/B (McCandlish et al. 2018); Smith & Le "
-        "(2018) put the SGD noise scale at eps N / (B (1 - m)).",
+        "(2018) put the SGD noise scale at eps N / (B (1 - m)) with the heavy-ball lr eps, "
+        "which in the EMA form used here (eps = eta (1 - beta)) is eta N / B.",
         "oscillation.png, effective_batch.png, loss_curves.png",
     )
 
@@ -1118,7 +1119,9 @@ def verdict_momentum(res: Results) -> dict:
         "helps only above a critical batch size, by extending perfect scaling; Kidambi et al. "
         "(2018): heavy-ball cannot beat SGD on some stochastic problems. For i.i.d. noise the EMA "
         "has (1 - beta)/(1 + beta) of a gradient's variance, but successive velocities are "
-        "correlated and the parameters integrate them.",
+        "correlated and the parameters integrate them; Smith & Le's noise scale at one EMA-form "
+        "eta, eta N / B, does not depend on beta, so it predicts momentum at B to train like SGD "
+        "at B, not like a larger batch.",
         "effective_batch.png, steps_to_target.png, nqm.png",
     )
 

@@ -914,3 +914,15 @@ def test_setup_says_the_best_lr_is_picked_on_the_seeds_it_reports():
     preset = dataclasses.asdict(PRESETS["quick"])
     res = dataclasses.replace(_results(sweep, curves), meta={"preset": preset, "stages": {}})
     assert "picked on the same seeds whose results" in report._setup_section(res)
+
+
+def test_smith_le_noise_scale_is_stated_in_the_reports_learning_rate():
+    # Smith & Le's eps N / (B (1 - m)) takes the heavy-ball lr eps; the report's lrs are the
+    # EMA-form eta = eps / (1 - beta), with which it reads eta N / B (the same for every beta).
+    # Quoted bare, it gave momentum a noise scale 1 / (1 - beta) = 10x too large at beta 0.9.
+    jitter = {(8, 0.9): 0.01, (8, 0.0): 0.05, (152, 0.0): 0.005}
+    res = _effective_results(jitter)
+    noise = report.verdict_noise(res)["literature"]
+    assert "eps N / (B (1 - m)) with the heavy-ball lr eps" in noise
+    assert "eta N / B" in noise
+    assert "eta N / B" in report.verdict_momentum(res)["literature"]
