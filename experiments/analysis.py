@@ -293,7 +293,9 @@ def detrended(batch_loss: np.ndarray, window: int = 51, *, log: bool = True) -> 
         with np.errstate(divide="ignore", invalid="ignore"):
             values = np.log(values)
     half = window // 2
-    return values[:, half : values.shape[-1] - half] - _moving_average(values, window)
+    # A loss of 0 (float32 underflow) or a diverged run's NaN: NaN where the window holds it.
+    with np.errstate(invalid="ignore"):
+        return values[:, half : values.shape[-1] - half] - _moving_average(values, window)
 
 
 def oscillation(
@@ -316,7 +318,10 @@ def oscillation(
     residual = detrended(batch_loss, window, log=log)
     start = residual.shape[-1] - max(2, round(last_fraction * residual.shape[-1]))
     late = residual[:, max(start, 0) :]
-    return np.where(np.isfinite(late).all(axis=-1), np.std(late, axis=-1), np.nan)
+    finite = np.isfinite(late).all(axis=-1)
+    values = np.full(late.shape[0], np.nan)
+    values[finite] = np.std(late[finite], axis=-1)  # the std of an inf would warn
+    return values
 
 
 def oscillation_by_window(

@@ -206,6 +206,15 @@ def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(values, np.ones(window) / window, mode="valid")
 
 
+def _nanmean(values, axis=None):
+    """The mean of the finite values (along ``axis``); NaN, without numpy's warning, where there
+    are none (every seed diverged there, or its batch loss underflowed to 0)."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(values)
+    with np.errstate(invalid="ignore"):
+        return np.where(finite, values, 0.0).sum(axis=axis) / finite.sum(axis=axis)
+
+
 def _label(beta: float) -> str:
     return "SGD (beta 0)" if beta == 0 else f"EMA momentum (beta {beta:g})"
 
@@ -552,15 +561,15 @@ def fig_oscillation(res: Results, path: Path | BinaryIO) -> str:
             centers, spread = analysis.oscillation_by_window(loss, window=SMOOTHING, log=False)
             centers, rel = analysis.oscillation_by_window(loss, window=SMOOTHING, log=True)
             color = _color(case.beta, betas)
-            ax_t.plot(centers, np.nanmean(spread, axis=0), "o" + style, color=color,
+            ax_t.plot(centers, _nanmean(spread, axis=0), "o" + style, color=color,
                       label=f"{_label(case.beta)}: absolute")  # fmt: skip
-            ax_t.plot(centers, np.nanmean(rel, axis=0), "s" + style, color=color, alpha=0.5,
+            ax_t.plot(centers, _nanmean(rel, axis=0), "s" + style, color=color, alpha=0.5,
                       label=f"{_label(case.beta)}: relative (log)")  # fmt: skip
             gnorm = np.stack(
                 [analysis.curve(r, res.effective_curves, "grad_norm") for r in case.records]
             )
             gc, gm = analysis.window_means(gnorm)
-            ax_g.plot(gc, np.nanmean(gm, axis=0), "o" + style, color=color, label=_label(case.beta))
+            ax_g.plot(gc, _nanmean(gm, axis=0), "o" + style, color=color, label=_label(case.beta))
         lr = res.meta["stages"]["effective"]["lr"]
         ax_t.set_title(f"Oscillation through training, B = {sgd.batch_size}, lr {lr:.3g}")
         ax_g.set_title(f"Mini-batch gradient norm, B = {sgd.batch_size}, lr {lr:.3g}")
@@ -711,6 +720,27 @@ def _sgd_oscillation_by_batch(res: Results) -> tuple[list[int], list[float]]:
     return sizes, values
 
 
+def _unmeasured_oscillation(res: Results) -> str:
+    """``"; ..."`` naming the SGD seeds at a best lr, not diverged, whose oscillation is NaN (a
+    batch loss of exactly 0 in the window: long small-batch runs underflow float32), which
+    :func:`late_window_oscillation` leaves out; ``""`` if none."""
+    left_out = []
+    for b in res.batch_sizes():
+        row = res.best_row(b, 0.0)
+        if row is None:
+            continue
+        seeds = [r for r in res.sweep_runs(b, 0.0, row["lr"]) if not r.get("diverged")]
+        measured = len(late_window_oscillation(res, b, 0.0))
+        if measured < len(seeds):
+            left_out.append(f"B = {b} ({measured} of {len(seeds)} seeds)")
+    if not left_out:
+        return ""
+    return (
+        "; the oscillation is not measurable where a batch loss is 0 (float32 underflow; its log "
+        "is undefined), left out: " + ", ".join(left_out)
+    )
+
+
 def verdict_noise(res: Results) -> dict:
     sizes, osc = _sgd_oscillation_by_batch(res)
     rho = _rank_correlation(sizes, osc)
@@ -745,6 +775,7 @@ def verdict_noise(res: Results) -> dict:
         f"{sizes[0] if sizes else '-'} to {_fmt(osc[-1]) if osc else '-'} at B = "
         f"{sizes[-1] if sizes else '-'}; rank correlation with B {_fmt(rho, '+.2f')}"
         + ("" if math.isfinite(rho) else f" (needs 3 batch sizes, has {len(sizes)})")
+        + _unmeasured_oscillation(res)
     )
     return _verdict(
         "1. The loss oscillates from step to step because each mini-batch differs.",
@@ -840,7 +871,7 @@ def verdict_shrinks(res: Results) -> dict:
         verdict = SUPPORTED
     else:
         verdict = PARTLY
-    mean = lambda a: float(np.nanmean(a))
+    mean = lambda a: float(_nanmean(a))
     listed = lambda sizes: ", ".join(map(str, sizes)) or "none"
     lines = [
         f"the spread and the gradient norm both shrink at B = {listed(holds)} (of "
@@ -1027,7 +1058,8 @@ def verdict_batch_size(res: Results) -> dict:
     yes = lambda flag: "not measured" if flag is None else "yes" if flag else "no"
     at = lambda b: "-" if b is None else b
     evidence = (
-        f"steadier: SGD oscillation falls with B ({yes(steadier)}); costlier: examples to target "
+        f"steadier: SGD oscillation falls with B ({yes(steadier)}"
+        f"{_unmeasured_oscillation(res)}); costlier: examples to target "
         f"{_fmt(examples.get(lo_b), '.3g')} at B = {at(lo_b)} vs "
         f"{_fmt(examples.get(hi_b), '.3g')} at B = {at(hi_b)}, fitted B_crit = "
         f"{_fmt(fit.b_crit if fit else None)} (S_min = {_fmt(fit.s_min if fit else None)} "

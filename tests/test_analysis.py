@@ -310,3 +310,11 @@ def test_steps_table_names_no_best_lr_where_most_seeds_diverged_at_every_lr():
     ]
     table = analysis.steps_table_markdown(analysis.best_settings(records))
     assert table.endswith("| 0 | 8 | none (diverged) | - | - | - | 0/2 | - | - |")
+
+
+def test_oscillation_of_a_batch_loss_of_exactly_zero_is_nan_without_a_warning():
+    # Long small-batch runs (B = 4, 40000 steps) record batch losses of exactly 0 (float32
+    # underflow): log(0) is -inf, and the moving average's -inf - -inf warned.
+    loss = np.exp(_noisy_loss(400, 0.1))
+    loss[390] = 0.0
+    assert np.isnan(analysis.oscillation(loss[None])[0])  # pytest turns a warning into an error

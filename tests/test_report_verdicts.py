@@ -926,3 +926,26 @@ def test_smith_le_noise_scale_is_stated_in_the_reports_learning_rate():
     assert "eps N / (B (1 - m)) with the heavy-ball lr eps" in noise
     assert "eta N / B" in noise
     assert "eta N / B" in report.verdict_momentum(res)["literature"]
+
+
+def test_claims_1_and_4_name_the_seeds_whose_oscillation_is_not_measurable():
+    # A batch loss of exactly 0 (float32 underflow in long small-batch runs) has no log: that
+    # seed's oscillation is NaN and was dropped, and a batch size with no seed left vanished
+    # from the rank correlation unsaid (and numpy warned).
+    sweep, curves = _sweep({(b, 0.0): (100, SHRINKING) for b in (16, 32, 64, 128)})
+    curves["b16_beta0.0.npz"]["batch_loss"][:, -30] = 0.0  # both seeds, in the last 20%
+    curves["b32_beta0.0.npz"]["batch_loss"][1, -30] = 0.0  # one seed
+    res = _results(sweep, curves)
+    noise = report.verdict_noise(res)["evidence"]
+    assert re.search(r"best lr: oscillation [\d.]+ at B = 32 to", noise)  # its seed with one
+    note = (
+        "the oscillation is not measurable where a batch loss is 0 (float32 underflow; its log "
+        "is undefined), left out: B = 16 (0 of 2 seeds), B = 32 (1 of 2 seeds)"
+    )
+    assert note in noise
+    assert note in report.verdict_batch_size(res)["evidence"]
+    # Claim 2's relative spread in the last tenth has no seed at B = 16 ("Mean of empty slice").
+    assert re.search(
+        r"B = 16 \(lr 0.1\): spread [\d.]+ -> [\d.]+, relative [\d.]+ -> -,",
+        (report.verdict_shrinks(res)["evidence"]),
+    )
