@@ -428,9 +428,9 @@ def fig_steps(res: Results, path: Path | BinaryIO) -> str:
     return (
         "Left: Shallue et al.'s steps-to-result, the median over seeds of the first evaluation at "
         "which the full training loss reached the target, at the best learning rate of each batch "
-        "size (bars: fastest and slowest seed). Dotted: perfect scaling from SGD's smallest batch. "
-        "Dashed: the fit S(B) = S_min (1 + B_crit / B) of McCandlish et al. Right: the same "
-        "results in examples processed, the compute a larger batch costs."
+        "size (bars: the fastest and the slowest seed that reached it). Dotted: perfect scaling "
+        "from SGD's smallest batch. Dashed: the fit S(B) = S_min (1 + B_crit / B) of McCandlish "
+        "et al. Right: the same results in examples processed, the compute a larger batch costs."
     )
 
 

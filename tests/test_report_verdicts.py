@@ -949,3 +949,13 @@ def test_claims_1_and_4_name_the_seeds_whose_oscillation_is_not_measurable():
         r"B = 16 \(lr 0.1\): spread [\d.]+ -> [\d.]+, relative [\d.]+ -> -,",
         (report.verdict_shrinks(res)["evidence"]),
     )
+
+
+def test_steps_caption_says_its_bars_span_the_seeds_that_reached(tmp_path):
+    # Three seeds, the third never reaching the target: the bar ends at the slowest seed that
+    # reached it (the table says so), while the caption said "slowest seed".
+    sweep, curves = _sweep({(b, 0.0): ([100, 120, None], FLAT) for b in (16, 32)}, seeds=3)
+    res = _results(sweep, curves)
+    res.meta["preset"]["target_loss"] = 0.5
+    caption = report.fig_steps(res, tmp_path / "steps.png")
+    assert "(bars: the fastest and the slowest seed that reached it)" in caption
