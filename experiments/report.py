@@ -224,9 +224,10 @@ def _color(beta: float, betas: Sequence[float]) -> str:
 
 
 def late_window_oscillation(res: Results, batch_size: int, beta: float) -> list[float]:
-    """Relative oscillation of the batch loss (analysis.oscillation) of each seed at the best lr."""
+    """Relative oscillation of the batch loss (analysis.oscillation) of each seed at the best lr
+    (none where there is no best lr: most seeds diverged at every lr)."""
     row = res.best_row(batch_size, beta)
-    if row is None:
+    if row is None or row["final_train_loss"] is None:
         return []
     values = []
     for record in res.sweep_runs(batch_size, beta, row["lr"]):
@@ -727,7 +728,7 @@ def _unmeasured_oscillation(res: Results) -> str:
     left_out = []
     for b in res.batch_sizes():
         row = res.best_row(b, 0.0)
-        if row is None:
+        if row is None or row["final_train_loss"] is None:  # no best lr
             continue
         seeds = [r for r in res.sweep_runs(b, 0.0, row["lr"]) if not r.get("diverged")]
         measured = len(late_window_oscillation(res, b, 0.0))

@@ -959,3 +959,14 @@ def test_steps_caption_says_its_bars_span_the_seeds_that_reached(tmp_path):
     res.meta["preset"]["target_loss"] = 0.5
     caption = report.fig_steps(res, tmp_path / "steps.png")
     assert "(bars: the fastest and the slowest seed that reached it)" in caption
+
+
+def test_claim_1_leaves_out_a_batch_size_with_no_best_lr():
+    # At B = 64 one of the two seeds diverged at every lr: no best lr (claims 2 and 3 and the
+    # best-lr figure leave it out), but the surviving seed's oscillation entered claim 1.
+    sweep, curves = _sweep({(b, 0.0): (100, SHRINKING) for b in (16, 32, 64, 128)})
+    _diverged([r for r in sweep if r["batch_size"] == 64 and r["seed"] == 1], curves)
+    res = _results(sweep, curves)
+    assert res.best_row(64, 0.0)["final_train_loss"] is None
+    assert report.late_window_oscillation(res, 64, 0.0) == []
+    assert report._sgd_oscillation_by_batch(res)[0] == [16, 32, 128]
