@@ -2,6 +2,7 @@
 
 import pathlib
 import re
+import types
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -27,29 +28,43 @@ def test_ci_runs_the_readme_test_command():
 
 
 def _python_blocks():
-    """The README's Python examples, each keyed by its first line."""
+    """The README's Python examples, each keyed by its first line that is not an import."""
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)\n```", readme, flags=re.DOTALL)
-    return {block.splitlines()[0]: block for block in blocks}
+    return {_first_statement(block): block for block in blocks}
 
 
-def _run(first_line, *, replace=("", ""), **names):
-    """Runs the README example that starts with ``first_line`` in a namespace of ``names``
-    (with ``replace``'s first text replaced by its second)."""
+def _first_statement(code):
+    return next(
+        line for line in code.splitlines() if line and not line.startswith(("import ", "from "))
+    )
+
+
+def _run(example, *, replace=("", ""), part=None, **names):
+    """Runs the README example keyed ``example`` in a namespace of ``names``, with ``replace``'s
+    first text replaced by its second; ``part="before"`` or ``"after"`` runs only the code before
+    or after its ``# Later, in a fresh process`` comment. ``names`` are a user's own data, never
+    modules: a reader who copies an example gets its imports with it."""
     blocks = _python_blocks()
-    assert first_line in blocks, sorted(blocks)
-    exec(compile(blocks[first_line].replace(*replace), "README.md", "exec"), names)
+    assert example in blocks, sorted(blocks)
+    modules = [name for name, value in names.items() if isinstance(value, types.ModuleType)]
+    assert not modules, modules
+    before, marker, after = blocks[example].partition("# Later, in a fresh process")
+    code = {None: blocks[example], "before": before, "after": marker + after}[part]
+    exec(compile(code.replace(*replace), "README.md", "exec"), names)
     return names
 
 
 def test_every_python_example_of_the_readme_is_run_here():
     assert sorted(_python_blocks()) == sorted(
         [
-            "import optax",
-            "import jax.numpy as jnp",
-            "import jax",
-            "import orbax.checkpoint as ocp",
-            "from jax.sharding import AxisType, NamedSharding, PartitionSpec as P",
+            "tx = optax.chain(",
+            "optimizer = nnx.Optimizer(model, emm.ema_sgd(learning_rate=0.1, beta=0.9), "
+            "wrt=nnx.Param)",
+            "state = train_state.TrainState.create(",
+            "with ocp.StandardCheckpointer() as checkpointer:  # path: an absolute pathlib.Path",
+            "jax.distributed.initialize()  # multi-host only: once per process, before any "
+            "other JAX call",
             "tx = emm.ema_sgd(lr, beta=0.999, accumulator_dtype=jnp.bfloat16, "
             'rounding="stochastic", seed=0)',
         ]
@@ -67,7 +82,7 @@ def test_readme_optax_chain():
     import jax.numpy as jnp
 
     params = _params()
-    ns = _run("import optax", params=params, grads=jax.tree.map(jnp.ones_like, params))
+    ns = _run("tx = optax.chain(", params=params, grads=jax.tree.map(jnp.ones_like, params))
     assert ns["state"][2][0].count == 1  # the chain's third element is ema_sgd
     assert all(bool(jnp.all(ns["params"][k] < params[k])) for k in params)
 
@@ -80,10 +95,8 @@ def test_readme_flax_nnx():
     import jax.numpy as jnp
     from flax import nnx
 
-    import ema_momentum as emm
-
     model = nnx.Linear(4, 1, rngs=nnx.Rngs(0))
-    ns = _run("import jax.numpy as jnp", emm=emm, model=model)
+    ns = _run(next(k for k in _python_blocks() if k.startswith("optimizer = nnx")), model=model)
     x, y = jnp.ones((8, 4)), jnp.zeros((8, 1))
     losses = _losses(lambda: ns["train_step"](model, ns["optimizer"], x, y))
     assert losses[2] < losses[0]
@@ -94,10 +107,10 @@ def test_readme_flax_linen():
     import jax
     import jax.numpy as jnp
 
-    import ema_momentum as emm
-
     x, y = jnp.ones((8, 4)), jnp.zeros((8, 1))
-    ns = _run("import jax", emm=emm, jnp=jnp, model=nn.Dense(1), key=jax.random.key(0), x=x)
+    ns = _run(
+        "state = train_state.TrainState.create(", model=nn.Dense(1), key=jax.random.key(0), x=x
+    )
     state, losses = ns["state"], []
     for _ in range(3):
         state, loss = ns["train_step"](state, x, y)
@@ -115,10 +128,11 @@ def test_readme_orbax_checkpoint(tmp_path):
     tx = emm.ema_sgd(0.1, beta=0.9, debias=True)
     params = _params()
     _, opt_state = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
-    ns = _run(
-        "import orbax.checkpoint as ocp", emm=emm, jax=jax, path=tmp_path, params=params,
-        opt_state=opt_state, init_params=_params,
-    )  # fmt: skip
+    key = next(k for k in _python_blocks() if k.startswith("with ocp.StandardCheckpointer()"))
+    _run(key, part="before", path=tmp_path, params=params, opt_state=opt_state)
+    # The restoring part runs as in a fresh process: only the path and the user's own
+    # init_params are carried over, no import and no name from the saving part.
+    ns = _run(key, part="after", path=tmp_path, init_params=_params)
     saved = {"params": params, "opt_state": opt_state}
     assert jax.tree.structure(ns["restored"]) == jax.tree.structure(saved)
     assert jax.tree.all(
@@ -130,17 +144,17 @@ def test_readme_orbax_checkpoint(tmp_path):
 def test_readme_scaling_out_keeps_the_velocity_sharded_like_the_params():
     import jax
     import jax.numpy as jnp
-    import optax
 
     import ema_momentum as emm
 
     def loss(p, x, y):
         return jnp.mean((x @ p["w"] - y) ** 2) + jnp.sum(p["b"] ** 2)
 
+    key = next(k for k in _python_blocks() if k.startswith("jax.distributed.initialize()"))
     ns = _run(
-        "from jax.sharding import AxisType, NamedSharding, PartitionSpec as P",
+        key,
         replace=("jax.distributed.initialize()", "pass"),  # one host here
-        jax=jax, optax=optax, tx=emm.ema_sgd(0.1, 0.9), loss=loss, params=_params(),
+        tx=emm.ema_sgd(0.1, 0.9), loss=loss, params=_params(),
         x=jnp.ones((16, 8)), y=jnp.zeros((16, 2)),
     )  # fmt: skip
     params, opt_state = ns["step"](ns["params"], ns["opt_state"], ns["x"], ns["y"])
@@ -153,10 +167,8 @@ def test_readme_scaling_out_keeps_the_velocity_sharded_like_the_params():
 def test_readme_bfloat16_state():
     import jax.numpy as jnp
 
-    import ema_momentum as emm
-
     first = next(k for k in _python_blocks() if k.startswith("tx = emm.ema_sgd(lr"))
-    ns = _run(first, emm=emm, jnp=jnp, lr=0.1)
+    ns = _run(first, lr=0.1)
     assert ns["tx"].init({"w": jnp.ones(3)})[0].velocity["w"].dtype == jnp.bfloat16
 
 
