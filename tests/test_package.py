@@ -3,6 +3,8 @@
 import pathlib
 import tomllib
 
+import pytest
+
 import ema_momentum as emm
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -34,3 +36,17 @@ def test_the_build_backend_accepts_the_license_string():
     assert setuptools.startswith("setuptools>=")
     major = int(setuptools.removeprefix("setuptools>=").split(".")[0])
     assert major >= 77
+
+
+def test_the_sdist_ships_the_files_its_tests_read(monkeypatch):
+    # setuptools puts tests/test*.py in the sdist by default; test_readme compares the README
+    # with the exported report under docs/, so the sdist must carry docs/ too (MANIFEST.in,
+    # read here by setuptools' own parser) or its tests fail with a FileNotFoundError.
+    file_list = pytest.importorskip("setuptools.command.egg_info").FileList()
+    monkeypatch.chdir(ROOT)
+    for line in (ROOT / "MANIFEST.in").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            file_list.process_template_line(line)
+    docs = {p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").rglob("*") if p.is_file()}
+    assert "docs/results/verdicts.json" in docs
+    assert docs <= set(file_list.files)
