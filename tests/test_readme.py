@@ -246,3 +246,19 @@ def test_readme_verdicts_are_those_of_the_exported_report():
     rows = re.findall(r"^\| (\d)\. [^|]*\| \*\*([^*]+)\*\* \|", section, flags=re.MULTILINE)
     stored = json.loads((ROOT / "docs" / "results" / "verdicts.json").read_text())
     assert rows == [(v["claim"].split(".", 1)[0], v["verdict"]) for v in stored]
+
+
+def test_readme_integer_option_bounds_are_the_clis():
+    """The Results paragraph's bounds on integer options are those the command line enforces."""
+    from experiments import cli, nqm, quadratic
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    bounds = re.search(
+        r"\(`nqm`'s batch sizes below 2\*\*(\d+)[^;]*; `quadratic --steps` is at most "
+        r"([0-9,]+); `--seeds` at most ([0-9,]+)\)",
+        readme,
+    )
+    assert bounds, "the README's sentence on integer options changed"
+    assert 2 ** int(bounds[1]) == nqm.MAX_BATCH_SIZE
+    assert int(bounds[2].replace(",", "")) == quadratic.MAX_STEPS
+    assert int(bounds[3].replace(",", "")) == cli.MAX_SEEDS
