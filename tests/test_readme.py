@@ -262,3 +262,60 @@ def test_readme_integer_option_bounds_are_the_clis():
     assert 2 ** int(bounds[1]) == nqm.MAX_BATCH_SIZE
     assert int(bounds[2].replace(",", "")) == quadratic.MAX_STEPS
     assert int(bounds[3].replace(",", "")) == cli.MAX_SEEDS
+
+
+def test_readme_bfloat16_state_bytes():
+    """The bfloat16 section's byte counts for 20M float32 params, with and without x64 (shapes
+    only: jax.eval_shape allocates nothing)."""
+    import jax
+    import jax.numpy as jnp
+
+    import ema_momentum as emm
+
+    enable_x64 = getattr(jax, "enable_x64", None)
+    if enable_x64 is None:  # older jax
+        from jax.experimental import enable_x64
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    claim = re.search(
+        r"for (\d+)M float32 params the state takes ([0-9,]+) bytes in float32 and ([0-9,]+) "
+        r"bytes in bf16 \(the (\d+) extra bytes .*?; (\d+) under x64",
+        readme,
+    )
+    assert claim, "the README's sentence on the bf16 state's bytes changed"
+    params = jax.ShapeDtypeStruct((int(claim[1]) * 10**6,), jnp.float32)
+
+    def state_bytes(accumulator_dtype):
+        tx = emm.ema_sgd(0.1, beta=0.999, accumulator_dtype=accumulator_dtype)
+        state = jax.eval_shape(tx.init, params)
+        return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
+
+    full, half, extra, extra_x64 = (int(claim[i].replace(",", "")) for i in (2, 3, 4, 5))
+    assert (state_bytes(None), state_bytes(jnp.bfloat16)) == (full, half)
+    assert full - params.size * 4 == half - params.size * 2 == extra
+    with enable_x64(True):
+        assert state_bytes(jnp.bfloat16) - params.size * 2 == extra_x64
+
+
+def test_readme_optax_ema_debias_under_a_schedule():
+    """The API section's numbers for optax.ema's debiasing under a beta schedule."""
+    import jax.numpy as jnp
+    import optax
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    claim = re.search(
+        r"`(optax\.inject_hyperparams\(optax\.ema\)\([^`]+\))` with a constant gradient 1 it "
+        r"returns ([0-9.]+), ([0-9.]+), …, ([0-9.]+) over (\w+) steps",
+        readme,
+    )
+    assert claim, "the README's sentence on optax.ema under a schedule changed"
+    tx = eval(claim[1], {"optax": optax})
+    steps = {"six": 6}[claim[5]]
+    state, outputs = tx.init(jnp.zeros(())), []
+    for _ in range(steps):
+        update, state = tx.update(jnp.ones(()), state)
+        outputs.append(float(update))
+    shown = [claim[2], claim[3], claim[4]]
+    got = [outputs[0], outputs[1], outputs[-1]]
+    assert [round(g, len(s.split(".")[1])) for g, s in zip(got, shown, strict=True)] == [
+        float(s) for s in shown
+    ]
