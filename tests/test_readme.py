@@ -319,3 +319,51 @@ def test_readme_optax_ema_debias_under_a_schedule():
     assert [round(g, len(s.split(".")[1])) for g, s in zip(got, shown, strict=True)] == [
         float(s) for s in shown
     ]
+
+
+def test_readme_baselines_table_is_that_of_the_stored_results():
+    """The README's baselines table: the linear and MLP rows are those of the exported report
+    (docs/results/report.md), the CNN row those of docs/results/baselines_cnn.json."""
+    import json
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Baselines", 1)[1].split("\n## ", 1)[0]
+    rows = {
+        m[0]: m[1:]
+        for m in re.findall(
+            r"^\| (logistic regression|MLP|CNN)[^|]*\| [\d.]+% \| ([\d.]+)(?: ± ([\d.]+))?% "
+            r"\| ([\d.]+)(?: ± ([\d.]+))?% \(lr ([\d.]+)\) \|$",
+            section,
+            flags=re.MULTILINE,
+        )
+    }
+    assert sorted(rows) == ["CNN", "MLP", "logistic regression"], rows
+    report = (ROOT / "docs" / "results" / "report.md").read_text()
+    stored = dict(
+        (m[0], m[1:])
+        for m in re.findall(
+            r"^\| (linear|mlp) \| [\d.]+ \| ([\d.]+) "
+            r"\| ([\d.]+) \(beta 0\.9, lr ([\d.]+)\) \| 1 \|$",
+            report,
+            flags=re.MULTILINE,
+        )
+    )
+    pct = lambda fraction: f"{100 * float(fraction):.1f}"
+    for name, model in (("logistic regression", "linear"), ("MLP", "mlp")):
+        adam, adam_std, ema, ema_std, lr = rows[name]
+        assert (adam, adam_std, ema, ema_std) == (
+            pct(stored[model][0]),
+            "",
+            pct(stored[model][1]),
+            "",
+        )
+        assert float(lr) == float(stored[model][2])
+    cnn = json.loads((ROOT / "docs" / "results" / "baselines_cnn.json").read_text())["cnn"]
+    assert rows["CNN"] == (
+        pct(cnn["test_accuracy"]),
+        pct(cnn["test_accuracy_std"]),
+        pct(cnn["ema_sgd"]["test_accuracy"]),
+        pct(cnn["ema_sgd"]["test_accuracy_std"]),
+        f"{cnn['ema_sgd']['lr']:g}",
+    )
+    assert f"CNN ({cnn['seeds']} seeds)" in section
