@@ -189,8 +189,9 @@ def test_best_lr_is_the_rule_the_notebook_states(swept):
 def install_cell(monkeypatch):
     """Runs the install cell as on a fresh runtime (nothing importable); pip is recorded, not run.
 
-    Returns a function of ``PROJECT``'s value (Python source), the preinstalled JAX's version and
-    what pip answers (exit status, stdout, stderr) that returns pip's argument list and the
+    Returns a function of ``PROJECT``'s value (Python source), the preinstalled JAX's version,
+    what pip answers (exit status, stdout, stderr) and the versions it installs over installed
+    distributions (name to version) that returns pip's argument list and the
     constraints file's text, or ``None`` when the cell did not call pip. As on Colab, whose kernel
     does not forward a child process's own output to the notebook, pip's output reaches the
     notebook only if the cell captures it.
@@ -199,16 +200,19 @@ def install_cell(monkeypatch):
     source = _cell(nb, "install")
     assert source.count("\nPROJECT = None") == 1
 
-    def run(project="None", missing=True, jax_version=None, pip=(0, "", "")):
+    def run(project="None", missing=True, jax_version=None, pip=(0, "", ""), replaces=None):
         calls = []
-        installed = version = importlib.metadata.version
-        if jax_version is not None:  # a preinstalled JAX of this version
-            version = lambda name: jax_version if name in ("jax", "jaxlib") else installed(name)
+        installed = importlib.metadata.version
+        versions = {} if jax_version is None else {"jax": jax_version, "jaxlib": jax_version}
+
+        def version(name):
+            return versions[name] if name in versions else installed(name)
 
         def fake_run(cmd, *, capture_output=False, check=False, text=False, **kwargs):
             constraints = Path(cmd[cmd.index("-c") + 1])
             calls.append((cmd, constraints.read_text()))
             constraints.unlink()
+            versions.update(replaces or {})  # what pip installed in place of what was there
             code, out, err = pip
             if not (capture_output and text):
                 out = err = None  # lost (or bytes, which the cell should not get)
@@ -265,6 +269,17 @@ def test_install_cell_shows_what_pip_says(install_cell, monkeypatch, capsys):
     with pytest.raises(RuntimeError, match=r"pip failed \(exit status 1\); its messages are above"):
         install_cell(pip=(1, "", error))
     assert capsys.readouterr().err == error
+
+
+def test_install_cell_stops_when_pip_replaced_a_package_already_imported(install_cell, monkeypatch):
+    # The prose told users to restart "if pip reports that it changed a package this runtime had
+    # already imported", but pip never says so (Colab's warning comes from its `!pip` magic, not
+    # from pip): the notebook went on with the old numpy loaded and the new one on disk.
+    monkeypatch.chdir(NOTEBOOK.parent)
+    numpy_version = importlib.metadata.version("numpy")  # numpy is imported in this process
+    with pytest.raises(RuntimeError, match=rf"numpy {numpy_version} -> 0\.0\.1\).*restart"):
+        install_cell(replaces={"numpy": "0.0.1"})
+    install_cell(replaces={"nbformat-not-installed": "1.0"})  # a new package: nothing to restart
 
 
 def test_install_cell_does_nothing_when_everything_is_importable(install_cell, monkeypatch):
