@@ -279,7 +279,14 @@ def test_install_cell_stops_when_pip_replaced_a_package_already_imported(install
     numpy_version = importlib.metadata.version("numpy")  # numpy is imported in this process
     with pytest.raises(RuntimeError, match=rf"numpy {numpy_version} -> 0\.0\.1\).*restart"):
         install_cell(replaces={"numpy": "0.0.1"})
-    install_cell(replaces={"nbformat-not-installed": "1.0"})  # a new package: nothing to restart
+    # A distribution installed but not imported here may change without a restart.
+    imported = {name.partition(".")[0] for name in sys.modules}
+    provided = {}
+    for name, dists in importlib.metadata.packages_distributions().items():
+        for dist in dists:
+            provided.setdefault(dist, set()).add(name)
+    unimported = sorted(dist for dist, names in provided.items() if not names & imported)
+    assert install_cell(replaces={unimported[0]: "0.0.1", "newly-installed": "1.0"})
 
 
 def test_install_cell_does_nothing_when_everything_is_importable(install_cell, monkeypatch):
