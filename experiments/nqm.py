@@ -176,9 +176,14 @@ def velocity_moment_map(
 
 
 def _affine_map(
-    lr: np.ndarray, beta: np.ndarray, batch_size: float, h: np.ndarray
+    lr: np.ndarray, beta: np.ndarray, batch_size: float, h: np.ndarray, *, sgd: bool | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    if np.all(beta == 0):
+    """:func:`sgd_map` if ``sgd`` (default: if every beta is 0), else :func:`velocity_moment_map`.
+
+    A subset of settings must be mapped in the basis that the whole set was (a subset of mixed
+    betas may be all SGD): pass ``sgd`` then.
+    """
+    if np.all(beta == 0) if sgd is None else sgd:
         return sgd_map(lr, batch_size, h)
     return velocity_moment_map(lr, beta, batch_size, h)
 
@@ -303,7 +308,8 @@ def steps_to_target(
     active = active[stationary_loss(lr[active], beta[active], batch_size, h) <= target]
     if active.size == 0:
         return result
-    matrix, offset = _affine_map(lr[active], beta[active], batch_size, h)
+    sgd = bool(np.all(beta[active] == 0))  # the basis of every setting, bisection included
+    matrix, offset = _affine_map(lr[active], beta[active], batch_size, h, sgd=sgd)
     state = _initial_state(offset)
     t, stride = 0, 1
     while active.size and t < max_steps:
@@ -318,6 +324,7 @@ def steps_to_target(
                 h,
                 target,
                 stride,
+                sgd=sgd,
             )
             if stop_at_first:
                 break
@@ -342,9 +349,14 @@ def _bisect(
     h: np.ndarray,
     target: float,
     stride: int,
+    *,
+    sgd: bool,
 ) -> np.ndarray:
-    """Steps ``k`` in ``1..stride`` after ``state`` at which the loss first reaches the target."""
-    powers = [_affine_map(lr, beta, batch_size, h)]
+    """Steps ``k`` in ``1..stride`` after ``state`` at which the loss first reaches the target.
+
+    ``sgd``: whether ``state`` is in the basis of :func:`sgd_map` (else the velocity basis).
+    """
+    powers = [_affine_map(lr, beta, batch_size, h, sgd=sgd)]
     while 2 ** len(powers) < stride:
         powers.append(_compose_square(*powers[-1]))
     advanced = np.zeros(lr.shape, dtype=np.int64)

@@ -188,6 +188,23 @@ def test_stop_at_first_returns_only_the_fastest():
     assert np.all(np.delete(first, fastest) == np.inf)
 
 
+def test_sgd_and_momentum_in_one_call_give_what_each_gives_alone():
+    # beta broadcasts to [n], so one call may mix SGD (b = 0) with momentum: the walk then runs
+    # every setting in the 3-moment velocity basis, and the bisection of a crossing cell must
+    # too (it used the 1-moment SGD map on the SGD columns' 3 moments: 136, not 135).
+    h = nqm.curvatures(50)
+    lr, beta = np.array([0.5, 0.05, 0.3]), np.array([0.0, 0.9, 0.0])
+    together = nqm.steps_to_target(lr, beta, 1e4, h=h, max_steps=5000)
+    pairs = list(zip(lr, beta, strict=True))
+    alone = [nqm.steps_to_target([a], b, 1e4, h=h, max_steps=5000)[0] for a, b in pairs]
+    first = [
+        np.flatnonzero(nqm.expected_loss_curve(a, b, 1e4, 5000, h) <= nqm.TARGET_LOSS)[0]
+        for a, b in pairs
+    ]
+    np.testing.assert_array_equal(alone, first)
+    np.testing.assert_array_equal(together, alone)
+
+
 def test_momentum_helps_only_at_large_batch():
     # The paper's model (d = 10^4). At B = 1 the noise floor, not curvature,
     # limits the step, and momentum's best is the same as SGD's (measured:
