@@ -293,7 +293,7 @@ def steps_to_target(
     """
     if grid_per_octave < 1 or grid_per_octave & (grid_per_octave - 1):
         raise ValueError(f"grid_per_octave must be a power of 2, got {grid_per_octave}")
-    if batch_size <= 0:
+    if not batch_size > 0:  # NaN too
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
     h = curvatures() if h is None else np.asarray(h, dtype=np.float64)
     lr = np.atleast_1d(np.asarray(lr, dtype=np.float64))
@@ -448,8 +448,12 @@ def study(
       Steps that were not reached (and their lrs) are ``None``.
 
     Raises:
+      ValueError: a beta outside [0, 1) (checked before anything is tuned).
       ChildProcessError: a worker process died (killed, out of memory) before the end.
     """
+    bad = [beta for beta in betas if not 0.0 <= beta < 1.0]
+    if bad:
+        raise ValueError(f"betas must be in [0, 1), got {bad[0]}")
     task = functools.partial(
         _study_one,
         betas=tuple(betas),

@@ -205,6 +205,21 @@ def test_sgd_and_momentum_in_one_call_give_what_each_gives_alone():
     np.testing.assert_array_equal(together, alone)
 
 
+@pytest.mark.parametrize("batch_size", [float("nan"), 0.0, -1.0])
+def test_a_batch_size_that_is_not_positive_is_refused(batch_size):
+    # NaN failed no comparison, so every setting silently came back as inf ("never reached").
+    with pytest.raises(ValueError, match="batch_size"):
+        nqm.steps_to_target([0.1], 0.0, batch_size, h=nqm.curvatures(5))
+
+
+@pytest.mark.parametrize("beta", [1.0, -0.1, float("nan")])
+def test_study_refuses_a_beta_outside_0_1_before_tuning(beta, monkeypatch):
+    # beta = 1 tuned every other beta first, then raised ZeroDivisionError at a / (1 - beta).
+    monkeypatch.setattr(nqm, "tune", lambda *args, **kwargs: pytest.fail("tuned"))
+    with pytest.raises(ValueError, match="betas"):
+        nqm.study([4], (0.0, beta), dim=5)
+
+
 def test_momentum_helps_only_at_large_batch():
     # The paper's model (d = 10^4). At B = 1 the noise floor, not curvature,
     # limits the step, and momentum's best is the same as SGD's (measured:
