@@ -1407,7 +1407,8 @@ def _nqm_section(res: Results) -> str:
     else:
         ratios = "No batch size reached the target. "
     grid = [float(beta) for beta in rows[0].get("by_beta", {})]
-    at_edge = [r["batch_size"] for r in rows if grid and r["momentum_beta"] == max(grid)]
+    # With one beta there is no grid to be at the edge of: nothing was tuned.
+    at_edge = [r["batch_size"] for r in rows if len(grid) > 1 and r["momentum_beta"] == max(grid)]
     edge = (
         f" The tuned beta is the largest of the grid ({max(grid):g}) at B = "
         f"{', '.join(map(str, at_edge))}: there the optimum may lie beyond it."

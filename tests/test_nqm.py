@@ -470,3 +470,15 @@ def test_tuning_reaches_the_small_steps_of_a_beta_near_one():
     for beta in (1.0, 1.5):  # unstable at every step: not reached, as before
         steps, lr = nqm.tune(1, beta, h=h)
         assert steps == np.inf and np.isnan(lr)
+
+
+def test_the_report_flags_a_tuned_beta_at_the_grid_edge_only_where_betas_were_tuned():
+    # With one beta (nqm --betas 0) the section said "the tuned beta is the largest of the grid
+    # (0) ... the optimum may lie beyond it": nothing was tuned.
+    one = nqm.study([4, 64], (0.9,), dim=20, refinements=0)
+    assert "largest of the grid" not in _section(one)
+    two = nqm.study([4, 64], (0.5, 0.9), dim=20, refinements=0)
+    at_edge = [row["batch_size"] for row in two if row["momentum_beta"] == 0.9]
+    assert at_edge  # the check below is not vacuous
+    text = _section(two)
+    assert f"largest of the grid (0.9) at B = {', '.join(map(str, at_edge))}:" in text
