@@ -444,13 +444,16 @@ class Study:
             os.close(lock)
 
     def _remove_leftovers(self) -> None:
-        """Removes the temporary files of ``write_json`` that a killed job left (hidden
-        ``.NAME.*.tmp`` next to the JSON files this job writes; never referenced). Not those of
-        ``verdicts.json``, which the ``report`` command also writes, without the lock."""
+        """Removes the temporary files of ``write_json`` and ``write_bytes`` that a killed job
+        left (hidden ``.NAME.*.tmp`` next to the JSON files and the two figures this job writes in
+        DIR; never referenced). Not those of ``verdicts.json``, ``report.md`` and ``figures/``,
+        which the ``report`` command also writes, without the lock."""
         for name in (
             STUDY_FILE,
             "quadratic.json",
+            "quadratic.png",
             "nqm.json",
+            "nqm.png",
             "noise_scale.json",
             "baselines.json",
         ):

@@ -625,3 +625,14 @@ def test_the_main_job_removes_temporary_files_a_killed_job_left(tmp_path, monkey
         ".verdicts.json.y.tmp",
         "keep.tmp",
     ]
+
+
+def test_the_main_job_removes_the_temporary_figures_a_killed_job_left(tmp_path, monkeypatch):
+    # quadratic.png and nqm.png are written beside their JSON (write_json_and_figure), ~300 kB
+    # and ~100 kB with an fsync: kill -9 meanwhile left the hidden temporary file for good, as
+    # for the JSON files, whose leftovers alone were removed.
+    for name in (".quadratic.png.a1b2c3.tmp", ".nqm.png.x.tmp", "figures.tmp"):
+        (tmp_path / name).write_bytes(b"\x89PNG")
+    monkeypatch.setattr(study.Study, "_run_all", lambda self: None)
+    study.Study(tmp_path, TINY, progress=False).run_all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "figures.tmp"]
