@@ -52,10 +52,25 @@ def read_json(path: Path) -> Any:
         raise ValueError(f"{str(path)!r} is not valid JSON ({e})") from None
 
 
+def _naming(path: Path, error: OSError) -> OSError:
+    """``error`` naming ``path``, the file being written: a full disk's write or fsync names no
+    file, and a refused temporary file names that hidden file, not the one the user knows."""
+    if error.errno is None or error.filename == str(path):
+        return error
+    return OSError(error.errno, error.strerror, str(path))  # the errno's subclass, as raised
+
+
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Writes ``data`` atomically: a crash leaves the old file or the new one, never half of one."""
+    """Writes ``data`` atomically: a crash leaves the old file or the new one, never half of one.
+
+    Raises:
+      OSError: what the file system refused (a full or read-only disk), naming ``path``.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _naming(path, e) from e
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -63,8 +78,10 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes the file private; results are for sharing
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _naming(path, e) from e
         raise
 
 
@@ -350,12 +367,17 @@ class ResultStore:
             while view:
                 view = view[os.write(self._runs, view) :]
             os.fsync(self._runs)
-        except BaseException:
+        except BaseException as e:
             os.ftruncate(self._runs, end)
+            if isinstance(e, OSError):
+                raise _naming(self.root / RUNS_FILE, e) from e
             raise
 
     def _write_npz_atomically(self, path: Path, arrays: dict[str, np.ndarray]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+        try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+        except OSError as e:
+            raise _naming(path, e) from e
         try:
             os.fchmod(fd, 0o644)  # mkstemp makes the file private; results are for sharing
             with os.fdopen(fd, "wb") as f:
@@ -363,8 +385,10 @@ class ResultStore:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as e:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise _naming(path, e) from e
             raise
         directory = os.open(path.parent, os.O_RDONLY)
         try:

@@ -179,8 +179,10 @@ def test_a_failed_append_leaves_no_torn_line_behind(tmp_path, monkeypatch):
 
     with store.ResultStore(tmp_path) as s:
         monkeypatch.setattr(store.os, "write", full_disk)
-        with pytest.raises(OSError, match="No space"):
+        # The error names the file: a write's own error names none.
+        with pytest.raises(OSError, match=f"No space.*{tmp_path / store.RUNS_FILE}") as raised:
             s.add_group(make_group([0.1]))
+        assert raised.value.errno == errno.ENOSPC
         monkeypatch.undo()
         assert s.records == []
         s.add_group(make_group([0.2], batch_size=32))
@@ -208,3 +210,26 @@ def test_json_and_figure_are_written_whole(tmp_path):
     assert (tmp_path / "r.png").read_bytes() == b"\x89PNG"
     assert sorted(os.listdir(tmp_path)) == ["r.json", "r.png"]
     assert oct((tmp_path / "r.png").stat().st_mode & 0o777) == "0o644"
+
+
+@pytest.mark.parametrize("fails", ["fsync", "mkstemp"])
+def test_a_refused_write_names_the_file_being_written(fails, tmp_path, monkeypatch):
+    # A full disk's fsync names no file ("error: [Errno 28] No space left on device"), and a
+    # read-only folder's refused temporary file is the hidden .report.md.xxxx.tmp: the CLI's one
+    # error line named neither the file nor the folder.
+    target = tmp_path / "report.md"
+
+    def refused(*args, **kwargs):
+        if fails == "fsync":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise PermissionError(
+            errno.EROFS, "Read-only file system", str(tmp_path / ".report.md.x.tmp")
+        )
+
+    monkeypatch.setattr(store.os if fails == "fsync" else store.tempfile, fails, refused)
+    with pytest.raises(OSError) as raised:
+        store.write_bytes(target, b"text")
+    assert raised.value.filename == str(target)
+    assert raised.value.errno == (errno.ENOSPC if fails == "fsync" else errno.EROFS)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []  # no temporary file left behind
