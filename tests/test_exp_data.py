@@ -308,3 +308,46 @@ def test_read_idx_refuses_a_magic_argument_it_cannot_read(tmp_path, magic):
     with pytest.raises(ValueError, match=f"magic must be IDX_IMAGES_MAGIC .*, got magic={magic!r}"):
         data.read_idx(path, magic)
     np.testing.assert_array_equal(data.read_idx(path, data.IDX_LABELS_MAGIC), np.arange(3))
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("size", [0, 3])
+def test_read_idx_a_file_shorter_than_its_magic_number_is_truncated(tmp_path, size, gz):
+    path = tmp_path / ("labels.gz" if gz else "labels")
+    write_idx(path, data.IDX_LABELS_MAGIC, np.arange(3), gz=gz, cut=4 + 4 + 3 - size)
+    with pytest.raises(ValueError, match=f"is truncated: {size} bytes, no header"):
+        data.read_idx(path, data.IDX_LABELS_MAGIC)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("cut", [1, 4])
+def test_read_idx_a_header_cut_inside_its_dimensions_is_truncated(tmp_path, cut, gz):
+    # With the magic number whole and the dimensions cut short (down to none, cut=4), a missing
+    # dimension must not read as 0: a .gz of labels holding only its magic number was 0 labels.
+    path = tmp_path / ("labels.gz" if gz else "labels")
+    write_idx(path, data.IDX_LABELS_MAGIC, np.zeros(0), gz=gz, cut=cut)
+    with pytest.raises(ValueError, match="is truncated inside its header"):
+        data.read_idx(path, data.IDX_LABELS_MAGIC)
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 3), (2, 3, 0), (2, 0, 0)])
+def test_read_idx_images_of_no_pixels_are_refused(tmp_path, shape):
+    path = tmp_path / "images"
+    write_idx(path, data.IDX_IMAGES_MAGIC, np.zeros(shape))
+    with pytest.raises(ValueError, match=rf"has empty images of shape \({shape[1]}, {shape[2]}\)"):
+        data.read_idx(path, data.IDX_IMAGES_MAGIC)
+
+
+def test_idx_num_classes_counts_a_class_seen_only_in_the_test_labels(tmp_path):
+    write_mnist(tmp_path)  # training labels 0..5
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", data.IDX_LABELS_MAGIC, [0, 1, 9, 2])
+    ds = data.load_dataset("idx", tmp_path)
+    assert int(ds.y_train.max()) == 5 and ds.num_classes == 10  # the model can output label 9
+
+
+def test_idx_gz_with_an_invalid_deflate_stream_is_a_value_error(tmp_path):
+    # A gzip header (no name, mtime 0) and a deflate block of the reserved type 3: zlib.error.
+    path = tmp_path / "labels.gz"
+    path.write_bytes(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + b"\x07" + bytes(8))
+    with pytest.raises(ValueError, match=r"cannot decompress IDX file .*invalid block type"):
+        data.read_idx(path, data.IDX_LABELS_MAGIC)
