@@ -1,5 +1,6 @@
 """Tests of experiments.store on hand-made groups: torn lines, leftovers, curve rows, duplicates."""
 
+import dataclasses
 import errno
 import json
 import os
@@ -140,7 +141,9 @@ def test_a_short_write_does_not_tear_a_record(tmp_path, monkeypatch):
         assert len(s.records) == 3
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty", "bit flip", "rows swapped"])
+@pytest.mark.parametrize(
+    "damage", ["truncated", "empty", "bit flip", "not a zip", "no run_ids", "rows swapped"]
+)
 def test_an_unreadable_or_mismatched_curves_file_is_refused(damage, tmp_path):
     # kill -9 cannot do this (curves are renamed into place whole), a disk fault or a hand can;
     # accepting it would count the runs as done and fail only in a report, later.
@@ -152,12 +155,17 @@ def test_an_unreadable_or_mismatched_curves_file_is_refused(damage, tmp_path):
         arrays = dict(np.load(npz))
         np.savez(npz, **{**arrays, "run_ids": arrays["run_ids"][::-1]})
         match = "row 0 of curves/.* holds another run"
+    elif damage == "no run_ids":
+        arrays = dict(np.load(npz))
+        np.savez(npz, **{k: v for k, v in arrays.items() if k != "run_ids"})
+        match = f"unreadable curves file \\(curves/{npz.name}: not an .npz of curves"
     else:
         npz.write_bytes(
             {
                 "truncated": data[: len(data) // 2],
                 "empty": b"",
                 "bit flip": data[:200] + bytes([data[200] ^ 1]) + data[201:],
+                "not a zip": b"not an npz",  # np.load reads it as a pickle: a ValueError
             }[damage]
         )
         match = f"unreadable curves file \\(curves/{npz.name}: "
@@ -233,3 +241,112 @@ def test_a_refused_write_names_the_file_being_written(fails, tmp_path, monkeypat
     assert raised.value.errno == (errno.ENOSPC if fails == "fsync" else errno.EROFS)
     monkeypatch.undo()
     assert os.listdir(tmp_path) == []  # no temporary file left behind
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b'{"run_id": "x", "curves": "curves/g.npz"}',  # no curve_index
+        b'{"run_id": "x", "curves": "curves/g.npz", "curve_index": "0"}',
+        b'{"run_id": "x", "curves": "curves/g.npz", "curve_index": 0.0}',
+        b'["x", "curves/g.npz", 0]',
+    ],
+)
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_a_line_of_valid_json_that_is_not_a_record_is_corruption(bad, where, tmp_path):
+    # Only a last line that is not JSON at all is taken for a crash's leftover and dropped: valid
+    # JSON was written whole (or edited by hand), and dropping it would recompute a run silently.
+    with store.ResultStore(tmp_path) as s:
+        s.add_group(make_group([0.1, 0.2]))
+    runs = tmp_path / store.RUNS_FILE
+    good = runs.read_bytes()
+    runs.write_bytes(bad + b"\n" + good if where == "first" else good + bad + b"\n")
+    line = 1 if where == "first" else 3
+    with pytest.raises(store.CorruptStoreError, match=f"corrupt record on line {line} "):
+        store.read_runs(tmp_path)
+    with pytest.raises(store.CorruptStoreError, match=f"corrupt record on line {line} "):
+        store.ResultStore(tmp_path)
+
+
+def test_a_negative_curve_index_is_refused(tmp_path):
+    # Row -1 is the last row to numpy: it holds this very run, yet the record names no row.
+    with store.ResultStore(tmp_path) as s:
+        s.add_group(make_group([0.1, 0.2]))
+    runs = tmp_path / store.RUNS_FILE
+    first, second = json_lines(runs.read_bytes())
+    second["curve_index"] = -1
+    runs.write_text("".join(json.dumps(r) + "\n" for r in (first, second)))
+    with pytest.raises(store.CorruptStoreError, match=r"row -1 of curves/.* holds another run"):
+        store.ResultStore(tmp_path)
+
+
+def test_curves_files_are_readable_by_others(tmp_path):
+    with store.ResultStore(tmp_path) as s:
+        s.add_group(make_group([0.1]))
+    (npz,) = (tmp_path / store.CURVES_DIR).glob("*.npz")
+    assert oct(npz.stat().st_mode & 0o777) == "0o644"  # mkstemp's 0o600 is private
+
+
+def test_a_failed_write_json_leaves_the_old_file_and_no_temporary_one(tmp_path, monkeypatch):
+    (tmp_path / "r.json").write_text('{"old": 1}\n')
+
+    def fail(*args):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(store.os, "replace", fail)
+    with pytest.raises(OSError, match="I/O error"):
+        store.write_json(tmp_path / "r.json", {"new": 2})
+    assert os.listdir(tmp_path) == ["r.json"]
+    assert (tmp_path / "r.json").read_text() == '{"old": 1}\n'
+
+
+def test_nan_is_refused_not_written_as_json(tmp_path):
+    # Strict JSON: a NaN (not JSON; jq and JavaScript refuse it) is a ValueError, nothing written.
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        store.write_json(tmp_path / "r.json", {"loss": float("nan")})
+    assert os.listdir(tmp_path) == []
+    group = make_group([0.1])
+    group = dataclasses.replace(
+        group, runs=(dataclasses.replace(group.runs[0], final_train_loss=float("nan")),)
+    )
+    with store.ResultStore(tmp_path) as s:
+        with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+            s.add_group(group)
+        assert s.records == [] and s.missing([group.runs[0].run_id]) != []
+    assert (tmp_path / store.RUNS_FILE).read_bytes() == b""
+
+
+def test_files_are_fsynced_before_they_are_renamed_or_referenced(tmp_path, monkeypatch):
+    # The crash-safety order of the module's docstring: a curves file is fsynced, renamed into
+    # place and its folder fsynced before any record pointing to it is written; each record is
+    # fsynced once written. write_json fsyncs its temporary file before renaming it into place.
+    events = []
+
+    def name(fd):
+        path = os.path.relpath(os.readlink(f"/proc/self/fd/{fd}"), tmp_path)
+        return "*.tmp" if path.endswith(".tmp") else path
+
+    def logged(what, call, named):
+        def wrapper(*args):
+            events.append((what, named(*args)))
+            return call(*args)
+
+        return wrapper
+
+    rel = lambda src, dst: os.path.relpath(dst, tmp_path)
+    with store.ResultStore(tmp_path) as s:
+        monkeypatch.setattr(store.os, "fsync", logged("fsync", os.fsync, name))
+        monkeypatch.setattr(store.os, "write", logged("write", os.write, lambda fd, _: name(fd)))
+        monkeypatch.setattr(store.os, "replace", logged("replace", os.replace, rel))
+        group = make_group([0.1, 0.2])
+        s.add_group(group)
+        store.write_json(tmp_path / "r.json", {"a": 1})
+    npz, runs = f"{store.CURVES_DIR}/{group.group_id}.npz", store.RUNS_FILE
+    assert events == [
+        ("fsync", "*.tmp"),
+        ("replace", npz),
+        ("fsync", store.CURVES_DIR),
+        *[("write", runs), ("fsync", runs)] * 2,
+        ("fsync", "*.tmp"),
+        ("replace", "r.json"),
+    ]
