@@ -42,6 +42,8 @@ def _concrete_float(value: Any, name: str, *, schedule: bool = True) -> float | 
         or (dtype is not None and jnp.issubdtype(dtype, jnp.complexfloating))
         # As `nesterov=1` is not True, `learning_rate=True` is a slip, not 1.
         or (dtype is not None and jnp.issubdtype(dtype, jnp.bool_))
+        # A 0-d string or object array: float() would parse np.array("0.9"), which "0.9" is not.
+        or (dtype is not None and not jnp.issubdtype(dtype, jnp.number))
     ):
         raise ValueError(f"{name} must be {what}, got {name}={value!r}.")
     try:

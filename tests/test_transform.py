@@ -889,6 +889,9 @@ NOT_SCALARS = [
     False,
     np.bool_(False),
     jnp.asarray(False),
+    np.array("0.9"),  # 0-d string arrays: float() parses them, and "0.9" is refused
+    np.array(b"0.9"),
+    np.array(0.9, dtype=object),
 ]
 
 
