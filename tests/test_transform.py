@@ -1180,3 +1180,13 @@ def test_ema_sgd_forwards_every_option_to_ema_momentum(kwargs):
     assert velocity.dtype == accumulator
     np.testing.assert_allclose(velocity, v, rtol=1e-12)
     np.testing.assert_allclose(np.stack(path), np.stack(expected), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("x64", [False, True])
+def test_init_count_is_an_int32_scalar(x64):
+    # The documented state: a float32 count would stop at 2**24 (2**24 + 1 rounds back to it).
+    with enable_x64(x64):
+        state = emm.ema_momentum(0.9).init(jnp.zeros(2))
+        assert state.count.shape == () and state.count.dtype == jnp.int32
+        _, state = emm.ema_momentum(0.9).update(jnp.ones(2), state)
+        assert state.count.dtype == jnp.int32 and state.count == 1
