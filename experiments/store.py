@@ -169,7 +169,7 @@ def _is_record(record: Any) -> bool:
         isinstance(record, dict)
         and isinstance(record.get("run_id"), str)
         and isinstance(record.get("curves"), str)
-        and isinstance(record.get("curve_index"), int)
+        and type(record.get("curve_index")) is int  # not a bool (true would read row 1)
     )
 
 

@@ -350,3 +350,15 @@ def test_files_are_fsynced_before_they_are_renamed_or_referenced(tmp_path, monke
         ("fsync", "*.tmp"),
         ("replace", "r.json"),
     ]
+
+
+def test_a_bool_curve_index_is_a_corrupt_record(tmp_path):
+    # JSON true is a Python bool, an int subclass: it was taken as row 1.
+    with store.ResultStore(tmp_path) as s:
+        s.add_group(make_group([0.1, 0.2]))
+    runs = tmp_path / store.RUNS_FILE
+    first, second = json_lines(runs.read_bytes())
+    second["curve_index"] = True
+    runs.write_text("".join(json.dumps(r) + "\n" for r in (first, second)))
+    with pytest.raises(store.CorruptStoreError, match="corrupt record on line 2 "):
+        store.read_runs(tmp_path)
