@@ -248,17 +248,24 @@ def test_readme_verdicts_are_those_of_the_exported_report():
     assert rows == [(v["claim"].split(".", 1)[0], v["verdict"]) for v in stored]
 
 
+def _readme_sentence(pattern, what):
+    """The match of ``pattern`` in the README's text with its line breaks and runs of spaces made
+    single spaces; fails naming ``what`` if the sentence changed."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    found = re.search(pattern, readme)
+    assert found, f"the README's sentence on {what} changed"
+    return found
+
+
 def test_readme_integer_option_bounds_are_the_clis():
     """The Results paragraph's bounds on integer options are those the command line enforces."""
     from experiments import cli, nqm, quadratic
 
-    readme = " ".join((ROOT / "README.md").read_text().split())
-    bounds = re.search(
+    bounds = _readme_sentence(
         r"\(`nqm`'s batch sizes below 2\*\*(\d+)[^;]*; `quadratic --steps` is at most "
         r"([0-9,]+); `--seeds` at most ([0-9,]+)\)",
-        readme,
+        "integer options",
     )
-    assert bounds, "the README's sentence on integer options changed"
     assert 2 ** int(bounds[1]) == nqm.MAX_BATCH_SIZE
     assert int(bounds[2].replace(",", "")) == quadratic.MAX_STEPS
     assert int(bounds[3].replace(",", "")) == cli.MAX_SEEDS
@@ -275,13 +282,11 @@ def test_readme_bfloat16_state_bytes():
     enable_x64 = getattr(jax, "enable_x64", None)
     if enable_x64 is None:  # older jax
         from jax.experimental import enable_x64
-    readme = " ".join((ROOT / "README.md").read_text().split())
-    claim = re.search(
+    claim = _readme_sentence(
         r"for (\d+)M float32 params the state takes ([0-9,]+) bytes in float32 and ([0-9,]+) "
         r"bytes in bf16 \(the (\d+) extra bytes .*?; (\d+) under x64",
-        readme,
+        "the bf16 state's bytes",
     )
-    assert claim, "the README's sentence on the bf16 state's bytes changed"
     params = jax.ShapeDtypeStruct((int(claim[1]) * 10**6,), jnp.float32)
 
     def state_bytes(accumulator_dtype):
@@ -301,13 +306,11 @@ def test_readme_optax_ema_debias_under_a_schedule():
     import jax.numpy as jnp
     import optax
 
-    readme = " ".join((ROOT / "README.md").read_text().split())
-    claim = re.search(
+    claim = _readme_sentence(
         r"`(optax\.inject_hyperparams\(optax\.ema\)\([^`]+\))` with a constant gradient 1 it "
         r"returns ([0-9.]+), ([0-9.]+), …, ([0-9.]+) over (\w+) steps",
-        readme,
+        "optax.ema under a schedule",
     )
-    assert claim, "the README's sentence on optax.ema under a schedule changed"
     tx = eval(claim[1], {"optax": optax})
     steps = {"six": 6}[claim[5]]
     state, outputs = tx.init(jnp.zeros(())), []
