@@ -58,7 +58,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import ema_momentum as emm
 from experiments import shuffle
 from experiments.data import Dataset
-from experiments.models import cross_entropy, loss_fn, make_model, ordered_sum
+from experiments.models import MODELS, cross_entropy, loss_fn, make_model, ordered_sum
 
 EXPLOSION_FACTOR = 100.0
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -399,14 +399,7 @@ def _validate(
     eval_every: int,
     target_loss: float | None,
 ) -> None:
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int | np.integer) and not isinstance(v, bool)
-
-    if not is_int(batch_size) or not 1 <= batch_size <= data.n_train:
-        raise ValueError(
-            f"batch_size must be an int in [1, {data.n_train}] (the training set size), "
-            f"got batch_size={batch_size!r}."
-        )
+    check_batch_size(data, batch_size)
     # The engine trains in float32: a beta such as 0.99999999 would become 1 (no learning), an lr
     # of 1e-50 would become 0 and one of 1e39 infinite.
     if not (math.isfinite(beta) and 0.0 <= beta < 1.0 and np.float32(beta) < 1.0):
@@ -417,13 +410,32 @@ def _validate(
         )
     if not seeds or not all(is_int(s) and 0 <= s < 2**31 for s in seeds):
         raise ValueError(f"seeds must be a non-empty list of ints in [0, 2**31), got {seeds!r}.")
-    if not is_int(steps) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got steps={steps!r}.")
+    # A repeated lr or seed would train the same run twice, under one run id.
+    for name, values in (("lrs", lrs), ("seeds", seeds)):
+        if len(set(values)) != len(values):
+            raise ValueError(f"{name} must not repeat a value, got {name}={values!r}.")
+    # The engine counts steps in int32.
+    if not is_int(steps) or not 1 <= steps < 2**31:
+        raise ValueError(f"steps must be an int in [1, 2**31), got steps={steps!r}.")
     if not is_int(eval_every) or not 1 <= eval_every <= steps:
         raise ValueError(f"eval_every must be an int in [1, steps], got eval_every={eval_every!r}.")
     # NaN and inf fail too.
     if target_loss is not None and not (is_number(target_loss) and 0 <= target_loss <= FLOAT32_MAX):
         raise ValueError(f"target_loss must be a float32 number >= 0, got {target_loss!r}.")
+
+
+def is_int(value: Any) -> bool:
+    """Whether ``value`` is a Python or NumPy integer (not a bool)."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def check_batch_size(data: Dataset, batch_size: int) -> None:
+    """Raises a ValueError unless ``batch_size`` is an int in ``[1, data.n_train]``."""
+    if not is_int(batch_size) or not 1 <= batch_size <= data.n_train:
+        raise ValueError(
+            f"batch_size must be an int in [1, {data.n_train}] (the training set size), "
+            f"got batch_size={batch_size!r}."
+        )
 
 
 def is_number(value: Any) -> bool:
@@ -480,6 +492,66 @@ def _finite_or_none(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+def check_group(
+    data: Dataset,
+    model: str,
+    batch_size: int,
+    beta: float,
+    lrs: Sequence[float],
+    seeds: Sequence[int],
+    steps: int,
+    eval_every: int,
+    *,
+    target_loss: float | None = None,
+    devices: Sequence[jax.Device] | None = None,
+    optimizer: str = DEFAULT_OPTIMIZER,
+) -> tuple[GroupSpec, _Static, list[float], list[int], float | None, list[jax.Device]]:
+    """Checks :func:`run_group`'s arguments without computing anything (``run_sweep`` checks
+    every group with it before it opens its results directory).
+
+    Returns:
+      The group's spec and compile-time settings, and ``lrs``, ``seeds``, ``target_loss`` and
+      ``devices`` as plain Python values (``devices`` defaulting to all of ``jax.devices()``).
+
+    Raises:
+      TypeError: if ``data`` is not a :class:`experiments.data.Dataset`.
+      ValueError: for any other argument out of range, naming it and its value.
+    """
+    if not isinstance(data, Dataset):
+        raise TypeError(f"data must be an experiments.data.Dataset, got data={data!r}.")
+    # Not float() on anything: it would take the string "0.9" and fail on None with a TypeError.
+    if not is_number(beta):
+        raise ValueError(f"beta must be a number, got beta={beta!r}.")
+    lrs = listed(lrs, "lrs")
+    if not all(is_number(lr) for lr in lrs):
+        raise ValueError(f"lrs must be a list of numbers, got lrs={lrs!r}.")
+    beta, lrs, seeds = float(beta), [float(lr) for lr in lrs], listed(seeds, "seeds")
+    _validate(data, batch_size, beta, lrs, seeds, steps, eval_every, target_loss)
+    target_loss = None if target_loss is None else float(target_loss)  # a NumPy scalar: JSON-ready
+    devices = listed(jax.devices() if devices is None else devices, "devices")
+    if not devices or not all(isinstance(d, jax.Device) for d in devices):
+        raise ValueError(
+            f"devices must be a non-empty list of jax devices, got devices={devices!r}."
+        )
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"devices must be distinct, got devices={devices!r}.")
+    if not isinstance(model, str) or model not in MODELS:  # make_model would name it "name"
+        raise ValueError(f"model must be one of {', '.join(MODELS)}, got model={model!r}.")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(
+            f"optimizer must be one of {', '.join(OPTIMIZERS)}, got optimizer={optimizer!r}."
+        )
+    spec = GroupSpec(
+        data.name, model, int(batch_size), beta, int(steps), int(eval_every), optimizer,
+        data.digest,
+    )  # fmt: skip
+    st = _Static(
+        model, data.input_shape, data.num_classes, data.n_train, int(batch_size), optimizer
+    )
+    _graphdef(st)  # an unknown model or an input it cannot take fails here, before any work
+    return spec, st, lrs, seeds, target_loss, devices
+
+
 def run_group(
     data: Dataset,
     model: str,
@@ -502,10 +574,12 @@ def run_group(
       model: ``"linear"``, ``"mlp"`` or ``"cnn"``.
       batch_size: Examples per step, in ``[1, data.n_train]``.
       beta: Momentum in ``[0, 1)``; ``0`` is SGD through the same code path.
-      lrs: Learning rates (EMA form, ``ema_sgd``), each > 0.
-      seeds: Seeds; seed ``s`` fixes the initialization and the data order.
-      steps: Optimizer steps per run.
-      eval_every: Evaluate the full train and test sets every this many steps (and at the end).
+      lrs: Distinct learning rates (EMA form, ``ema_sgd``), each a normal float32 number > 0.
+      seeds: Distinct seeds in ``[0, 2**31)``; seed ``s`` fixes the initialization and the data
+        order.
+      steps: Optimizer steps per run, in ``[1, 2**31)``.
+      eval_every: Evaluate the full train and test sets every this many steps (and at the end),
+        in ``[1, steps]``.
       target_loss: Full-train-set loss goal for ``steps_to_target``; ``None`` for none.
       devices: Devices to shard the runs over; defaults to all of ``jax.devices()``.
       on_chunk: Called with the number of steps done after each compiled chunk finishes.
@@ -516,36 +590,15 @@ def run_group(
       The :class:`GroupResult`, runs ordered ``[(lr, seed) for lr in lrs for seed in seeds]``.
 
     Raises:
-      ValueError: for any argument out of range.
+      TypeError: if ``data`` is not a :class:`experiments.data.Dataset`.
+      ValueError: for any other argument out of range (see :func:`check_group`), before any
+        work.
     """
-    # Not float() on anything: it would take the string "0.9" and fail on None with a TypeError.
-    if not is_number(beta):
-        raise ValueError(f"beta must be a number, got beta={beta!r}.")
-    lrs = listed(lrs, "lrs")
-    if not all(is_number(lr) for lr in lrs):
-        raise ValueError(f"lrs must be a list of numbers, got lrs={lrs!r}.")
-    beta, lrs, seeds = float(beta), [float(lr) for lr in lrs], listed(seeds, "seeds")
-    _validate(data, batch_size, beta, lrs, seeds, steps, eval_every, target_loss)
-    target_loss = None if target_loss is None else float(target_loss)  # a NumPy scalar: JSON-ready
-    devices = list(jax.devices() if devices is None else devices)
-    if not devices or not all(isinstance(d, jax.Device) for d in devices):
-        raise ValueError(
-            f"devices must be a non-empty list of jax devices, got devices={devices!r}."
-        )
-    if len(set(devices)) != len(devices):
-        raise ValueError(f"devices must be distinct, got devices={devices!r}.")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(
-            f"optimizer must be one of {', '.join(OPTIMIZERS)}, got optimizer={optimizer!r}."
-        )
-    spec = GroupSpec(
-        data.name, model, int(batch_size), beta, int(steps), int(eval_every), optimizer,
-        data.digest,
+    spec, st, lrs, seeds, target_loss, devices = check_group(
+        data, model, batch_size, beta, lrs, seeds, steps, eval_every,
+        target_loss=target_loss, devices=devices, optimizer=optimizer,
     )  # fmt: skip
-    st = _Static(
-        model, data.input_shape, data.num_classes, data.n_train, int(batch_size), optimizer
-    )
-    _graphdef(st)  # an unknown model or an input it cannot take fails here, before any work
+    beta = spec.beta
     start = time.perf_counter()
 
     grid = [(lr, seed) for lr in lrs for seed in seeds]

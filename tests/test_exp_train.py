@@ -359,13 +359,30 @@ def test_negative_zero_beta_is_zero():
         ({"devices": []}, "devices"),  # was a ZeroDivisionError
         ({"devices": [jax.devices()[0]] * 2}, "devices"),  # was a bare AssertionError from Mesh
         ({"devices": "cpu"}, "devices"),  # was an AttributeError
-        ({"model": "rnn"}, "name='rnn'"),
+        ({"model": "rnn"}, "model='rnn'"),  # was make_model's "name='rnn'"
+        ({"model": None}, "model=None"),
+        # A repeated lr or seed trained the same run twice, under one run id: two records of it.
+        ({"lrs": [0.1, 0.1]}, r"lrs=\[0.1, 0.1\]"),
+        ({"lrs": [0.1, np.float64(0.1)]}, "lrs="),
+        ({"seeds": [0, 1, 0]}, r"seeds=\[0, 1, 0\]"),
+        ({"seeds": np.zeros(2, int)}, "seeds="),
+        # The engine counts steps in int32 (the CLI refuses --steps 2**31): was an OverflowError
+        # once the runs were initialized.
+        ({"steps": 2**31, "eval_every": 2**31}, "steps=2147483648"),
+        ({"devices": 2}, "devices=2"),  # was a TypeError that did not name devices
     ],
 )
 def test_bad_arguments(digits, kwargs, match):
     args = dict(model="mlp", batch_size=8, beta=0.9, lrs=[0.1], seeds=[0], steps=20, eval_every=10)
     with pytest.raises(ValueError, match=match):
         train.run_group(digits, **(args | kwargs))
+
+
+def test_data_that_is_not_a_dataset_is_a_type_error(digits):
+    # Was an AttributeError ('str' object has no attribute 'n_train').
+    for data_arg in ("digits", None):
+        with pytest.raises(TypeError, match=f"data={data_arg!r}"):
+            train.run_group(data_arg, "linear", 8, 0.9, [0.1], [0], 2, 2)
 
 
 def test_numpy_seeds_and_lrs_are_taken(digits):
