@@ -61,6 +61,8 @@ from experiments.train import (
     FLOAT32_MAX,
     FLOAT32_TINY,
     GroupSpec,
+    check_batch_size,
+    check_group,
     is_number,
     listed,
     positive_float32,
@@ -302,6 +304,10 @@ def run_sweep(
       others compute their share of each group and get ``[]``.
 
     Raises:
+      TypeError: if ``data`` is not a :class:`experiments.data.Dataset`.
+      ValueError: for an argument out of range (as :func:`experiments.train.run_group` checks it,
+        for every group; empty or repeated batch sizes or betas too), before ``out_dir`` is
+        opened or created.
       experiments.store.StoreLockedError: if another process is writing ``out_dir``.
       experiments.store.CorruptStoreError: if ``out_dir`` holds a corrupt ``runs.jsonl``.
       SweepMismatchError: in a multi-process job, if the processes were given different sweeps
@@ -314,8 +320,12 @@ def run_sweep(
     for name, values in (("betas", betas), ("lrs", lrs or [])):
         if not all(is_number(v) for v in values):
             raise ValueError(f"{name} must be a list of numbers, got {name}={values!r}.")
+    if not isinstance(data, datasets.Dataset):
+        raise TypeError(f"data must be an experiments.data.Dataset, got data={data!r}.")
     plan = []
     for batch_size in batch_sizes:
+        if lrs is None:  # auto_lrs(0) would be all zeros, and refused as lrs, not batch_sizes
+            check_batch_size(data, batch_size)
         group_lrs = auto_lrs(batch_size) if lrs is None else [float(lr) for lr in lrs]
         for beta in betas:
             # Not int(batch_size): 8.5 would be trained as 8; as it is, run_group refuses it.
@@ -328,6 +338,18 @@ def run_sweep(
 
     if jax.process_count() > 1:
         _check_same_plan(plan, data)
+    # Every group is checked before out_dir is opened: a bad batch size or beta would otherwise
+    # leave a results directory behind, or fail after the groups before it were trained.
+    for spec, group_lrs, _ in plan:
+        check_group(
+            data, model, spec.batch_size, spec.beta, group_lrs, seeds, steps, eval_every,
+            target_loss=target_loss, devices=devices,
+        )  # fmt: skip
+    for name, values in (("batch_sizes", batch_sizes), ("betas", betas)):
+        if not values:
+            raise ValueError(f"{name} must be a non-empty list, got {name}={values!r}.")
+        if len(set(values)) != len(values):  # 0.0 and -0.0 too: the same beta
+            raise ValueError(f"{name} must not repeat a value, got {name}={values!r}.")
     lead = jax.process_index() == 0
     with contextlib.ExitStack() as stack:
         store, refused = None, None

@@ -87,6 +87,49 @@ def test_a_list_item_that_is_not_a_number_is_a_value_error(name, value, digits, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        # Each left DIR behind (.lock, runs.jsonl, curves/), refused only by run_group.
+        ({"batch_sizes": [0]}, "batch_size=0"),
+        ({"batch_sizes": [5000]}, "batch_size=5000"),
+        ({"batch_sizes": [0], "lrs": None}, "batch_size=0"),  # was auto_lrs' all-zero lrs=
+        ({"betas": [1.0]}, "beta=1.0"),
+        ({"lrs": [float("nan")]}, "lrs="),
+        ({"steps": 0}, "steps=0"),
+        ({"eval_every": 8}, "eval_every=8"),
+        ({"target_loss": -1.0}, "target_loss"),
+        ({"model": "rnn"}, "model='rnn'"),
+        ({"devices": []}, "devices"),
+        # The first group was trained and stored before the second was refused.
+        ({"batch_sizes": [8, 0]}, "batch_size=0"),
+        ({"betas": [0.0, 1.0]}, "beta=1.0"),
+        # Were a sweep of nothing (the CLI cannot ask for one): an empty DIR, and [].
+        ({"batch_sizes": []}, "batch_sizes=\\[\\]"),
+        ({"betas": []}, "betas=\\[\\]"),
+        ({"lrs": []}, "lrs=\\[\\]"),
+        ({"seeds": []}, "seeds"),
+        # Were trained, a repeated lr or seed as two records with one run id (the CLI refuses
+        # repeated values); 0.0 and -0.0 are one beta.
+        ({"batch_sizes": [8, 8]}, "batch_sizes=\\[8, 8\\]"),
+        ({"betas": [0.0, -0.0]}, "betas=\\[0.0, -0.0\\]"),
+        ({"lrs": [0.1, 0.1]}, "lrs=\\[0.1, 0.1\\]"),
+        ({"seeds": [0, 0]}, "seeds=\\[0, 0\\]"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_is_written(kwargs, match, digits, tmp_path):
+    args = dict(model="linear", batch_sizes=[8], betas=[0.0], **TINY) | {"lrs": [0.1]} | kwargs
+    with pytest.raises(ValueError, match=match):
+        sweep.run_sweep(tmp_path / "out", digits, **args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_that_is_not_a_dataset_is_a_type_error(tmp_path):
+    with pytest.raises(TypeError, match="data='digits'"):  # was an AttributeError
+        sweep.run_sweep(tmp_path / "out", "digits", "linear", [8], [0.0], **TINY)
+    assert not (tmp_path / "out").exists()
+
+
 def test_numpy_lists_are_taken_and_a_fractional_batch_size_is_refused(digits, tmp_path):
     # NumPy seeds failed to go into a run id (int64 is not JSON serializable); batch size 8.5
     # was trained and recorded as 8.
