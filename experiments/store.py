@@ -222,11 +222,13 @@ def load_curves(root: str | os.PathLike[str], record: dict[str, Any]) -> dict[st
       ``test_loss``, ``test_accuracy`` ``[E]`` of that run.
 
     Raises:
-      ValueError: if the file's row does not belong to this run.
+      ValueError: if the file has no such row, or its row holds another run.
+      OSError: if the file cannot be read (FileNotFoundError if it is missing).
     """
     with np.load(Path(root) / record["curves"]) as npz:
-        row = record["curve_index"]
-        if str(npz["run_ids"][row]) != record["run_id"]:
+        row, run_ids = record["curve_index"], npz["run_ids"]
+        # Not an IndexError for a row past the end, nor the last row for -1.
+        if not 0 <= row < len(run_ids) or str(run_ids[row]) != record["run_id"]:
             raise ValueError(f"curves of run_id={record['run_id']!r} not found at row {row}.")
         curves = {k: npz[k][row] for k in ("batch_loss", "grad_norm", "train_loss", "test_loss")}
         curves["test_accuracy"] = npz["test_accuracy"][row]

@@ -103,6 +103,11 @@ def test_load_curves_rejects_a_row_of_another_run(tmp_path):
         store.load_curves(tmp_path, {**first, "curve_index": 1})
     with pytest.raises(ValueError, match="not found at row 0"):
         store.load_curves(tmp_path, {**second, "curve_index": 0})
+    # A row past the end was an IndexError; row -1 read the last row.
+    with pytest.raises(ValueError, match="not found at row 2"):
+        store.load_curves(tmp_path, {**second, "curve_index": 2})
+    with pytest.raises(ValueError, match="not found at row -1"):
+        store.load_curves(tmp_path, {**second, "curve_index": -1})
 
 
 def test_add_group_skips_runs_already_stored(tmp_path):
