@@ -63,6 +63,7 @@ from experiments.train import (
     GroupSpec,
     check_batch_size,
     check_group,
+    is_int,
     is_number,
     listed,
     positive_float32,
@@ -78,7 +79,13 @@ AUTO_LR_HALF_DECADES = range(-3, 4)
 
 
 def auto_lrs(batch_size: int) -> list[float]:
-    """The ``--lrs auto`` grid for one batch size (see the module docstring)."""
+    """The ``--lrs auto`` grid for one batch size (see the module docstring).
+
+    Raises:
+      ValueError: unless ``batch_size`` is an int >= 1 (0 gave seven zero rates).
+    """
+    if not is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got batch_size={batch_size!r}.")
     center = AUTO_LR_CENTER * math.sqrt(batch_size / AUTO_LR_BATCH)
     return [float(f"{center * 10 ** (k / 2):.3g}") for k in AUTO_LR_HALF_DECADES]
 

@@ -59,6 +59,13 @@ def test_lrs_list_parses():
     assert sweep._lrs("0.1,3") == [0.1, 3.0]
 
 
+@pytest.mark.parametrize("batch_size", [0, -1, 8.0, True, "8"])
+def test_auto_lrs_of_a_batch_size_that_is_not_a_positive_int_is_a_value_error(batch_size):
+    # 0 gave seven zero rates, -1 "math domain error", "8" a TypeError, 8.0 and True a grid.
+    with pytest.raises(ValueError, match=f"batch_size={batch_size!r}"):
+        sweep.auto_lrs(batch_size)
+
+
 def test_auto_lrs_depend_on_the_batch_size(digits, tmp_path):
     assert len({tuple(sweep.auto_lrs(b)) for b in (8, 16, 32)}) == 3
     out = tmp_path / "out"
