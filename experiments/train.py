@@ -590,7 +590,8 @@ def run_group(
       The :class:`GroupResult`, runs ordered ``[(lr, seed) for lr in lrs for seed in seeds]``.
 
     Raises:
-      TypeError: if ``data`` is not a :class:`experiments.data.Dataset`.
+      TypeError: if ``data`` is not a :class:`experiments.data.Dataset` or ``on_chunk`` is not
+        callable.
       ValueError: for any other argument out of range (see :func:`check_group`), before any
         work.
     """
@@ -599,6 +600,8 @@ def run_group(
         target_loss=target_loss, devices=devices, optimizer=optimizer,
     )  # fmt: skip
     beta = spec.beta
+    if on_chunk is not None and not callable(on_chunk):  # else a TypeError after the first chunk
+        raise TypeError(f"on_chunk must be callable or None, got on_chunk={on_chunk!r}.")
     start = time.perf_counter()
 
     grid = [(lr, seed) for lr in lrs for seed in seeds]

@@ -385,6 +385,13 @@ def test_data_that_is_not_a_dataset_is_a_type_error(digits):
             train.run_group(data_arg, "linear", 8, 0.9, [0.1], [0], 2, 2)
 
 
+def test_an_on_chunk_that_is_not_callable_is_a_type_error_before_any_work(digits, monkeypatch):
+    # Was "'int' object is not callable", raised after the first chunk had trained.
+    monkeypatch.setattr(train, "_init_runs", lambda *a: pytest.fail("work started"))
+    with pytest.raises(TypeError, match="on_chunk=3"):
+        train.run_group(digits, "linear", 8, 0.9, [0.1], [0], 2, 2, on_chunk=3)
+
+
 def test_numpy_seeds_and_lrs_are_taken(digits):
     # NumPy integer seeds passed the checks, then failed to be hashed into a run id (TypeError:
     # int64 is not JSON serializable).
