@@ -294,12 +294,13 @@ def run_sweep(
       out_dir: The results directory (created if missing; see :mod:`experiments.store`).
       data: The dataset.
       model: ``"linear"``, ``"mlp"`` or ``"cnn"``.
-      batch_sizes: One group per batch size and beta.
-      betas: Momentum values in ``[0, 1)``.
-      lrs: Learning rates for every batch size, or ``None`` for :func:`auto_lrs`.
-      seeds: Seeds; each fixes the initialization and data order.
-      steps: Optimizer steps per run.
-      eval_every: Steps between full evaluations.
+      batch_sizes: Distinct batch sizes in ``[1, data.n_train]``; one group per batch size and
+        beta.
+      betas: Distinct momentum values in ``[0, 1)``.
+      lrs: Distinct learning rates for every batch size, or ``None`` for :func:`auto_lrs`.
+      seeds: Distinct seeds in ``[0, 2**31)``; each fixes the initialization and data order.
+      steps: Optimizer steps per run, in ``[1, 2**31)``.
+      eval_every: Steps between full evaluations, in ``[1, steps]``.
       target_loss: Full-train-set loss goal for ``steps_to_target``.
       devices: Devices to shard each group over; defaults to all.
       progress: Show tqdm progress bars on stderr.
