@@ -84,16 +84,23 @@ def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None) -> D
 
     Args:
       name: ``"mnist1d"``, ``"digits"`` or ``"idx"``.
-      data_dir: Folder with the four IDX files; required for ``"idx"`` and only used there.
+      data_dir: Folder with the four IDX files; required for ``"idx"`` and refused for the
+        others (which would ignore it), as the command line's ``--data-dir`` is.
 
     Returns:
       The :class:`Dataset`, with arrays of its own (the built-in datasets are built once per
       process and copied on each call).
 
     Raises:
-      ValueError: for an unknown name, a missing ``data_dir``, or a malformed IDX file.
+      ValueError: for an unknown name, a missing ``data_dir`` for ``"idx"`` or one given for
+        another dataset, or a malformed IDX file.
       FileNotFoundError: if an IDX file is missing.
     """
+    if name in DATASETS and name != "idx" and data_dir is not None:
+        # load_dataset("mnist1d", "~/mnist") would otherwise be MNIST-1D, silently.
+        raise ValueError(
+            f"data_dir is only used with dataset 'idx', got data_dir={data_dir!r} for {name!r}."
+        )
     if name == "mnist1d":
         return _copy(_mnist1d())
     if name == "digits":

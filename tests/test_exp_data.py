@@ -214,6 +214,13 @@ def test_idx_missing(tmp_path):
         data.load_dataset("idx")
 
 
+@pytest.mark.parametrize("name", ["digits", "mnist1d"])
+def test_a_data_dir_for_a_built_in_dataset_is_refused(name, tmp_path):
+    # Was ignored: load_dataset("mnist1d", "~/mnist") returned MNIST-1D (the CLI refuses it).
+    with pytest.raises(ValueError, match=f"data_dir=.*for '{name}'"):
+        data.load_dataset(name, tmp_path)
+
+
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="name='cifar'"):
         data.load_dataset("cifar")
