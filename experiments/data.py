@@ -68,6 +68,39 @@ class Dataset:
     num_classes: int
     digest: str | None = None
 
+    def __post_init__(self) -> None:
+        """Checks a dataset built by hand as the loaders' are: a label out of range, or arrays
+        that do not pair up, would otherwise train on wrong numbers without an error.
+
+        Raises:
+          ValueError: naming the field and its value.
+        """
+        if type(self.num_classes) is not int or self.num_classes < 1:
+            raise ValueError(f"num_classes must be an int >= 1, got {self.num_classes!r}.")
+        for split in ("train", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if not isinstance(x, np.ndarray) or not np.issubdtype(x.dtype, np.floating):
+                raise ValueError(f"x_{split} must be a NumPy array of floats, got {_describe(x)}.")
+            if not isinstance(y, np.ndarray) or not np.issubdtype(y.dtype, np.integer):
+                raise ValueError(
+                    f"y_{split} must be a NumPy array of integer labels, got {_describe(y)}."
+                )
+            if x.ndim < 2 or y.shape != x.shape[:1]:
+                raise ValueError(
+                    f"x_{split} of shape {x.shape} and y_{split} of shape {y.shape} do not pair "
+                    "up: x is [examples, *input_shape], y is [examples]."
+                )
+            if y.size and not (0 <= y.min() and y.max() < self.num_classes):
+                raise ValueError(
+                    f"y_{split} holds labels {int(y.min())}..{int(y.max())}, outside "
+                    f"[0, num_classes={self.num_classes})."
+                )
+        if self.x_test.shape[1:] != self.x_train.shape[1:]:
+            raise ValueError(
+                f"x_test's examples are of shape {self.x_test.shape[1:]}, x_train's of "
+                f"{self.x_train.shape[1:]}."
+            )
+
     @property
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one example: ``(length,)`` for signals, ``(height, width)`` for images."""
@@ -77,6 +110,12 @@ class Dataset:
     def n_train(self) -> int:
         """Number of training examples."""
         return int(self.x_train.shape[0])
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, np.ndarray):
+        return f"an array of {value.dtype}"
+    return f"a {type(value).__name__}"
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None) -> Dataset:

@@ -358,3 +358,42 @@ def test_idx_gz_with_an_invalid_deflate_stream_is_a_value_error(tmp_path):
     path.write_bytes(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + b"\x07" + bytes(8))
     with pytest.raises(ValueError, match=r"cannot decompress IDX file .*invalid block type"):
         data.read_idx(path, data.IDX_LABELS_MAGIC)
+
+
+def _tiny(**changes):
+    rng = np.random.default_rng(0)
+    fields = dict(
+        name="tiny",
+        x_train=rng.normal(size=(6, 4)).astype(np.float32),
+        y_train=np.array([0, 1, 2, 0, 1, 2], np.int32),
+        x_test=rng.normal(size=(3, 4)).astype(np.float32),
+        y_test=np.array([2, 1, 0], np.int32),
+        num_classes=3,
+    )
+    return data.Dataset(**{**fields, **changes})
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"y_train": np.array([0, 1, 2, 0, 1, 3], np.int32)}, r"y_train holds labels 0\.\.3"),
+        ({"y_test": np.array([-1, 1, 0], np.int32)}, r"y_test holds labels -1\.\.1"),
+        ({"y_train": np.zeros(5, np.int32)}, "x_train of shape .6, 4. and y_train of shape .5,."),
+        ({"x_test": np.zeros((3, 5), np.float32)}, "x_test's examples are of shape .5,."),
+        ({"x_train": np.zeros(6, np.float32)}, "x_train of shape .6,. and y_train"),
+        ({"y_train": np.zeros(6, np.float32)}, "y_train must be a NumPy array of integer"),
+        ({"x_train": np.zeros((6, 4), np.int32)}, "x_train must be a NumPy array of floats"),
+        ({"x_test": [[0.0] * 4] * 3}, "x_test must be a NumPy array of floats, got a list"),
+        ({"num_classes": 0}, "num_classes must be an int >= 1, got 0"),
+        ({"num_classes": 3.0}, "num_classes must be an int >= 1, got 3.0"),
+    ],
+)
+def test_a_dataset_built_by_hand_is_checked(changes, match):
+    # Nothing was checked: a label of 3 with 3 classes trained (on a wrong one-hot or a clipped
+    # index) without an error.
+    with pytest.raises(ValueError, match=match):
+        _tiny(**changes)
+
+
+def test_a_dataset_built_by_hand_that_pairs_up_is_accepted():
+    assert _tiny().n_train == 6 and _tiny().input_shape == (4,)
