@@ -7,8 +7,8 @@ the gradient passed in as a fixed argument::
 
 on (a) one leaf of 20M float32 parameters and (b) 500 leaves of 20k. The contenders run
 interleaved (the order rotates every repeat) so that drifts of the machine hit all of them alike;
-a time is the median over repeats of the mean time of `--inner` consecutive steps, a ratio to
-optax.sgd the median over repeats of the ratio within the repeat.
+a time is the median over repeats of the mean time of `--inner` consecutive steps, a ratio (to
+optax.sgd, or of bandwidths to x + y) the median over repeats of the ratio within the repeat.
 
 Bandwidth counts the bytes a step has to move at the least: params read and written, gradient
 read, state read and written (20 bytes per float32 parameter with a float32 state). The reference
@@ -203,17 +203,19 @@ def measure(repeats: int, inner: int, with_torch: bool, scale: float = 1.0) -> d
         samples = _time_interleaved(contenders, repeats, inner)
         seconds = [statistics.median(s) for s in samples]
         baseline = samples[[c.name for c in contenders].index(BASELINE)]
-        add_bandwidth = next(
-            c.bytes_per_step / t
-            for c, t in zip(contenders, seconds, strict=True)
-            if c.state_bytes is None
-        )
+        add = next(i for i, c in enumerate(contenders) if c.state_bytes is None)
+        add_bytes, add_sample = contenders[add].bytes_per_step, samples[add]
         params_bytes = 4 * n_leaves * size
         for c, t, sample in zip(contenders, seconds, samples, strict=True):
             bandwidth = c.bytes_per_step / t
             # Ratios within a repeat: the contenders ran back to back, so load that drifts
             # over the run cancels out.
             ratio = statistics.median(x / y for x, y in zip(sample, baseline, strict=True))
+            # Likewise the bandwidth relative to x + y in the same repeat.
+            of_add = statistics.median(
+                (c.bytes_per_step / x) / (add_bytes / a)
+                for x, a in zip(sample, add_sample, strict=True)
+            )
             rows.append(
                 {
                     "shape": shape_name,
@@ -222,7 +224,7 @@ def measure(repeats: int, inner: int, with_torch: bool, scale: float = 1.0) -> d
                     "ratio_to_optax_sgd": ratio,
                     "bytes_per_step": c.bytes_per_step,
                     "gb_per_s": bandwidth / 1e9,
-                    "fraction_of_x_plus_y": bandwidth / add_bandwidth,
+                    "fraction_of_x_plus_y": of_add,
                     "state_bytes": c.state_bytes,
                     "state_bytes_over_params_bytes": (
                         None if c.state_bytes is None else c.state_bytes / params_bytes

@@ -80,3 +80,29 @@ def test_run_as_a_module_is_the_same_command():
     )
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr == "error: argument --inner: must be an integer >= 1, got '0'\n"
+
+
+def test_fraction_of_x_plus_y_is_a_within_repeat_ratio(monkeypatch):
+    """Like "vs optax.sgd": the median over repeats of the ratio within the repeat, not a ratio
+    of medians taken over different repeats (the two columns of one run disagreed)."""
+    _tiny(monkeypatch)
+    add_seconds = [1.0, 2.0, 3.0]
+    ema_seconds = [3.0, 2.0, 9.0]  # within-repeat ratios to x + y: 3, 1, 3; medians 3 and 2
+
+    def samples(contenders, repeats, inner):
+        names = [c.name for c in contenders]
+        out = [[1.0] * repeats for _ in contenders]
+        out[names.index("x + y (reference)")] = add_seconds
+        out[names.index("emm.ema_sgd")] = ema_seconds
+        return out
+
+    monkeypatch.setattr(bench_transform, "_time_interleaved", samples)
+    result = bench_transform.measure(repeats=3, inner=1, with_torch=False)
+    for row in result["rows"]:
+        if row["contender"] == "emm.ema_sgd":
+            # 20 bytes per parameter against x + y's 12, at a third of its speed.
+            assert row["fraction_of_x_plus_y"] == pytest.approx(20 / 12 / 3)
+            assert row["ms_per_step"] == 3000.0  # the median time, as before
+            assert row["gb_per_s"] == pytest.approx(row["bytes_per_step"] / 3.0 / 1e9)
+        if row["contender"] == "x + y (reference)":
+            assert row["fraction_of_x_plus_y"] == 1.0
