@@ -370,3 +370,39 @@ def test_readme_baselines_table_is_that_of_the_stored_results():
         f"{cnn['ema_sgd']['lr']:g}",
     )
     assert f"CNN ({cnn['seeds']} seeds)" in section
+
+
+def test_readme_bfloat16_step_temporary_bytes():
+    """The bfloat16 section's temporary bytes of a jitted, donated step (compiled, not run)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import ema_momentum as emm
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    claim = re.search(
+        r"`memory_analysis\(\)` for (\d+)M params reports ([0-9,]+) temporary bytes with a bf16 "
+        r"velocity \((\d+) more with stochastic rounding\) and none with float32 or "
+        r"`optax.sgd\(momentum\)`",
+        readme,
+    )
+    assert claim, "the README's sentence on the bf16 step's temporary bytes changed"
+    params = jax.ShapeDtypeStruct((int(claim[1]) * 10**6,), jnp.float32)
+
+    def temp_bytes(tx):
+        def step(params, state, grads):
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        state = jax.eval_shape(tx.init, params)
+        jitted = jax.jit(step, donate_argnums=(0, 1))
+        return jitted.lower(params, state, params).compile().memory_analysis().temp_size_in_bytes
+
+    bf16, extra = int(claim[2].replace(",", "")), int(claim[3])
+    assert bf16 == params.size * 2  # a whole copy of the bf16 velocity
+    assert temp_bytes(emm.ema_sgd(0.1, 0.9, accumulator_dtype=jnp.bfloat16)) == bf16
+    stochastic = emm.ema_sgd(0.1, 0.9, accumulator_dtype=jnp.bfloat16, rounding="stochastic")
+    assert temp_bytes(stochastic) == bf16 + extra
+    assert temp_bytes(emm.ema_sgd(0.1, 0.9)) == 0
+    assert temp_bytes(optax.sgd(0.01, momentum=0.9)) == 0
