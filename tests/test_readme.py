@@ -388,7 +388,9 @@ def test_readme_bfloat16_step_temporary_bytes():
         readme,
     )
     assert claim, "the README's sentence on the bf16 step's temporary bytes changed"
-    params = jax.ShapeDtypeStruct((int(claim[1]) * 10**6,), jnp.float32)
+    # The sentence is about XLA's CPU backend: compiled for a CPU device also on a GPU host.
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    params = jax.ShapeDtypeStruct((int(claim[1]) * 10**6,), jnp.float32, sharding=cpu)
 
     def temp_bytes(tx):
         def step(params, state, grads):
@@ -396,6 +398,7 @@ def test_readme_bfloat16_step_temporary_bytes():
             return optax.apply_updates(params, updates), state
 
         state = jax.eval_shape(tx.init, params)
+        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), state)
         jitted = jax.jit(step, donate_argnums=(0, 1))
         return jitted.lower(params, state, params).compile().memory_analysis().temp_size_in_bytes
 
