@@ -247,6 +247,79 @@ def measure(repeats: int, inner: int, with_torch: bool, scale: float = 1.0) -> d
     }
 
 
+EAGER_LEAVES, EAGER_SIZE = 20, 100  # --eager: many small leaves, where dispatch dominates
+
+
+def _eager_txs() -> dict[str, optax.GradientTransformation]:
+    return {
+        "emm.ema_sgd": emm.ema_sgd(LEARNING_RATE, BETA),
+        "emm.ema_sgd bf16 stochastic": emm.ema_sgd(
+            LEARNING_RATE, BETA, accumulator_dtype=jnp.bfloat16, rounding="stochastic"
+        ),
+        BASELINE: optax.sgd(LEARNING_RATE * (1 - BETA), momentum=BETA),
+        "optax.chain(ema, scale)": optax.chain(
+            optax.ema(BETA, debias=False), optax.scale_by_learning_rate(LEARNING_RATE)
+        ),
+    }
+
+
+def measure_eager(repeats: int) -> dict[str, Any]:
+    """Times ``tx.update`` called eagerly (unjitted) and jitted on 20 leaves of 100 floats.
+
+    A time is the median over ``repeats`` of the best of 3 calls, the contenders interleaved
+    (rotating order). The first call of ``update`` (after ``init``'s) is timed separately, each
+    contender on leaf shapes of its own (sizes 100 + 20 k + i), so that it compiles every
+    operation afresh as a user's first call does; JAX caches an eager operation per shape, and a
+    shape seen before would cost nothing.
+    """
+    rows, calls, first = [], [], []
+    named = [(f"{name} (eager)", tx, False) for name, tx in _eager_txs().items()]
+    named.append(("emm.ema_sgd (jitted update)", emm.ema_sgd(LEARNING_RATE, BETA), True))
+    for k, (_, tx, jitted) in enumerate(named):
+        sizes = [EAGER_SIZE + EAGER_LEAVES * k + i for i in range(EAGER_LEAVES)]
+        params = [jnp.ones((n,), jnp.float32) for n in sizes]
+        grads = [jnp.full((n,), 1e-3, jnp.float32) for n in sizes]
+        update = jax.jit(tx.update) if jitted else tx.update
+        state = jax.block_until_ready(tx.init(params))  # its own first call is not timed
+        start = time.perf_counter()
+        jax.block_until_ready(update(grads, state, params))
+        first.append(time.perf_counter() - start)
+
+        def call(update=update, grads=grads, state=state, params=params) -> None:
+            jax.block_until_ready(update(grads, state, params))
+
+        calls.append(call)
+    samples: list[list[float]] = [[] for _ in named]
+    for r in range(repeats):
+        for j in range(len(named)):
+            i = (j + r) % len(named)
+            best = math.inf
+            for _ in range(3):
+                start = time.perf_counter()
+                calls[i]()
+                best = min(best, time.perf_counter() - start)
+            samples[i].append(best)
+    for (name, _, _), sample, seconds in zip(named, samples, first, strict=True):
+        rows.append(
+            {
+                "contender": name,
+                "ms_per_update": 1e3 * statistics.median(sample),
+                "first_call_s": seconds,
+            }
+        )
+    return {"leaves": EAGER_LEAVES, "leaf_size": EAGER_SIZE, "repeats": repeats, "rows": rows}
+
+
+def format_eager_table(result: dict[str, Any]) -> str:
+    """The rows of :func:`measure_eager` as a Markdown table."""
+    lines = ["| update | ms per update | first call (s) |", "|---|---:|---:|"]
+    for row in result["rows"]:
+        lines.append(
+            f"| {row['contender']} | {row['ms_per_update']:.2f} | {row['first_call_s']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def format_table(result: dict[str, Any]) -> str:
     """The rows as a Markdown table."""
     lines = [
@@ -300,12 +373,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-torch", action="store_true", help="skip torch.optim.SGD even if torch is importable"
     )
     parser.add_argument(
+        "--eager",
+        action="store_true",
+        help=f"instead, time tx.update called unjitted on {EAGER_LEAVES} leaves of "
+        f"{EAGER_SIZE} floats (median of --repeats best-of-3 calls), and its first call",
+    )
+    parser.add_argument(
         "--json", action="store_true", help="print the result as JSON instead of a table"
     )
 
 
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmark with parsed `args`; returns the exit code."""
+    if args.eager:
+        eager = measure_eager(args.repeats)
+        print(json.dumps(eager, indent=2) if args.json else format_eager_table(eager))
+        return 0
     result = measure(args.repeats, args.inner, with_torch=not args.no_torch, scale=args.scale)
     if args.json:
         print(json.dumps(result, indent=2))

@@ -106,3 +106,41 @@ def test_fraction_of_x_plus_y_is_a_within_repeat_ratio(monkeypatch):
             assert row["gb_per_s"] == pytest.approx(row["bytes_per_step"] / 3.0 / 1e9)
         if row["contender"] == "x + y (reference)":
             assert row["fraction_of_x_plus_y"] == 1.0
+
+
+def test_eager_mode_times_each_update_on_shapes_of_its_own(monkeypatch, capsys):
+    # The README's eager paragraph had no command behind it; --eager is that command.
+    monkeypatch.setattr(bench_transform, "EAGER_LEAVES", 2)
+    monkeypatch.setattr(bench_transform, "EAGER_SIZE", 8)
+    shapes = []
+
+    def spy(tx):  # records the leaf shapes each contender's first call sees
+        original = tx.init
+
+        def recording(params):
+            shapes.append(tuple(p.shape for p in params))
+            return original(params)
+
+        return tx._replace(init=recording)
+
+    txs = bench_transform._eager_txs
+    monkeypatch.setattr(
+        bench_transform, "_eager_txs", lambda: {k: spy(v) for k, v in txs().items()}
+    )
+    assert cli.main(["bench-transform", "--eager", "--json", "--repeats", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    names = [row["contender"] for row in result["rows"]]
+    assert names == [
+        "emm.ema_sgd (eager)",
+        "emm.ema_sgd bf16 stochastic (eager)",
+        "optax.sgd(momentum) (eager)",
+        "optax.chain(ema, scale) (eager)",
+        "emm.ema_sgd (jitted update)",
+    ]
+    assert all(row["ms_per_update"] > 0 and row["first_call_s"] > 0 for row in result["rows"])
+    # No eager contender's first call reuses a shape another compiled before it.
+    seen = [set(s) for s in shapes]
+    assert len(seen) == 4
+    assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1 :]), shapes
+    assert cli.main(["bench-transform", "--eager", "--repeats", "1"]) == 0
+    assert capsys.readouterr().out.startswith("| update | ms per update | first call (s) |")
