@@ -376,22 +376,9 @@ class ResultStore:
             raise
 
     def _write_npz_atomically(self, path: Path, arrays: dict[str, np.ndarray]) -> None:
-        try:
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-        except OSError as e:
-            raise _naming(path, e) from e
-        try:
-            os.fchmod(fd, 0o644)  # mkstemp makes the file private; results are for sharing
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException as e:
-            Path(tmp).unlink(missing_ok=True)
-            if isinstance(e, OSError):
-                raise _naming(path, e) from e
-            raise
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        write_bytes(path, buffer.getvalue())
         directory = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(directory)
