@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import numbers
 import pathlib
 from collections.abc import Sequence
@@ -95,13 +96,13 @@ def trajectory(
     """Runs ``emm.ema_sgd(learning_rate, beta)`` on the noisy quadratic.
 
     Args:
-      learning_rate: EMA-form learning rate ``eta``.
-      beta: Momentum; 0 is SGD.
+      learning_rate: EMA-form learning rate ``eta`` (finite, ``>= 0``).
+      beta: Momentum, in ``[0, 1)``; 0 is SGD.
       batch_size: ``B``; the gradient noise has std ``noise_std / sqrt(B)``.
       steps: Number of optimizer steps.
       curvatures: ``(h_1, h_2)``.
       start: Initial parameters.
-      noise_std: Per-example gradient noise std ``sigma``.
+      noise_std: Per-example gradient noise std ``sigma`` (finite, ``>= 0``).
       seed: Seed of the noise draws (the same for every optimizer), in ``[0, 2**32)``.
 
     Returns:
@@ -110,6 +111,14 @@ def trajectory(
     _check_int("batch_size", batch_size, 1)
     _check_int("steps", steps, 0)
     _check_int("seed", seed, 0, SEED_LIMIT)
+    # _descend traces learning_rate and beta, so ema_sgd's own checks see no values there: a beta
+    # of 1 ran a frozen "momentum" whose zero travel read as damping, a nan one a path of nans.
+    for name, value in (("learning_rate", learning_rate), ("beta", beta)):
+        if not isinstance(value, numbers.Real):
+            raise ValueError(f"{name} must be a real number, got {name}={value!r}")
+    emm.ema_sgd(learning_rate, beta)  # a finite learning_rate >= 0 and beta in [0, 1), or raises
+    if not (isinstance(noise_std, numbers.Real) and math.isfinite(noise_std) and noise_std >= 0):
+        raise ValueError(f"noise_std must be a finite number >= 0, got noise_std={noise_std!r}")
     h = jnp.asarray(curvatures, dtype=jnp.float32)
     noise = jax.random.normal(jax.random.key(seed), (steps, h.size), dtype=jnp.float32)
     noise = noise * (noise_std / np.sqrt(batch_size))

@@ -224,3 +224,23 @@ def test_ctrl_c_while_the_figure_is_drawn_leaves_nothing_behind(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         quadratic.write(result, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        # learning_rate and beta are traced inside the jitted descent, where ema_sgd's own checks
+        # see no values: beta 1 froze "momentum" at the start (zero travel, read as damping).
+        (dict(beta=1.0), r"beta must be a finite number in \[0, 1\), got beta=1\.0"),
+        (dict(beta=-0.5), r"beta must be a finite number in \[0, 1\), got beta=-0\.5"),
+        (dict(beta=float("nan")), r"beta must be a finite number in \[0, 1\), got beta=nan"),
+        (dict(learning_rate=-1.0), "learning_rate must be a finite number >= 0, got"),
+        (dict(learning_rate=float("inf")), "learning_rate must be a finite number >= 0, got"),
+        (dict(learning_rate="1.6"), "learning_rate must be a real number, got learning_rate='1.6'"),
+        (dict(noise_std=float("nan")), "noise_std must be a finite number >= 0, got noise_std=nan"),
+        (dict(noise_std=-1.0), "noise_std must be a finite number >= 0, got noise_std=-1.0"),
+    ],
+)
+def test_trajectory_rejects_bad_hyperparameters(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        quadratic.trajectory(**{"learning_rate": 1.6, "beta": 0.9, "batch_size": 4, **kwargs})
