@@ -210,8 +210,8 @@ def study(
 
     Args:
       learning_rate: The shared EMA-form learning rate ``eta``.
-      beta: Momentum's beta.
-      batch_sizes: Batch sizes ``B`` (the noise std is ``1 / sqrt(B)``).
+      beta: Momentum's beta, in ``(0, 1)``.
+      batch_sizes: Distinct batch sizes ``B`` (the noise std is ``1 / sqrt(B)``).
       steps: Optimizer steps.
       seed: The first noise seed; its trajectories are the ones stored and drawn.
       seeds: How many noise seeds, ``seed .. seed + seeds - 1`` (all below ``2**32``), are
@@ -229,6 +229,15 @@ def study(
     _check_int("seed", seed, 0, SEED_LIMIT - seeds + 1)
     for batch_size in batch_sizes:
         _check_int("batch_size", batch_size, 1)
+    # Each batch size is one panel of two runs, SGD and momentum: a repeated one failed only when
+    # drawing, after the work, and so did none; beta 0 ran SGD twice, one of them labelled "EMA
+    # momentum", in a quadratic.json the report refuses (no momentum run to pair SGD with).
+    if len(batch_sizes) == 0 or len(set(batch_sizes)) != len(batch_sizes):
+        raise ValueError(
+            f"batch_sizes must be distinct, at least one, got batch_sizes={list(batch_sizes)}"
+        )
+    if not (isinstance(beta, numbers.Real) and 0 < beta < 1):
+        raise ValueError(f"beta must be in (0, 1) (momentum, compared with SGD), got beta={beta!r}")
     runs = []
     for batch_size in batch_sizes:
         for name, b in (("SGD", 0.0), ("EMA momentum", beta)):

@@ -147,6 +147,15 @@ def test_study_needs_a_seed():
         # jax.random.key keeps the low 32 bits: seed 2**32 + 5 drew seed 5's noise.
         (dict(seed=2**32 + 5), r"seed must be an integer in \[0, 4294967281\), got 4294967301"),
         (dict(seed=2**32 - 15), r"seed must be an integer in \[0, 4294967281\), got 4294967281"),
+        # SGD twice, one labelled "EMA momentum", in a quadratic.json the report refuses.
+        (
+            dict(beta=0.0),
+            r"beta must be in \(0, 1\) \(momentum, compared with SGD\), got beta=0\.0",
+        ),
+        (dict(beta=1.0), r"beta must be in \(0, 1\) .*got beta=1\.0"),
+        # Each failed only when drawing, after the work (a zip of 4 runs with 2 colours).
+        (dict(batch_sizes=(4, 4)), r"batch_sizes must be distinct, at least one, got .*\[4, 4\]"),
+        (dict(batch_sizes=()), r"batch_sizes must be distinct, at least one, got batch_sizes=\[\]"),
     ],
 )
 def test_study_rejects_what_it_would_mislabel_or_alias(kwargs, message):
