@@ -88,6 +88,17 @@ def simple_noise_scale(grad_sq: float, trace: float) -> float:
     return float(trace / grad_sq) if grad_sq > 0 else float("nan")
 
 
+def _check_estimator(b_small: object, b_big: object, num_pairs: object) -> None:
+    # A fractional batch size would be drawn truncated but enter the estimates as given.
+    for name, value in (("b_small", b_small), ("b_big", b_big), ("num_pairs", num_pairs)):
+        if not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name} must be an integer, got {name}={value!r}")
+    if not 0 < b_small < b_big:
+        raise ValueError(f"need 0 < b_small < b_big, got b_small={b_small}, b_big={b_big}")
+    if num_pairs < 2:
+        raise ValueError(f"num_pairs must be >= 2, got {num_pairs}")
+
+
 @functools.partial(jax.jit, static_argnames=("grad_fn", "b_small", "b_big", "num_pairs"))
 def _squared_norms(grad_fn, params, x, y, key, *, b_small, b_big, num_pairs):
     n = x.shape[0]
@@ -138,14 +149,7 @@ def estimate_noise_scale(
     Returns:
       A :class:`NoiseScale` with the averaged estimates.
     """
-    # A fractional batch size would be drawn truncated but enter the estimates as given.
-    for name, value in (("b_small", b_small), ("b_big", b_big), ("num_pairs", num_pairs)):
-        if not isinstance(value, numbers.Integral):
-            raise ValueError(f"{name} must be an integer, got {name}={value!r}")
-    if not 0 < b_small < b_big:
-        raise ValueError(f"need 0 < b_small < b_big, got b_small={b_small}, b_big={b_big}")
-    if num_pairs < 2:
-        raise ValueError(f"num_pairs must be >= 2, got {num_pairs}")
+    _check_estimator(b_small, b_big, num_pairs)
     x, y = jnp.asarray(x), jnp.asarray(y)
     # Indexing past the end of y would clamp (JAX gathers do) and pair inputs with wrong labels.
     if x.ndim == 0 or y.ndim == 0 or not 0 < len(x) == len(y):
@@ -204,13 +208,15 @@ def along_training(
       data: An :class:`experiments.data.Dataset`.
       model: A model name of :func:`experiments.models.make_model`.
       lr: The EMA-form learning rate.
-      batch_size: The training batch size.
-      checkpoints: Steps (>= 0) at which to measure; 0 is the initialization.
+      batch_size: The training batch size (>= 1).
+      checkpoints: Steps (integers in ``[0, 2**31)``, at least one) at which to measure; 0 is
+        the initialization.
       b_small: Small batch size of the estimator.
       b_big: Big batch size of the estimator.
       num_pairs: Batch pairs per estimate.
       beta: Momentum of the training run (0: SGD).
-      seed: Seeds the initialization, the training batches and the estimator's batches.
+      seed: Seeds the initialization, the training batches and the estimator's batches, in
+        ``[0, 2**32)``.
 
     Returns:
       One row per checkpoint: ``step``, ``train_loss`` and the :class:`NoiseScale` fields.
@@ -220,8 +226,21 @@ def along_training(
     import ema_momentum as emm
     from experiments.models import loss_fn, make_model
 
-    if any(c < 0 for c in checkpoints):
-        raise ValueError(f"checkpoints must be >= 0, got checkpoints={list(checkpoints)}")
+    # Checked before training: a bad estimator argument failed only at the first checkpoint, a
+    # batch_size of 0 as a ZeroDivisionError, a fractional one or checkpoint as a TypeError.
+    _check_estimator(b_small, b_big, num_pairs)
+    if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got batch_size={batch_size!r}")
+    if not checkpoints or not all(
+        isinstance(c, numbers.Integral) and 0 <= c < 2**31 for c in checkpoints
+    ):
+        raise ValueError(
+            f"checkpoints must be integers in [0, 2**31), at least one, got "
+            f"checkpoints={list(checkpoints)}"
+        )
+    # jax.random.key keeps a seed's low 32 bits: -1 drew what 2**32 - 1 draws.
+    if not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got seed={seed!r}")
     graphdef, params = nnx.split(make_model(model, data, nnx.Rngs(params=jax.random.key(seed))))
     x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     tx = emm.ema_sgd(lr, beta)

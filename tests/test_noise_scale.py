@@ -147,3 +147,32 @@ def test_estimator_rejects_bad_arguments(b_small, b_big, num_pairs, rows, labels
         noise_scale.estimate_noise_scale(
             _GRAD, params, x[:rows], y[:labels], b_small, b_big, num_pairs, jax.random.key(0)
         )
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        # Each failed only once training had started, or as another exception than ValueError.
+        (dict(batch_size=0), "batch_size must be an integer >= 1, got batch_size=0"),  # ZeroDiv
+        (dict(batch_size=2.5), "batch_size must be an integer >= 1, got batch_size=2.5"),
+        (dict(checkpoints=(0, 2.5)), r"checkpoints must be integers in \[0, 2\*\*31\)"),
+        (dict(checkpoints=()), r"at least one, got checkpoints=\[\]"),  # returned no rows
+        (dict(checkpoints=(0, -4)), r"checkpoints must be integers in \[0, 2\*\*31\)"),
+        # jax.random.key(-1) is jax.random.key(2**32 - 1): another seed's run, silently.
+        (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*32\), got seed=-1"),
+        (dict(b_small=8, b_big=2), "need 0 < b_small < b_big, got b_small=8, b_big=2"),
+    ],
+)
+def test_along_training_rejects_bad_arguments_before_training(change, match, monkeypatch):
+    from experiments import models
+    from experiments.data import Dataset
+
+    def untouched(*args, **kwargs):
+        raise AssertionError("the model was built: the arguments were not checked first")
+
+    monkeypatch.setattr(models, "make_model", untouched)
+    x = np.zeros((8, 4), np.float32)
+    y = np.zeros(8, np.int32)
+    kw = dict(lr=0.5, batch_size=2, checkpoints=(0, 4), b_small=2, b_big=4, num_pairs=2)
+    with pytest.raises(ValueError, match=match):
+        noise_scale.along_training(Dataset("tiny", x, y, x, y, 3), "linear", **{**kw, **change})
