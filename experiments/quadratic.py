@@ -119,6 +119,13 @@ def trajectory(
     emm.ema_sgd(learning_rate, beta)  # a finite learning_rate >= 0 and beta in [0, 1), or raises
     if not (isinstance(noise_std, numbers.Real) and math.isfinite(noise_std) and noise_std >= 0):
         raise ValueError(f"noise_std must be a finite number >= 0, got noise_std={noise_std!r}")
+    # A nan or inf among them gave a path of nans; a length mismatch, an error from inside jit.
+    shape = np.shape(curvatures)
+    if len(shape) != 1 or np.shape(start) != shape or not np.isfinite([curvatures, start]).all():
+        raise ValueError(
+            f"curvatures and start must be finite numbers, as many of each, got "
+            f"curvatures={curvatures!r}, start={start!r}"
+        )
     h = jnp.asarray(curvatures, dtype=jnp.float32)
     noise = jax.random.normal(jax.random.key(seed), (steps, h.size), dtype=jnp.float32)
     noise = noise * (noise_std / np.sqrt(batch_size))

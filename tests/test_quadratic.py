@@ -248,6 +248,10 @@ def test_ctrl_c_while_the_figure_is_drawn_leaves_nothing_behind(tmp_path, monkey
         (dict(learning_rate="1.6"), "learning_rate must be a real number, got learning_rate='1.6'"),
         (dict(noise_std=float("nan")), "noise_std must be a finite number >= 0, got noise_std=nan"),
         (dict(noise_std=-1.0), "noise_std must be a finite number >= 0, got noise_std=-1.0"),
+        # A nan path; a broadcasting TypeError from inside jit.
+        (dict(curvatures=(1.0, np.nan)), r"curvatures and start must be finite numbers, as many"),
+        (dict(start=(np.inf, 1.0)), r"got curvatures=\(1\.0, 0\.03\), start=\(inf, 1\.0\)"),
+        (dict(curvatures=(1.0, 2.0, 3.0)), r"curvatures and start must be finite numbers, as many"),
     ],
 )
 def test_trajectory_rejects_bad_hyperparameters(kwargs, message):
