@@ -1295,7 +1295,8 @@ def _setup_section(res: Results) -> str:
         "rates per batch size, half a decade apart from c/3.16 to 31.6c with c = 0.1 sqrt(B/32) "
         "(the five largest of `sweep --lrs auto`; `experiments.study.sweep_lrs`).",
         f"- **Budget** (in steps): clip({p['example_budget']} examples / B, "
-        f"{p['step_range'][0]}, {p['step_range'][1]}) steps per run"
+        f"{p['step_range'][0]}, {p['step_range'][1]}) steps per run, rounded up to a whole "
+        "number of evaluation intervals"
         + (f" ({', '.join(f'B={b}: {s}' for b, s in steps.items())})" if steps else "")
         + f"; {_evaluations(res)} evaluations of the full train and test sets per run, evenly "
         "spaced, which sets the resolution of steps to result.",

@@ -867,6 +867,27 @@ def test_setup_states_the_evaluations_the_runs_made():
     assert "; 75 evaluations of the full train" in report._setup_section(res)
 
 
+def test_setup_budget_formula_gives_the_step_counts_it_lists():
+    # The quick preset's B = 64 runs make 1001 steps (77 evaluations 13 apart), which the
+    # budget's formula as stated, clip(64000 examples / B, 600, 8000) = 1000, did not give.
+    from experiments.study import PRESETS
+
+    quick = PRESETS["quick"]
+    preset = dataclasses.asdict(quick)
+    steps = {str(b): quick.sweep_steps(b) for b in quick.batch_sizes}
+    stages = {"sweep": {"steps": steps, "wall_seconds": 1.0}}
+    res = dataclasses.replace(_results(), meta={"preset": preset, "stages": stages})
+    line = next(x for x in report._setup_section(res).splitlines() if "**Budget**" in x)
+    lo, hi = quick.step_range
+    rounded = "rounded up to a whole number of evaluation intervals" in line
+    listed = re.findall(r"B=(\d+): (\d+)", line)
+    assert [b for b, _ in listed] == [str(b) for b in quick.batch_sizes]
+    for b, s in ((int(b), int(s)) for b, s in listed):
+        clipped = min(hi, max(lo, math.ceil(quick.example_budget / b)))
+        every = quick.sweep_eval_every(b)
+        assert s == clipped or (rounded and s % every == 0 and clipped < s < clipped + every), b
+
+
 def test_effective_table_shows_no_spread_for_one_seed():
     # With one seed the late loss's spread over seeds was printed as "± 0".
     jitter = {(8, 0.9): 0.01, (8, 0.0): 0.05, (152, 0.0): 0.005}
