@@ -409,3 +409,35 @@ def test_readme_bfloat16_step_temporary_bytes():
     assert temp_bytes(stochastic) == bf16 + extra
     assert temp_bytes(emm.ema_sgd(0.1, 0.9)) == 0
     assert temp_bytes(optax.sgd(0.01, momentum=0.9)) == 0
+
+
+def test_readme_step_speed_ranges_hold_the_table_they_summarize():
+    """The Performance-of-the-step summary: each quoted range holds this table's ema_sgd value
+    (at the range's precision), and the overall bandwidth range holds both per-shape ranges."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Performance of the step", 1)[1].split("\n## ", 1)[0]
+    table = {
+        (m[0], m[1]): (m[2], m[3])
+        for m in re.findall(
+            r"^\| (1 x 20M|500 x 20k) \| (emm\.ema_sgd) \| [\d.]+ \| ([\d.]+) \| [\d.]+ \| "
+            r"([\d.]+) \|",
+            section,
+            flags=re.MULTILINE,
+        )
+    }
+    one, many = table["1 x 20M", "emm.ema_sgd"], table["500 x 20k", "emm.ema_sgd"]
+    claim = _readme_sentence(
+        r"([\d.]+)\u2013([\d.]+) of its time for one 20M leaf and ([\d.]+)\u2013([\d.]+) for 500 "
+        r"leaves.*?at ([\d.]+)\u2013([\d.]+) of the bandwidth of `x \+ y` \(([\d.]+)\u2013([\d.]+) "
+        r"for one 20M leaf, ([\d.]+)\u2013([\d.]+) for 500 leaves",
+        "the step's speed against optax.sgd and x + y",
+    )
+
+    def holds(low, high, value):
+        digits = len(high.split(".")[1])
+        return float(low) <= round(float(value), digits) <= float(high)
+
+    assert holds(claim[1], claim[2], one[0]) and holds(claim[3], claim[4], many[0])
+    assert holds(claim[7], claim[8], one[1]) and holds(claim[9], claim[10], many[1])
+    for low, high in ((claim[7], claim[8]), (claim[9], claim[10])):
+        assert float(claim[5]) <= float(low) <= float(high) <= float(claim[6]), (low, high)
