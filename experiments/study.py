@@ -152,7 +152,8 @@ PRESETS = {
         noise_scale_pairs=64,
         nqm_batch_sizes=tuple(4**k for k in range(9)),
         nqm_betas=(0.0, 0.9, 0.95, 0.99, 0.995, 0.999),
-        # The paper's CNN takes ~8 minutes for one seed on 2 CPU cores: full preset only.
+        # The paper's CNN takes 5-6 minutes a seed on 2 CPU cores (the README's 4 seeds: 20-24
+        # minutes): full preset only.
         baseline_models=("linear", "mlp"),
         baseline_steps=6000,
         baseline_seeds=1,
