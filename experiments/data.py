@@ -90,7 +90,14 @@ class Dataset:
                     f"x_{split} of shape {x.shape} and y_{split} of shape {y.shape} do not pair "
                     "up: x is [examples, *input_shape], y is [examples]."
                 )
-            if y.size and not (0 <= y.min() and y.max() < self.num_classes):
+            if not len(y) or not math.prod(x.shape[1:]):
+                # Training divided by zero on these (the test split's evaluation chunks, the
+                # model's initializer on a fan-in of 0), a ZeroDivisionError instead of this.
+                raise ValueError(
+                    f"x_{split} of shape {x.shape} holds no data: a split needs at least one "
+                    "example, and an example at least one value."
+                )
+            if not (0 <= y.min() and y.max() < self.num_classes):
                 raise ValueError(
                     f"y_{split} holds labels {int(y.min())}..{int(y.max())}, outside "
                     f"[0, num_classes={self.num_classes})."

@@ -386,6 +386,23 @@ def _tiny(**changes):
         ({"x_test": [[0.0] * 4] * 3}, "x_test must be a NumPy array of floats, got a list"),
         ({"num_classes": 0}, "num_classes must be an int >= 1, got 0"),
         ({"num_classes": 3.0}, "num_classes must be an int >= 1, got 3.0"),
+        # Were accepted, and run_group then failed with a ZeroDivisionError.
+        (
+            {"x_test": np.zeros((0, 4), np.float32), "y_test": np.zeros(0, np.int32)},
+            r"x_test of shape \(0, 4\) holds no data",
+        ),
+        (
+            {"x_train": np.zeros((0, 4), np.float32), "y_train": np.zeros(0, np.int32)},
+            r"x_train of shape \(0, 4\) holds no data",
+        ),
+        (
+            {"x_train": np.zeros((6, 0), np.float32), "x_test": np.zeros((3, 0), np.float32)},
+            r"x_train of shape \(6, 0\) holds no data: .* an example at least one value",
+        ),
+        (
+            {"x_train": np.zeros((6, 2, 0), np.float32), "x_test": np.zeros((3, 2, 0), np.float32)},
+            r"x_train of shape \(6, 2, 0\) holds no data",
+        ),
     ],
 )
 def test_a_dataset_built_by_hand_is_checked(changes, match):
