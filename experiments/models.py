@@ -212,7 +212,13 @@ def make_model(name: str, dataset_spec: DatasetSpec, rngs: nnx.Rngs) -> nnx.Modu
     """
     if name not in _CLASSES:
         raise ValueError(f"name must be one of {', '.join(MODELS)}, got name={name!r}.")
-    return _CLASSES[name](tuple(dataset_spec.input_shape), dataset_spec.num_classes, rngs=rngs)
+    input_shape, num_classes = tuple(dataset_spec.input_shape), dataset_spec.num_classes
+    # A size of 0 was a ZeroDivisionError in the initializer (a fan-in or fan-out of 0).
+    if any(size < 1 for size in input_shape):
+        raise ValueError(f"input_shape must hold sizes >= 1, got input_shape={input_shape}.")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got num_classes={num_classes!r}.")
+    return _CLASSES[name](input_shape, num_classes, rngs=rngs)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

@@ -42,6 +42,22 @@ def test_bad_model():
         models.make_model("cnn", Spec((2, 2, 2), 10), nnx.Rngs(0))
 
 
+@pytest.mark.parametrize("name", models.MODELS)
+@pytest.mark.parametrize(
+    ("shape", "num_classes", "match"),
+    [
+        ((0,), 10, r"input_shape must hold sizes >= 1, got input_shape=\(0,\)"),
+        ((8, 0), 10, r"input_shape must hold sizes >= 1, got input_shape=\(8, 0\)"),
+        ((40,), 0, "num_classes must be >= 1, got num_classes=0"),
+    ],
+)
+def test_an_empty_input_or_no_classes_is_a_value_error(name, shape, num_classes, match):
+    # Was a ZeroDivisionError from the initializer for linear and mlp (the documented error is
+    # a ValueError, which the command line reports in one line).
+    with pytest.raises(ValueError, match=match):
+        models.make_model(name, Spec(shape, num_classes), nnx.Rngs(0))
+
+
 def test_loss_matches_optax():
     logits = jnp.asarray(np.random.default_rng(0).normal(size=(37, 10)) * 5, jnp.float32)
     labels = jnp.arange(37) % 10
