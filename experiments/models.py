@@ -40,6 +40,8 @@ def ordered_sum(x: jax.Array, axis: int | None = None) -> jax.Array:
     if axis is None:
         x, axis = x.reshape(-1), 0
     x = jnp.moveaxis(x, axis, 0)
+    if x.shape[0] == 0:  # an empty sum is 0 (the halving below would add shapes 0 and 2)
+        return jnp.zeros(x.shape[1:], x.dtype)
     n, size = x.shape[0], 1 << max(0, (x.shape[0] - 1).bit_length())
     if n < size:
         # The first halving adds the zero padding (to a power of two) to the upper half only, so

@@ -169,3 +169,14 @@ def test_ordered_sum_is_independent_of_batching():
     for k in (1, 2, 3, 8):
         np.testing.assert_array_equal(np.asarray(summed(x[:k])), full[:k])
     np.testing.assert_allclose(models.ordered_sum(x, axis=0), x.sum(axis=0), rtol=1e-5, atol=1e-5)
+
+
+def test_ordered_sum_of_an_empty_axis_is_zero_and_so_is_the_bias_gradient():
+    # Was a TypeError ("add got incompatible shapes for broadcasting: (0,), (2,)").
+    np.testing.assert_array_equal(models.ordered_sum(jnp.zeros(0)), 0.0)
+    x = jnp.ones((3, 0, 2))
+    got = models.ordered_sum(x, axis=1)
+    assert got.shape == (3, 2) and got.dtype == x.dtype
+    np.testing.assert_array_equal(got, jnp.sum(x, axis=1))
+    grad = jax.grad(lambda b: jnp.sum(models.add_bias(jnp.zeros((0, 4)), b)))(jnp.ones(4))
+    np.testing.assert_array_equal(grad, jnp.zeros(4))
