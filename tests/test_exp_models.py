@@ -2,12 +2,14 @@
 
 import dataclasses
 
+import hypothesis
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
+from hypothesis import strategies as st
 
 from experiments import models
 
@@ -180,3 +182,55 @@ def test_ordered_sum_of_an_empty_axis_is_zero_and_so_is_the_bias_gradient():
     np.testing.assert_array_equal(got, jnp.sum(x, axis=1))
     grad = jax.grad(lambda b: jnp.sum(models.add_bias(jnp.zeros((0, 4)), b)))(jnp.ones(4))
     np.testing.assert_array_equal(grad, jnp.zeros(4))
+
+
+def _ours(x, w, b, c):
+    return jnp.sum(jnp.tanh(models.add_bias(models.matmul(x, w), b)) * c)
+
+
+def _plain(x, w, b, c):
+    return jnp.sum(jnp.tanh(x @ w + b) * c)
+
+
+# Compiled once per shape: the property test below draws its shapes from a few, so that it
+# stays fast, and its values freely.
+_GRADS = {
+    (f, vmapped): jax.jit(jax.vmap(jax.grad(f, (0, 1, 2))) if vmapped else jax.grad(f, (0, 1, 2)))
+    for f in (_ours, _plain)
+    for vmapped in (False, True)
+}
+
+
+@hypothesis.settings(max_examples=20, deadline=None)
+@hypothesis.given(
+    st.sampled_from([(), (2, 3)]),  # the batch axes of x: none (1-D x), or two
+    st.booleans(),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([1e-3, 1.0, 1e3]),
+)
+def test_custom_vjps_match_plain_autodiff(batch, vmapped, seed, scale):
+    """matmul and add_bias differentiate as plain ``x @ w + b``: the same gradients (to float32
+    rounding, in another summation order), of the same shapes and dtypes, for 1-D and N-D x, and
+    under vmap over a leading run axis, each run's gradient its own."""
+    n_in, n_out, runs = 5, 3, (2,) if vmapped else ()
+    rng = np.random.default_rng(seed)
+    x, w, b, c = (
+        jnp.asarray(rng.normal(size=runs + shape) * s, jnp.float32)
+        for shape, s in (
+            ((*batch, n_in), scale),
+            ((n_in, n_out), 1 / scale),
+            ((n_out,), 1.0),
+            ((*batch, n_out), scale),
+        )
+    )
+    got, ref = (_GRADS[f, vmapped](x, w, b, c) for f in (_ours, _plain))
+    rows = int(np.prod(batch))  # the terms each kernel or bias gradient sums
+    for a, r in zip(got, ref, strict=True):
+        assert a.shape == r.shape and a.dtype == r.dtype == jnp.float32
+        atol = 1e-6 * rows * n_in * float(jnp.max(jnp.abs(r)))
+        np.testing.assert_allclose(a, r, rtol=1e-5, atol=atol)
+    if vmapped:  # run 1 alone gives run 1's gradients
+        alone = _GRADS[_plain, False](x[1], w[1], b[1], c[1])
+        for a, r in zip(got, alone, strict=True):
+            atol = 1e-6 * rows * n_in * float(jnp.max(jnp.abs(r)))
+            np.testing.assert_allclose(a[1], r, rtol=1e-5, atol=atol)
