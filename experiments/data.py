@@ -97,6 +97,14 @@ class Dataset:
                     f"x_{split} of shape {x.shape} holds no data: a split needs at least one "
                     "example, and an example at least one value."
                 )
+            finite = np.isfinite(x)
+            if not finite.all():
+                # One NaN pixel in x_test made the test loss NaN (recorded as None) and the test
+                # accuracy 0, without an error.
+                raise ValueError(
+                    f"x_{split} holds {int(finite.size - np.count_nonzero(finite))} non-finite "
+                    "values (NaN or infinity)."
+                )
             if not (0 <= y.min() and y.max() < self.num_classes):
                 raise ValueError(
                     f"y_{split} holds labels {int(y.min())}..{int(y.max())}, outside "

@@ -403,6 +403,11 @@ def _tiny(**changes):
             {"x_train": np.zeros((6, 2, 0), np.float32), "x_test": np.zeros((3, 2, 0), np.float32)},
             r"x_train of shape \(6, 2, 0\) holds no data",
         ),
+        (
+            {"x_test": np.array([[0, np.nan, 0, 0], [0] * 4, [np.inf, -np.inf, 0, 0]], np.float32)},
+            r"x_test holds 3 non-finite values \(NaN or infinity\)",
+        ),
+        ({"x_train": np.full((6, 4), np.inf, np.float32)}, "x_train holds 24 non-finite values"),
     ],
 )
 def test_a_dataset_built_by_hand_is_checked(changes, match):
