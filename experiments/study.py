@@ -45,6 +45,7 @@ from experiments.store import RUNS_FILE, read_json, read_runs, write_json
 
 HELP = "the whole study into --out (default: results), then its report"
 ON_INTERRUPT = "interrupted; finished runs and stages are kept: rerun to resume"
+DEFAULT_OUT = Path("results")  # the main job's --out when none is given
 
 
 @dataclasses.dataclass(frozen=True)
@@ -580,7 +581,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         type=output_dir,
-        default="results",
+        # Not a string: argparse would check a string default for every command, which writes to
+        # its own --out (a file named results in the working directory failed `quadratic --out X`).
+        # :func:`run` checks it when the main job uses it.
+        default=DEFAULT_OUT,
         metavar="DIR",
         help="results and report directory (default: %(default)s)",
     )
@@ -595,9 +599,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs (or resumes) the study; prints where the report is and its summary table."""
-    from experiments.cli import UsageError
+    from experiments.cli import UsageError, output_dir
 
     out = args.out
+    if out is DEFAULT_OUT:  # left unchecked by argparse (see add_arguments)
+        try:
+            out = output_dir(str(out))
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"argument --out: {e}") from None
     try:
         study = Study(out, PRESETS[args.preset])
     except ValueError as e:

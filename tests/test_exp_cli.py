@@ -624,6 +624,23 @@ def test_out_in_place_of_a_file_is_refused(command, under_file, tmp_path, capsys
     assert "not a directory" in captured.err and file.read_text() == "x"
 
 
+def test_a_command_with_its_own_out_ignores_the_main_jobs_default(tmp_path, capsys, monkeypatch):
+    # argparse converts a string default it keeps: the main job's "results" was checked (and
+    # refused) for every command, though the command writes to its own --out.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results").write_text("x")
+    out = tmp_path / "q"
+    code, captured = main_in_process(
+        ["quadratic", "--out", str(out), "--steps", "2", "--seeds", "1"], capsys
+    )
+    assert code == 0, captured.err
+    assert (out / "quadratic.json").is_file() and (tmp_path / "results").read_text() == "x"
+    # With no command the default is the main job's directory, and is still checked at once.
+    code, captured = main_in_process([], capsys)
+    assert code == 2 and captured.out == ""
+    assert captured.err == "error: argument --out: 'results' exists and is not a directory\n"
+
+
 BAD_NQM_QUADRATIC = [
     ["nqm", "--betas", "0,1.5"],
     ["nqm", "--betas", "0,x"],
