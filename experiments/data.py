@@ -57,7 +57,8 @@ class Dataset:
       num_classes: Number of classes.
       digest: For data read from the user's files (``idx``), a hash of their contents: it is
         part of every run's id, so MNIST and Fashion-MNIST runs never pass for each other.
-        ``None`` for the built-in datasets, which the name fixes.
+        ``None`` for the built-in datasets, which the name fixes, and for data built by hand,
+        whose runs are told apart by a hash of its arrays (:func:`run_digest`).
     """
 
     name: str
@@ -287,6 +288,34 @@ def load_idx_dataset(data_dir: str | os.PathLike[str]) -> Dataset:
         num_classes=int(max(arrays["y_train"].max(), arrays["y_test"].max())) + 1,
         digest=array_digest(arrays).hex()[:16],
     )
+
+
+BUILT_IN = {"mnist1d": _mnist1d, "digits": _digits}
+
+
+def run_digest(data: Dataset) -> str | None:
+    """What identifies ``data`` in a run's id, besides its name.
+
+    ``data.digest`` where it has one (``idx`` data: a hash of the files); ``None`` for a built-in
+    dataset as loaded (or an equal copy), which its name identifies; otherwise a hash of the
+    arrays and ``num_classes``. So data built by hand, or a built-in dataset changed (a subset,
+    another order, other values) but still under its name, is never handed the stored runs of
+    other data.
+    """
+    if data.digest is not None:
+        return data.digest
+    built_in = BUILT_IN.get(data.name)
+    fields = ("x_train", "y_train", "x_test", "y_test")
+    if built_in is not None:
+        original = built_in()
+        if data.num_classes == original.num_classes and all(
+            getattr(data, f).dtype == getattr(original, f).dtype
+            and np.array_equal(getattr(data, f), getattr(original, f))
+            for f in fields
+        ):
+            return None
+    arrays = {f: getattr(data, f) for f in fields}
+    return array_digest({**arrays, "num_classes": np.asarray(data.num_classes)}).hex()[:16]
 
 
 def array_digest(arrays: Mapping[str, np.ndarray]) -> bytes:

@@ -330,6 +330,7 @@ def run_sweep(
             raise ValueError(f"{name} must be a list of numbers, got {name}={values!r}.")
     if not isinstance(data, datasets.Dataset):
         raise TypeError(f"data must be an experiments.data.Dataset, got data={data!r}.")
+    digest = datasets.run_digest(data)  # None for a built-in dataset as loaded
     plan = []
     for batch_size in batch_sizes:
         if lrs is None:  # auto_lrs(0) would be all zeros, and refused as lrs, not batch_sizes
@@ -339,7 +340,7 @@ def run_sweep(
             # Not int(batch_size): 8.5 would be trained as 8; as it is, run_group refuses it.
             spec = GroupSpec(
                 data.name, model, batch_size, float(beta), steps, eval_every,
-                data_digest=data.digest,
+                data_digest=digest,
             )  # fmt: skip
             ids = [spec.run_id(lr, s, target_loss) for lr in group_lrs for s in seeds]
             plan.append((spec, group_lrs, ids))
@@ -415,9 +416,9 @@ def _check_same_plan(
 
     Processes running different sweeps would compile different programs and wait on each
     other forever; comparing a digest of every process's run ids turns that into an error.
-    The data are compared too: each process supplies its own devices' copy, so processes holding
-    different data would train the runs on their devices on it, under the same run ids (those of
-    a built-in dataset do not hash its arrays).
+    The data are compared too, first: each process supplies its own devices' copy, and different
+    data also give different run ids (:func:`experiments.data.run_digest`), so a data mismatch
+    would otherwise be reported as different sweeps.
     """
     plan_digest = hashlib.sha256(json.dumps([ids for *_, ids in plan]).encode()).digest()
     arrays = {"x_train": data.x_train, "y_train": data.y_train, "x_test": data.x_test,
@@ -425,15 +426,15 @@ def _check_same_plan(
     data_digest = hashlib.sha256(datasets.array_digest(arrays) + str(data.num_classes).encode())
     digests = plan_digest[:8] + data_digest.digest()[:8]
     every = _every_process(np.frombuffer(digests, np.int32))
-    if (every[:, :2] != every[0, :2]).any():
-        raise SweepMismatchError(
-            "the processes of the job were given different sweeps; start the same command in "
-            "every process"
-        )
-    if (every != every[0]).any():
+    if (every[:, 2:] != every[0, 2:]).any():
         raise SweepMismatchError(
             "the processes of the job loaded different data (the same dataset name, other "
             "numbers: other files or library versions?)"
+        )
+    if (every != every[0]).any():
+        raise SweepMismatchError(
+            "the processes of the job were given different sweeps; start the same command in "
+            "every process"
         )
 
 

@@ -57,7 +57,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import ema_momentum as emm
 from experiments import shuffle
-from experiments.data import Dataset
+from experiments.data import Dataset, run_digest
 from experiments.models import MODELS, cross_entropy, loss_fn, make_model, ordered_sum
 
 EXPLOSION_FACTOR = 100.0
@@ -80,7 +80,7 @@ class GroupSpec:
     steps: int
     eval_every: int
     optimizer: str = DEFAULT_OPTIMIZER
-    data_digest: str | None = None  # Dataset.digest: which files an ``idx`` dataset was
+    data_digest: str | None = None  # data.run_digest: which data, where the name does not say
 
     def __post_init__(self) -> None:
         # A beta of -0.0 is 0.0; normalized so both name the same group and the same run ids.
@@ -96,7 +96,7 @@ class GroupSpec:
 
     def config(self) -> dict[str, Any]:
         """The fields that identify the group; ``optimizer`` only when it is not ``ema_sgd``,
-        ``data_digest`` only when there is one (``idx`` data).
+        ``data_digest`` only when there is one (not a built-in dataset as loaded).
 
         Leaving out the defaults keeps the run and group ids of ``ema_sgd`` runs on the built-in
         datasets what they were before these fields existed, so existing results stores stay
@@ -152,7 +152,7 @@ class RunResult:
     diverged: bool
     diverged_at: int | None
     wall_seconds: float
-    data_digest: str | None = None  # which files an ``idx`` dataset was (Dataset.digest)
+    data_digest: str | None = None  # which data, where the name does not say (data.run_digest)
 
     def as_record(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict; ``data_digest`` only when there is one."""
@@ -543,7 +543,7 @@ def check_group(
         )
     spec = GroupSpec(
         data.name, model, int(batch_size), beta, int(steps), int(eval_every), optimizer,
-        data.digest,
+        run_digest(data),
     )  # fmt: skip
     st = _Static(
         model, data.input_shape, data.num_classes, data.n_train, int(batch_size), optimizer

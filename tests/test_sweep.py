@@ -1,5 +1,7 @@
 """Tests of experiments.sweep in-process: resume skips finished groups, --lrs auto, the summary."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -48,6 +50,25 @@ def test_resume_does_not_recompute_finished_groups(digits, tmp_path, monkeypatch
     assert grown[:7] == first and [r["batch_size"] for r in grown[7:]] == [8] * 7
     assert (out / store.RUNS_FILE).read_bytes().startswith(before)
     assert len(store.read_runs(out)) == 14
+
+
+def test_other_data_under_a_built_in_name_is_not_taken_for_it(digits, tmp_path, monkeypatch):
+    """A run id names a built-in dataset without hashing it: a subset of the digits, still named
+    "digits", was handed the full data's stored runs (same ids, same losses) instead of trained."""
+    out = tmp_path / "out"
+    full = sweep.run_sweep(out, digits, "linear", [16], [0.0], **TINY)
+    subset = dataclasses.replace(digits, x_train=digits.x_train[:100], y_train=digits.y_train[:100])
+    calls = counting(monkeypatch)
+    runs = sweep.run_sweep(out, subset, "linear", [16], [0.0], **TINY)
+    assert calls == [(16, 0.0)]
+    assert {r["run_id"] for r in runs}.isdisjoint(r["run_id"] for r in full)
+    assert all("data_digest" in r for r in runs) and all("data_digest" not in r for r in full)
+    # The digits as loaded, or an equal copy, are the built-in dataset: their stored runs count.
+    monkeypatch.setattr(sweep, "run_group", None)
+    copy = dataclasses.replace(digits, x_train=digits.x_train.copy())
+    assert sweep.run_sweep(out, copy, "linear", [16], [0.0], **TINY) == full
+    assert data.run_digest(digits) is None and data.run_digest(copy) is None
+    assert data.run_digest(subset) == runs[0]["data_digest"]
 
 
 @pytest.mark.parametrize("text", ["auto", " auto "])
