@@ -45,7 +45,14 @@ def _concrete_float(value: Any, name: str, *, schedule: bool = True) -> float | 
         # A 0-d string or object array: float() would parse np.array("0.9"), which "0.9" is not.
         or (dtype is not None and not jnp.issubdtype(dtype, jnp.number))
     ):
-        raise ValueError(f"{name} must be {what}, got {name}={value!r}.")
+        hint = ""
+        if isinstance(value, jax.Array) and jnp.issubdtype(dtype, jnp.complexfloating):
+            # optax.inject_hyperparams casts float hyperparameters to the params' widest dtype.
+            hint = (
+                " With complex params, optax.inject_hyperparams makes hyperparameters complex; "
+                "pass hyperparam_dtype=jnp.float32."
+            )
+        raise ValueError(f"{name} must be {what}, got {name}={value!r}.{hint}")
     try:
         return float(value)
     except jax.errors.ConcretizationTypeError:
@@ -372,7 +379,8 @@ def ema_momentum(
       :func:`optax.inject_hyperparams` casts hyperparameters to the params' dtype
       unless given ``hyperparam_dtype``: with bfloat16 params, ``beta=0.999``
       becomes exactly 1. Eagerly, ``init`` then raises; under ``jit`` it cannot
-      be checked and the velocity stops learning. Pass
+      be checked and the velocity stops learning. With complex params they
+      become complex, which ``init`` refuses (jitted or not). Pass
       ``hyperparam_dtype=jnp.float32``.
 
     Examples:

@@ -786,6 +786,31 @@ def test_only_a_narrow_beta_of_one_gets_the_hyperparam_dtype_hint():
         assert "hyperparam_dtype" not in str(error.value)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_complex_params_under_inject_hyperparams_name_the_fix(jit):
+    # inject_hyperparams casts float hyperparameters to the params' widest dtype: complex64
+    # here, which is not a real scalar. The error names the fix (it works in optax.sgd).
+    params = {"c": jnp.zeros(2, jnp.complex64), "r": jnp.zeros(2)}
+    maybe_jit = jax.jit if jit else lambda f: f
+    for factory, name in ((emm.ema_sgd, "learning_rate"), (emm.ema_momentum, "beta")):
+        tx = optax.inject_hyperparams(factory)(0.1)
+        with pytest.raises(ValueError, match=rf"{name} must be a real .* hyperparam_dtype=jnp.f"):
+            maybe_jit(tx.init)(params)
+    grads = [{"c": jnp.full(2, 1 - 2j, jnp.complex64), "r": jnp.ones(2)}] * 3
+    tx = optax.inject_hyperparams(emm.ema_sgd, hyperparam_dtype=jnp.float32)(0.1, 0.9)
+    ours, _ = _run(tx, grads, params)
+    want, _ = _run(emm.ema_sgd(0.1, 0.9), grads, params)
+    chex.assert_trees_all_close(ours, want, rtol=1e-6)
+    assert ours[-1]["r"].dtype == jnp.float32
+
+
+def test_a_complex_hyperparameter_outside_inject_hyperparams_gets_no_hint():
+    for value in (0.1 + 0j, np.complex64(0.1)):
+        with pytest.raises(ValueError, match=r"beta must be a real scalar") as error:
+            emm.ema_momentum(value)
+        assert "hyperparam_dtype" not in str(error.value)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_narrow_arithmetic_runs_in_float32(dtype):
     # With bf16 (or f16) everywhere, the EMA is computed in float32 and rounded once.
