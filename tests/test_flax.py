@@ -11,6 +11,7 @@ import ema_momentum as emm
 nnx = pytest.importorskip("flax.nnx")
 linen = pytest.importorskip("flax.linen")
 train_state = pytest.importorskip("flax.training.train_state")
+serialization = pytest.importorskip("flax.serialization")
 
 STEPS = 300
 
@@ -120,3 +121,39 @@ def test_linen_train_state_trains_to_low_loss():
     assert final < float(first) / 100
     assert int(state.step) == STEPS
     assert int(optax.tree.get(state.opt_state, "count")) == STEPS
+
+
+def test_msgpack_round_trip_of_the_state_continues_bit_identically():
+    """Without Orbax: flax.serialization writes the state by field names and restores into
+    a fresh `init`, bf16 velocity, None leaf and a masked-out leaf included."""
+    params = {"w": jnp.zeros((3, 2)), "h": jnp.zeros(2, jnp.bfloat16), "n": None}
+    tx = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.masked(
+            emm.ema_sgd(
+                0.1, optax.linear_schedule(0.5, 0.9, 4), debias=True, rounding="stochastic", seed=3
+            ),
+            {"w": True, "h": True, "n": False},
+        ),
+    )
+    grads = [
+        {"w": jnp.full((3, 2), 0.1 * k), "h": jnp.full(2, 0.3 * k, jnp.bfloat16), "n": None}
+        for k in range(1, 7)
+    ]
+
+    def run(params, state, grads):
+        for g in grads:
+            updates, state = jax.jit(tx.update)(g, state, params)
+            params = optax.apply_updates(params, updates)
+        return params, state
+
+    want = run(params, tx.init(params), grads)
+    midway = run(params, tx.init(params), grads[:3])
+    blob = serialization.to_bytes(midway[1])
+    restored = serialization.from_bytes(tx.init(params), blob)
+    got = run(midway[0], restored, grads[3:])
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert g.dtype == w.dtype
+        g, w = np.asarray(g).reshape(-1), np.asarray(w).reshape(-1)
+        np.testing.assert_array_equal(g.view(np.uint8), w.view(np.uint8))
