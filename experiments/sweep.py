@@ -176,30 +176,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Validates everything (loading the data too), then runs the sweep."""
-    if args.dataset == "idx" and args.data_dir is None:
-        raise UsageError("--dataset idx needs --data-dir")
-    if args.dataset != "idx" and args.data_dir is not None:
-        raise UsageError(f"--data-dir is only used with --dataset idx, not {args.dataset}")
-    check_betas(args.betas)
-    rounded = [beta for beta in args.betas if np.float32(beta) >= 1.0]
-    if rounded:
-        raise UsageError(f"--betas {rounded[0]} is 1 in float32 (the engine's precision)")
-    check_unique("--batch-sizes", args.batch_sizes)
-    check_unique("--betas", args.betas)
-    if args.lrs is not None:
-        check_unique("--lrs", args.lrs)
-    if args.eval_every > args.steps:
-        raise UsageError(f"--eval-every ({args.eval_every}) must be <= --steps ({args.steps})")
-    if args.target_loss is not None and not 0 <= args.target_loss <= FLOAT32_MAX:
-        raise UsageError(f"--target-loss must be in [0, {FLOAT32_MAX:.4g}], got {args.target_loss}")
     distributed = args.distributed or any(
         value is not None for value in (args.coordinator, args.num_processes, args.process_id)
     )
     if distributed:
         _join(args)
-    # What each process checks from here on may fail in one process only (the data files of
-    # --data-dir are on its own disk): the others must not wait for it.
+    # What each process checks from here on may fail in one process only (it was given other
+    # arguments, or the data files of --data-dir are on its own disk): the others must not wait
+    # for it, until JAX's timeout ends them with a stack trace.
     try:
+        _check_arguments(args)
         data = _load(args)
     except UsageError:
         _agree(ok=False)
@@ -224,6 +210,26 @@ def run(args: argparse.Namespace) -> int:
     if jax.process_index() == 0:
         print(summary(records))
     return 0
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Raises a UsageError for arguments that argparse accepts one by one but not together."""
+    if args.dataset == "idx" and args.data_dir is None:
+        raise UsageError("--dataset idx needs --data-dir")
+    if args.dataset != "idx" and args.data_dir is not None:
+        raise UsageError(f"--data-dir is only used with --dataset idx, not {args.dataset}")
+    check_betas(args.betas)
+    rounded = [beta for beta in args.betas if np.float32(beta) >= 1.0]
+    if rounded:
+        raise UsageError(f"--betas {rounded[0]} is 1 in float32 (the engine's precision)")
+    check_unique("--batch-sizes", args.batch_sizes)
+    check_unique("--betas", args.betas)
+    if args.lrs is not None:
+        check_unique("--lrs", args.lrs)
+    if args.eval_every > args.steps:
+        raise UsageError(f"--eval-every ({args.eval_every}) must be <= --steps ({args.steps})")
+    if args.target_loss is not None and not 0 <= args.target_loss <= FLOAT32_MAX:
+        raise UsageError(f"--target-loss must be in [0, {FLOAT32_MAX:.4g}], got {args.target_loss}")
 
 
 def _load(args: argparse.Namespace) -> datasets.Dataset:

@@ -134,10 +134,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def sweep_on_two_processes(args, env, per_process=((), ()), devices=(2, 2)):
+def sweep_on_two_processes(args, env, per_process=((), ()), devices=(2, 2), timeout=300):
     """Runs ``args`` (plus ``per_process[i]`` in process i) as a 2-process JAX job on this machine.
 
     Process i has ``devices[i]`` CPU devices. Returns ``(stdout, stderr, exit status)`` per process.
+    A process still running after ``timeout`` seconds fails the test.
     """
     flags = [{"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"} for n in devices]
     job = ["--coordinator", f"localhost:{free_port()}", "--num-processes", "2"]
@@ -146,7 +147,7 @@ def sweep_on_two_processes(args, env, per_process=((), ()), devices=(2, 2)):
         for i in range(2)
     ]
     try:
-        return [(*proc.communicate(timeout=300), proc.returncode) for proc in procs]
+        return [(*proc.communicate(timeout=timeout), proc.returncode) for proc in procs]
     finally:
         for proc in procs:
             proc.kill()
@@ -290,6 +291,25 @@ def test_a_process_that_cannot_load_the_data_stops_the_job(tmp_path, env):
         err0.splitlines()[-1]
         == "error: process 1 of the job stopped with an error (see its output)"
     )
+    assert not out.exists()
+
+
+def test_a_process_given_arguments_it_refuses_stops_the_job(tmp_path, env):
+    """Process 1 alone is given --eval-every > --steps: it refused them before joining the job,
+    and process 0 waited for it for JAX's 300 s, then ended with a stack trace (exit 134)."""
+    out = tmp_path / "out"
+    sweep = ["sweep", "--dataset", "digits", "--batch-sizes", "16", "--betas", "0", "--lrs", "0.1"]
+    sweep += ["--seeds", "1", "--steps", "2", "--eval-every", "2", "--out", str(out)]
+    per_process = ((), ["--eval-every", "3"])
+    results = sweep_on_two_processes(sweep, env, per_process=per_process, timeout=60)
+    assert [code for *_, code in results] == [2, 2]
+    (_, err0, _), (_, err1, _) = results
+    assert err1.splitlines()[-1] == "error: --eval-every (3) must be <= --steps (2)"
+    assert (
+        err0.splitlines()[-1]
+        == "error: process 1 of the job stopped with an error (see its output)"
+    )
+    assert "Traceback" not in err0 + err1
     assert not out.exists()
 
 
