@@ -336,3 +336,42 @@ def test_stochastic_rounding_in_shard_map_needs_a_seed_per_shard():
         shards = np.asarray(jax.jit(mapped)(grads).astype(jnp.float32)).reshape(8, 2, 64)
         same = [np.array_equal(shards[0], shards[i]) for i in range(1, 8)]
         assert all(same) if not per_shard else not any(same)
+
+
+def test_sharded_updates_are_bitwise_those_of_one_device_and_gather_nothing():
+    """The update is elementwise: sharded, jitted with in/out shardings and donation, it computes
+    the very bits of one device (the stochastic rounding's noise too: it hashes each element's
+    global position), and the compiled step moves no data between devices."""
+    mesh = mesh_of("2d")
+    params = sharded_params(mesh)
+    one = on_one_device(jax.tree.map(np.asarray, params))
+    tx = emm.ema_sgd(0.1, 0.9, debias=True, **BF16_STOCHASTIC)
+
+    def step(params, state, t):
+        grads = jax.tree.map(lambda p: jnp.sin(p * t), params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = jax.jit(tx.init)(params)
+    shardings = jax.tree.map(lambda x: x.sharding, (params, state))
+    replicated = NamedSharding(mesh, P())
+    sharded_step = jax.jit(
+        step,
+        in_shardings=(*shardings, replicated),
+        out_shardings=shardings,
+        donate_argnums=(0, 1),
+    )
+    sharded_step = sharded_step.lower(params, state, 1.0).compile()
+    for collective in ("all-gather", "all-reduce", "all-to-all", "collective-permute"):
+        assert collective not in sharded_step.as_text()
+    one_state, one_step = tx.init(one), jax.jit(step)
+    for t in (1.0, 2.0):
+        params, state = sharded_step(params, state, t)
+        one, one_state = one_step(one, one_state, t)
+    assert_same_sharding(velocity_of(state), sharded_params(mesh))
+    got_leaves, want_leaves = jax.tree.leaves((params, state)), jax.tree.leaves((one, one_state))
+    for got, want in zip(got_leaves, want_leaves, strict=True):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(
+            np.asarray(got).reshape(-1).view(np.uint8), np.asarray(want).reshape(-1).view(np.uint8)
+        )
