@@ -29,8 +29,9 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from tqdm import tqdm
 from experiments import data as datasets
 from experiments import models
 from experiments.cli import (
+    USAGE_ERROR,
     UsageError,
     add_out_argument,
     check_betas,
@@ -181,6 +183,11 @@ def run(args: argparse.Namespace) -> int:
     )
     if distributed:
         _join(args)
+    with _a_lost_process_ends_the_job():
+        return _checked_run(args)
+
+
+def _checked_run(args: argparse.Namespace) -> int:
     # What each process checks from here on may fail in one process only (it was given other
     # arguments, or the data files of --data-dir are on its own disk): the others must not wait
     # for it, until JAX's timeout ends them with a stack trace.
@@ -210,6 +217,31 @@ def run(args: argparse.Namespace) -> int:
     if jax.process_index() == 0:
         print(summary(records))
     return 0
+
+
+@contextlib.contextmanager
+def _a_lost_process_ends_the_job() -> Iterator[None]:
+    """In a multi-process job, ends this process with one error line when a computation fails.
+
+    A process that dies (killed, out of memory) makes the others' next collective fail at once.
+    Left to JAX, a process would print the traceback, then wait at exit for the dead one, up to its
+    100 s heartbeat timeout, and abort with a stack trace (exit status 134). Finished groups are
+    stored already; a rerun of the job resumes.
+    """
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        sys.stdout.flush()
+        sys.stderr.write(
+            "error: a computation of the job failed (did a process stop?); finished groups are "
+            f"kept, rerun the job to resume: {first_line}\n"
+        )
+        sys.stderr.flush()
+        # Not sys.exit: JAX's exit handler would wait for the lost process, then abort.
+        os._exit(USAGE_ERROR)
 
 
 def _check_arguments(args: argparse.Namespace) -> None:

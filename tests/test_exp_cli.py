@@ -313,6 +313,37 @@ def test_a_process_given_arguments_it_refuses_stops_the_job(tmp_path, env):
     assert not out.exists()
 
 
+def test_a_killed_process_stops_process_0_at_once_with_one_line(tmp_path, env):
+    """Process 1 is killed after the first group is stored. Process 0's next gather failed at
+    once, and it printed a traceback, waited up to JAX's 100 s heartbeat timeout and aborted with
+    a stack trace (exit status 134)."""
+    out = tmp_path / "out"
+    sweep = ["sweep", "--dataset", "digits", "--batch-sizes", "16", "--betas", "0,0.9"]
+    sweep += ["--lrs", "0.3", "--seeds", "2", "--steps", "4", "--eval-every", "2"]
+    job = ["--out", str(out), "--coordinator", f"localhost:{free_port()}", "--num-processes", "2"]
+    two_devices = env | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    procs = [start([*sweep, *job, "--process-id", str(i)], two_devices) for i in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "runs.jsonl").exists() and (out / "runs.jsonl").stat().st_size > 0):
+            assert all(proc.poll() is None for proc in procs), procs[0].communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        procs[1].kill()
+        _, err0 = procs[0].communicate(timeout=30)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.communicate()
+    assert procs[0].returncode == 2
+    assert err0.splitlines()[-1].startswith(
+        "error: a computation of the job failed (did a process stop?); finished groups are kept, "
+        "rerun the job to resume: "
+    )
+    assert "Traceback" not in err0
+    assert [r["beta"] for r in store.read_runs(out)] == [0.0, 0.0]  # the first group, whole
+
+
 def test_distributed_without_a_cluster_is_a_usage_error(tmp_path, env):
     out = tmp_path / "out"
     env = {k: v for k, v in env.items() if not k.startswith(("JAX_COORDINATOR", "SLURM_", "OMPI_"))}
