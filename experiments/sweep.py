@@ -403,8 +403,8 @@ def run_sweep(
         if lead:
             try:
                 store = stack.enter_context(ResultStore(out_dir))
-            except (StoreLockedError, CorruptStoreError) as e:
-                refused = e
+            except (StoreLockedError, CorruptStoreError, OSError) as e:
+                refused = e  # OSError: e.g. a file where DIR/curves should be
         missing = [0 if store is None else len(store.missing(ids)) for *_, ids in plan]
         if jax.process_count() > 1:  # process 0's store decides for every process
             agreed = _every_process(np.asarray([refused is not None, *missing], np.int32))[0]

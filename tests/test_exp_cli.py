@@ -200,6 +200,23 @@ def test_locked_dir_stops_every_process_of_a_job(tmp_path, env):
     assert store.read_runs(out) == []
 
 
+def test_a_dir_process_0_cannot_create_stops_every_process_of_a_job(tmp_path, env):
+    """DIR/curves is a file: process 0 raised the OSError before the processes agreed on its
+    store, and both waited for the other until JAX's 300 s timeout ended them."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "curves").write_bytes(b"")
+    sweep = ["sweep", "--dataset", "digits", "--batch-sizes", "16", "--betas", "0", "--lrs", "0.1"]
+    sweep += ["--seeds", "1", "--steps", "2", "--eval-every", "2", "--out", str(out)]
+    results = sweep_on_two_processes(sweep, env, timeout=60)
+    assert [code for *_, code in results] == [2, 2]
+    (_, err0, _), (_, err1, _) = results
+    assert err0.splitlines()[-1].startswith("error: ") and "curves" in err0.splitlines()[-1]
+    assert err1.splitlines()[-1] == f"error: process 0 could not open the results in {out}"
+    assert "Traceback" not in err0 + err1
+    assert not (out / "runs.jsonl").exists()
+
+
 def test_processes_running_different_sweeps_are_stopped(tmp_path, env):
     out = tmp_path / "out"
     seeds = (["--seeds", "1"], ["--seeds", "2"])
