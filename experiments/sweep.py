@@ -17,9 +17,11 @@ detected; elsewhere give --coordinator, --num-processes and --process-id), then 
 axis is sharded over all processes' devices. Process 0 alone locks, reads and writes DIR (on its
 own disk) and prints; the others compute and print nothing. The numbers are the same as on one
 host, also when the processes have different numbers of devices.
-Processes started with different sweeps or holding different data, or a process that cannot load
-the data (its files are on its own disk), are stopped with an error instead of waiting on each
-other or training on different data.
+Processes started with different sweeps or holding different data, a process that cannot load
+the data (its files are on its own disk) or that refuses its arguments after parsing them
+(--eval-every > --steps), and a process 0 that cannot open DIR are stopped with an error instead
+of waiting on each other or training on different data; when a process dies, the next exchange
+of results ends the others with one error line (see the README for what JAX leaves waiting).
 """
 
 from __future__ import annotations
