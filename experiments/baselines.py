@@ -13,7 +13,8 @@ learning rate for which a seed diverged. The four rates train together in one vm
 Both use the engine (experiments.train): batches drawn without replacement from a fresh
 permutation each epoch, seed s fixing the initialization and the data order, all devices used,
 accuracy from the engine's final evaluation of the full test set. Reported: mean and standard
-deviation (ddof 0) over seeds 0..N-1. Output: DIR/baselines.json, one entry per model.
+deviation (ddof 0) over seeds 0..N-1; none (null, "diverged") for Adam if any seed diverged.
+Output: DIR/baselines.json, one entry per model.
 
 Known differences from the paper's PyTorch code: its batches cycle through the training set in a
 fixed order; its layers use PyTorch's default initialization (ours: Flax's LeCun-normal weights,
@@ -157,7 +158,10 @@ def run_baselines(
                 data, model, BATCH_SIZE, EMA_BETA, EMA_LRS, seed_list, steps, eval_every,
                 on_chunk=bar.update,
             )  # fmt: skip
-            adam_mean, adam_std = _mean_std([r.final_test_accuracy for r in adam.runs])
+            # A diverged run's final accuracy is its last evaluation before it diverged: no result.
+            adam_mean, adam_std = _mean_std(
+                [None if r.diverged else r.final_test_accuracy for r in adam.runs]
+            )
             ema_lr = _pick_ema_lr(ema)
             ema_runs = _by_lr(ema)[ema_lr] if ema_lr is not None else []
             ema_mean, ema_std = _mean_std([r.final_test_accuracy for r in ema_runs] or [None])

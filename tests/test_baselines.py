@@ -212,3 +212,27 @@ def test_table_shows_a_spread_only_where_there_are_several_seeds():
     four = baselines.table({"cnn": _entry(0.9295, 0.0103, 4, None, None)}).splitlines()
     assert four[1].split()[-4:] == ["93.0", "±", "1.0%", "68%"]
     assert four[2].split()[-1] == "diverged"
+
+
+def test_a_diverged_adam_seed_is_not_averaged_in(monkeypatch):
+    """A run that diverged keeps, as its final accuracy, its last evaluation before it diverged
+    (experiments.train.RunResult). Adam's mean took that number as a result: with Adam at lr 20
+    on digits (10 steps), seed 1 diverged at step 3 and its step-2 accuracy 52.9% was averaged
+    with seed 0's 79.1% into '66.0 ± 13.1%'. An Adam seed that diverged gives no accuracy."""
+
+    def run_group(data, model, batch, beta, lrs, seeds, steps, every, optimizer="ema_sgd", **kw):
+        def run(lr, seed):
+            diverged = optimizer == "adam" and seed == 1
+            return SimpleNamespace(
+                lr=lr, final_train_loss=0.5, final_test_accuracy=0.5 if diverged else 0.8,
+                diverged=diverged,
+            )  # fmt: skip
+
+        return SimpleNamespace(runs=tuple(run(lr, s) for lr in lrs for s in seeds))
+
+    monkeypatch.setattr(baselines, "run_group", run_group)
+    data = SimpleNamespace(name="digits")
+    r = baselines.run_baselines(["linear"], steps=10, seeds=2, progress=False, data=data)
+    assert (r["linear"]["test_accuracy"], r["linear"]["test_accuracy_std"]) == (None, None)
+    assert r["linear"]["ema_sgd"]["test_accuracy"] == pytest.approx(0.8)
+    assert "diverged" in baselines.table(r).splitlines()[1]
