@@ -1457,14 +1457,21 @@ def _baselines_section(res: Results) -> str:
     ]
 
     def accuracy(e: dict, seeds: int) -> str:  # a single seed has no spread to show
+        if e["test_accuracy"] is None:  # a seed diverged (experiments.baselines)
+            return "diverged"
         spread = f" ± {_fmt(e['test_accuracy_std'], '.3f')}" if seeds > 1 else ""
         return _fmt(e["test_accuracy"], ".3f") + spread
 
     for name, entry in res.baselines.items():
         ema, seeds = entry["ema_sgd"], entry["seeds"]
+        ema_cell = (
+            f"diverged at every lr (beta {ema['beta']:g})"
+            if ema["lr"] is None
+            else f"{accuracy(ema, seeds)} (beta {ema['beta']:g}, lr {_fmt(ema['lr'])})"
+        )
         lines.append(
             f"| {name} | {_fmt(entry.get('paper'), '.2f')} | {accuracy(entry, seeds)} | "
-            f"{accuracy(ema, seeds)} (beta {ema['beta']:g}, lr {_fmt(ema['lr'])}) | {seeds} |"
+            f"{ema_cell} | {seeds} |"
         )
     missing = [m for m in PAPER_TEST_ACCURACY if m not in res.baselines]
     if missing and res.preset["dataset"] == "mnist1d":

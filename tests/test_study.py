@@ -275,6 +275,17 @@ def test_baselines_table_shows_a_spread_only_over_several_seeds():
     assert "| cnn | 0.68 | 0.500 ± 0.013 | 0.500 ± 0.013 (beta 0.9, lr 0.3) | 3 |" in table
 
 
+def test_baselines_table_says_diverged_where_a_run_diverged():
+    """None in baselines.json is a diverged Adam seed or an ema_sgd diverged at every lr; the
+    report showed '- ± -' and 'lr -', as for a missing value."""
+    ema = {"test_accuracy": None, "test_accuracy_std": None, "lr": None, "beta": 0.9, "seeds": 3}
+    entry = {"test_accuracy": None, "test_accuracy_std": None, "paper": 0.68, "seeds": 3}
+    baselines = {"mlp": {**entry, "ema_sgd": ema}}
+    res = type("Res", (), {"baselines": baselines, "preset": {"dataset": "digits"}})()
+    table = report._baselines_section(res)
+    assert "| mlp | 0.68 | diverged | diverged at every lr (beta 0.9) | 3 |" in table
+
+
 def test_stages_without_a_trained_sgd_lr_are_skipped_and_the_report_says_why(tmp_path):
     # Every SGD lr diverged at the effective test's batch size: the stages ran at the tie-break's
     # pick (the smallest lr, diverged) as if it were the best one.
