@@ -1475,11 +1475,14 @@ def _baselines_section(res: Results) -> str:
         )
     missing = [m for m in PAPER_TEST_ACCURACY if m not in res.baselines]
     if missing and res.preset["dataset"] == "mnist1d":
+        # The command writes DIR/baselines.json afresh: it names the models already run too.
+        every = ",".join(PAPER_TEST_ACCURACY)
         lines += [
             "",
             f"Not run in the `{res.preset['name']}` preset: {', '.join(missing)} (run "
-            f"`python -m experiments baselines --out DIR --models {','.join(missing)}`, or the "
-            "`full` preset).",
+            f"`python -m experiments baselines --out DIR --models {every} --steps "
+            f"{res.preset['baseline_steps']} --seeds {res.preset['baseline_seeds']}`, which "
+            "writes DIR/baselines.json afresh with every model, or the `full` preset).",
         ]
     return "\n".join(lines)
 

@@ -286,6 +286,19 @@ def test_baselines_table_says_diverged_where_a_run_diverged():
     assert "| mlp | 0.68 | diverged | diverged at every lr (beta 0.9) | 3 |" in table
 
 
+def test_baselines_hint_for_missing_models_keeps_the_models_run():
+    """The command the report suggests for the models a preset left out writes DIR/baselines.json
+    afresh: run with those models only (`--models cnn`), it replaced the study's linear and MLP
+    rows, and the rebuilt report then listed them as not run. It names every model."""
+    entry = {"test_accuracy": 0.5, "test_accuracy_std": 0.0, "paper": 0.68, "seeds": 1}
+    entry["ema_sgd"] = {"test_accuracy": 0.5, "test_accuracy_std": 0.0, "lr": 0.3, "beta": 0.9}
+    preset = {"name": "quick", "dataset": "mnist1d", "baseline_steps": 6000, "baseline_seeds": 1}
+    res = type("Res", (), {"baselines": {"mlp": entry, "linear": entry}, "preset": preset})()
+    table = report._baselines_section(res)
+    assert "Not run in the `quick` preset: cnn (run `python -m experiments baselines " in table
+    assert "--models linear,mlp,cnn --steps 6000 --seeds 1`, which writes" in table
+
+
 def test_stages_without_a_trained_sgd_lr_are_skipped_and_the_report_says_why(tmp_path):
     # Every SGD lr diverged at the effective test's batch size: the stages ran at the tie-break's
     # pick (the smallest lr, diverged) as if it were the best one.
