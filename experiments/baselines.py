@@ -243,6 +243,8 @@ def run(args: argparse.Namespace) -> int:
     if len(set(models)) != len(models):
         raise UsageError(f"--models has duplicates: {args.models}")
     out = args.out
+    if (out / BASELINES_FILE).is_dir():  # else refused when written, after all the training
+        raise UsageError(f"{str(out / BASELINES_FILE)!r} is a directory; nothing was written")
     data = datasets.load_dataset(args.dataset)
     if BATCH_SIZE > data.n_train:
         raise UsageError(f"{args.dataset} has fewer than {BATCH_SIZE} training examples")

@@ -236,3 +236,20 @@ def test_a_diverged_adam_seed_is_not_averaged_in(monkeypatch):
     assert (r["linear"]["test_accuracy"], r["linear"]["test_accuracy_std"]) == (None, None)
     assert r["linear"]["ema_sgd"]["test_accuracy"] == pytest.approx(0.8)
     assert "diverged" in baselines.table(r).splitlines()[1]
+
+
+def test_a_folder_in_the_place_of_baselines_json_is_refused_before_training(
+    tmp_path, capsys, monkeypatch
+):
+    """It was refused only when the results were written, after all the training (the CNN's
+    4 seeds: 20-24 minutes)."""
+
+    def run_baselines(*args, **kwargs):
+        raise AssertionError("trained before refusing the output path")
+
+    monkeypatch.setattr(baselines, "run_baselines", run_baselines)
+    (tmp_path / "baselines.json").mkdir()
+    assert _main(["baselines", "--out", str(tmp_path), "--dataset", "digits"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "baselines.json" in err, err
+    assert [p.name for p in tmp_path.iterdir()] == ["baselines.json"]
