@@ -141,6 +141,7 @@ def run_baselines(
       ValueError: for unknown or repeated models, or out-of-range steps, seeds or batch size.
     """
     models, seed_list = _check_arguments(models, steps, seeds)
+    steps = int(steps)  # a NumPy integer is not JSON
     data = datasets.load_dataset("mnist1d") if data is None else data
     eval_every = max(1, steps // EVALS_PER_RUN)
     results: dict[str, dict[str, Any]] = {}

@@ -214,15 +214,13 @@ def test_table_shows_a_spread_only_where_there_are_several_seeds():
     assert four[2].split()[-1] == "diverged"
 
 
-def test_a_diverged_adam_seed_is_not_averaged_in(monkeypatch):
-    """A run that diverged keeps, as its final accuracy, its last evaluation before it diverged
-    (experiments.train.RunResult). Adam's mean took that number as a result: with Adam at lr 20
-    on digits (10 steps), seed 1 diverged at step 3 and its step-2 accuracy 52.9% was averaged
-    with seed 0's 79.1% into '66.0 ± 13.1%'. An Adam seed that diverged gives no accuracy."""
+def _fake_run_group(adam_diverges_at_seed=None):
+    """A stand-in for experiments.train.run_group: every run ends at train loss 0.5 and test
+    accuracy 0.8, but an Adam run at ``adam_diverges_at_seed`` diverges after reaching 0.5."""
 
     def run_group(data, model, batch, beta, lrs, seeds, steps, every, optimizer="ema_sgd", **kw):
         def run(lr, seed):
-            diverged = optimizer == "adam" and seed == 1
+            diverged = optimizer == "adam" and seed == adam_diverges_at_seed
             return SimpleNamespace(
                 lr=lr, final_train_loss=0.5, final_test_accuracy=0.5 if diverged else 0.8,
                 diverged=diverged,
@@ -230,7 +228,27 @@ def test_a_diverged_adam_seed_is_not_averaged_in(monkeypatch):
 
         return SimpleNamespace(runs=tuple(run(lr, s) for lr in lrs for s in seeds))
 
-    monkeypatch.setattr(baselines, "run_group", run_group)
+    return run_group
+
+
+def test_numpy_steps_and_seeds_give_a_json_ready_result(monkeypatch):
+    """steps=np.int64(3) was returned as it was, and json.dumps (write_json) refused it."""
+    monkeypatch.setattr(baselines, "run_group", _fake_run_group())
+    data = SimpleNamespace(name="digits")
+    r = baselines.run_baselines(
+        ["linear"], steps=np.int64(3), seeds=np.arange(2), progress=False, data=data
+    )
+    assert json.loads(json.dumps(r))["linear"]["steps"] == 3
+    assert type(r["linear"]["steps"]) is int
+
+
+def test_a_diverged_adam_seed_is_not_averaged_in(monkeypatch):
+    """A run that diverged keeps, as its final accuracy, its last evaluation before it diverged
+    (experiments.train.RunResult). Adam's mean took that number as a result: with Adam at lr 20
+    on digits (10 steps), seed 1 diverged at step 3 and its step-2 accuracy 52.9% was averaged
+    with seed 0's 79.1% into '66.0 ± 13.1%'. An Adam seed that diverged gives no accuracy."""
+
+    monkeypatch.setattr(baselines, "run_group", _fake_run_group(adam_diverges_at_seed=1))
     data = SimpleNamespace(name="digits")
     r = baselines.run_baselines(["linear"], steps=10, seeds=2, progress=False, data=data)
     assert (r["linear"]["test_accuracy"], r["linear"]["test_accuracy_std"]) == (None, None)
