@@ -68,8 +68,13 @@ def test_cli_writes_baselines_json(tmp_path, capsys, digits):
     assert again == written
 
 
-def test_paper_numbers_are_given_for_mnist1d_only():
+def test_paper_numbers_are_given_for_mnist1d_only(monkeypatch):
     assert baselines.PAPER_TEST_ACCURACY == {"linear": 0.32, "mlp": 0.68, "cnn": 0.94}
+    monkeypatch.setattr(baselines, "run_group", _fake_run_group())
+    for name, paper in (("mnist1d", [0.94, 0.32]), ("digits", [None, None])):
+        data = SimpleNamespace(name=name)
+        r = baselines.run_baselines(["cnn", "linear"], steps=2, progress=False, data=data)
+        assert [e["paper"] for e in r.values()] == paper
 
 
 @pytest.mark.parametrize(
