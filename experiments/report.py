@@ -1621,7 +1621,8 @@ def build(out: str | Path) -> Path:
         "The MNIST-1D paper's setup (Greydanus 2020: Adam, lr 1e-2, batch 100, 6000 steps) next "
         "to its reported test accuracy, and the same models trained with `ema_sgd`, its lr "
         f"picked from {_baseline_lrs()} by the lowest final train loss (mean over seeds; an lr at "
-        "which a seed diverged is skipped): the test set chooses nothing.",
+        "which a seed diverged is skipped): the test set chooses nothing. Accuracies are means "
+        "over seeds, ± the standard deviation (ddof 0).",
         "",
         _baselines_section(res),
         "",

@@ -622,6 +622,7 @@ def test_report_reads_the_stage_files_of_a_study(tmp_path):
     assert "| linear | - | 0.600 | 0.500 (beta 0.9, lr 0.3) | 1 |" in text
     # How ema_sgd's lr was chosen (experiments.baselines): not on the test set it reports.
     assert "lr picked from 0.1, 0.3, 1, 3 by the lowest final train loss" in " ".join(text.split())
+    assert "± the standard deviation (ddof 0)" in text  # as experiments.baselines computes it
     assert verdicts[5]["verdict"] != report.UNSETTLED  # claim 6, from quadratic.json
 
 
