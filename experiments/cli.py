@@ -293,6 +293,16 @@ def _main_job_options(parser: argparse.ArgumentParser, args: argparse.Namespace)
             )
 
 
+def _error_line(message: object) -> str:
+    """``error: message`` as one line: a line break in it (a value echoed as given, such as
+    argparse's "unrecognized arguments: ...") is written as its escape (``\\n``)."""
+    text = str(message)
+    breaks = {c for c in text if len(f"a{c}b".splitlines()) > 1}
+    for c in breaks:
+        text = text.replace(c, repr(c)[1:-1])
+    return f"error: {text}\n"
+
+
 @contextlib.contextmanager
 def _sigint_deferred() -> Iterator[None]:
     """Holds back SIGINT (Ctrl-C) in this thread until the block ends, where it is delivered.
@@ -332,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # A command's complaint may come from a main job option set before it (`--out X
             # sweep`: "--out is required"); then that is the reason to give.
             _main_job_options(parser, args)
-            sys.stderr.write(f"error: {error}\n")
+            sys.stderr.write(_error_line(error))
             sys.exit(USAGE_ERROR)
         _main_job_options(parser, args)
         on_interrupt = args.on_interrupt
@@ -340,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, OSError) as e:
         # OSError: what the file system refused (a read-only or full disk, a file where a folder
         # is expected, ...): one line instead of a traceback. Stored results stay valid.
-        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.write(_error_line(e))
         return USAGE_ERROR
     except KeyboardInterrupt:
         sys.stderr.write(on_interrupt + "\n")

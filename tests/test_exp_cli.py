@@ -795,6 +795,25 @@ def test_missing_out(capsys):
     assert code == 2 and captured.err.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "3\n"],  # argparse: "unrecognized arguments: 3<newline>"
+        ["bench", "a\rb"],
+        ["bench-transform", "--json", "x\u2028y"],
+        ["baselines", "--out", "x", "--models", "mlp\n,mlp\n"],  # "--models has duplicates: ..."
+    ],
+    ids=repr,
+)
+def test_an_error_line_is_one_line_whatever_the_arguments_hold(argv, tmp_path, capsys, monkeypatch):
+    # A value holding a line break, echoed as it is, made the "one line" two.
+    monkeypatch.chdir(tmp_path)
+    code, captured = main_in_process(argv, capsys)
+    assert code == 2 and captured.out == "" and list(tmp_path.iterdir()) == []
+    assert captured.err.startswith("error: ") and captured.err.endswith("\n")
+    assert len(captured.err.splitlines()) == 1, captured.err
+
+
 def test_bad_input_from_a_real_process(tmp_path, env):
     out = tmp_path / "out"
     done = run(["sweep", "--dataset", "digits", "--out", str(out), "--betas", "1.5"], env)
