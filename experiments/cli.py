@@ -47,7 +47,12 @@ class ArgumentParser(argparse.ArgumentParser):
     """An argparse parser whose errors are one line on stderr, without the usage text.
 
     They are raised as :class:`UsageError`; :func:`main` writes the line and exits with status 2.
+    Options are taken only as spelled in full: argparse would take a prefix of one (``sweep
+    --seed 3``, quadratic's first seed, ran ``--seeds 3``: seeds 0, 1 and 2).
     """
+
+    def __init__(self, *args: Any, allow_abbrev: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)

@@ -1,5 +1,6 @@
 """Tests of the command line and the results store: end to end, crash, resume, lock, bad input."""
 
+import argparse
 import io
 import json
 import math
@@ -812,6 +813,55 @@ def test_an_error_line_is_one_line_whatever_the_arguments_hold(argv, tmp_path, c
     assert code == 2 and captured.out == "" and list(tmp_path.iterdir()) == []
     assert captured.err.startswith("error: ") and captured.err.endswith("\n")
     assert len(captured.err.splitlines()) == 1, captured.err
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["sweep", "--dataset", "digits", "--seed", "3"], "--seed"),  # was --seeds 3: seeds 0..2
+        (["baselines", "--seed", "5"], "--seed"),  # was --seeds 5
+        (["baselines", "--model", "mlp"], "--model"),  # sweep's option; was --models
+        (["quadratic", "--ste=5"], "--ste=5"),
+        (["--pre=full"], "--pre=full"),
+    ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else "",
+)
+def test_an_abbreviated_option_is_refused(argv, option, tmp_path, capsys, monkeypatch):
+    # argparse took a unique prefix for the option it starts: `sweep --seed 3` (quadratic's name
+    # for the first seed) silently ran seeds 0, 1 and 2.
+    import experiments.baselines
+    import experiments.quadratic
+    import experiments.study
+    import experiments.sweep
+
+    for module in (
+        experiments.baselines,
+        experiments.quadratic,
+        experiments.study,
+        experiments.sweep,
+    ):
+        monkeypatch.setattr(module, "run", lambda args: 0)  # the old code took the prefix and ran
+    monkeypatch.chdir(tmp_path)
+    argv = [argv[0], "--out", "out", *argv[1:]] if argv[0] != "--pre=full" else argv
+    code, captured = main_in_process(argv, capsys)
+    assert code == 2 and captured.out == "" and list(tmp_path.iterdir()) == []
+    assert captured.err.startswith(f"error: unrecognized arguments: {option}")
+    assert captured.err.count("\n") == 1
+
+
+def test_no_option_is_taken_by_a_prefix_of_its_name(capsys):
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in [(None, parser), *subparsers.choices.items()]:
+        for action in sub._actions:
+            for option in action.option_strings:
+                prefix = option[:-1]  # quadratic's --seeds: --seed is an option of its own
+                if len(option) > 3 and prefix not in sub._option_string_actions:
+                    argv = [*([name] if name else []), prefix]
+                    argv += ["--out", "o"] if name in ("sweep", "baselines") else []
+                    argv += ["DIR"] if name == "report" else []
+                    with pytest.raises(cli.UsageError, match="unrecognized arguments"):
+                        parser.parse_args(argv)
 
 
 def test_bad_input_from_a_real_process(tmp_path, env):
