@@ -64,9 +64,14 @@ INT_LIMIT = 2**31  # every count and index here is an int32 (steps, seeds, batch
 def _int_at_least(text: str, low: int, limit: int | None = INT_LIMIT) -> int:
     # Plain ASCII digits only: int() would also take "4_0" (as 40), "+4" and other scripts' digits.
     digits = text.strip()
-    if not re.fullmatch(r"[0-9]+", digits) or int(digits) < low:
+    if not re.fullmatch(r"[0-9]+", digits):
         raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
-    value = int(digits)
+    try:
+        value: int | float = int(digits)
+    except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits()): huge
+        value = math.inf
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
     if limit is not None and value >= limit:
         power = limit.bit_length() - 1
         shown = f"2**{power}" if limit == 2**power else f"{limit:_}"

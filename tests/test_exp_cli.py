@@ -1082,6 +1082,32 @@ def test_finite_float_takes_plain_decimal_numbers(text, value):
     assert cli.finite_float(text) == value
 
 
+HUGE = "9" * 5000  # more digits than int() converts (4300 by default)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["sweep", "--steps", HUGE], "argument --steps: must be an integer < 2**31"),
+        (
+            ["sweep", "--batch-sizes", f"8,{HUGE}"],
+            "argument --batch-sizes: must be an integer < 2**31",
+        ),
+        (["nqm", "--batch-sizes", HUGE], "argument --batch-sizes: must be an integer < 2**53"),
+        (["quadratic", "--steps", HUGE], "argument --steps: must be an integer <= 100_000"),
+        (["quadratic", "--seeds", HUGE], "argument --seeds: must be an integer <= 10_000"),
+    ],
+    ids=lambda value: value[0] if isinstance(value, list) else "",
+)
+def test_an_integer_of_very_many_digits_is_refused_as_too_large(argv, message, tmp_path, capsys):
+    # int() refused it with a ValueError, which argparse reported as "invalid positive_int value"
+    # (nqm: "invalid functools.partial(<function positive_int_list at 0x...>, ...) value").
+    code, captured = main_in_process([argv[0], "--out", str(tmp_path / "out"), *argv[1:]], capsys)
+    assert code == 2 and captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith(f"error: {message}, got '999"), captured.err[:200]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_finite_float_minus_zero_is_zero():
     assert math.copysign(1.0, cli.finite_float("-0")) == 1.0  # one value, one run id
 
