@@ -164,6 +164,8 @@ def output_dir(text: str) -> Path:
     """
     if not text:
         raise argparse.ArgumentTypeError("must be a directory path, got ''")
+    if "\0" in text:  # no shell passes one, but main(argv) may; the mkdir would fail after the work
+        raise argparse.ArgumentTypeError(f"a path cannot hold a null character, got {text!r}")
     try:
         path = Path(text).expanduser()
     except RuntimeError:  # ~name of no user (or no home directory): pathlib cannot expand it

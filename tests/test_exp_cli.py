@@ -1082,6 +1082,30 @@ def test_finite_float_takes_plain_decimal_numbers(text, value):
     assert cli.finite_float(text) == value
 
 
+@pytest.mark.parametrize("command", [[], ["quadratic"], ["nqm"], ["sweep"], ["baselines"]])
+def test_an_out_holding_a_null_character_is_refused_when_parsed(
+    command, tmp_path, capsys, monkeypatch
+):
+    # No shell passes one, but main(argv) takes any string: it was accepted, and quadratic failed
+    # with a ValueError traceback ("embedded null byte") when it wrote, after the work.
+    import experiments.baselines
+    import experiments.nqm
+    import experiments.quadratic
+    import experiments.study
+    import experiments.sweep
+
+    for module in (
+        experiments.baselines, experiments.nqm, experiments.quadratic, experiments.study,
+        experiments.sweep,
+    ):  # fmt: skip
+        monkeypatch.setattr(module, "run", lambda args: 0)  # the old code ran them
+    out = str(tmp_path / "a\x00b")
+    code, captured = main_in_process([*command, "--out", out], capsys)
+    assert code == 2 and captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith("error: argument --out: ") and "null" in captured.err
+    assert list(tmp_path.iterdir()) == []
+
+
 HUGE = "9" * 5000  # more digits than int() converts (4300 by default)
 
 
