@@ -32,6 +32,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -106,6 +107,17 @@ def _lrs(text: str) -> list[float] | None:
     return lrs
 
 
+def _coordinator(text: str) -> str:
+    # jax.distributed.initialize takes what follows the last ":" as the port; without one it
+    # failed with an IndexError traceback.
+    host, _, port = text.rpartition(":")
+    if not (host and re.fullmatch(r"[0-9]{1,5}", port) and 1 <= int(port) <= 65535):
+        raise argparse.ArgumentTypeError(
+            f"must be HOST:PORT with a port in [1, 65535], got {text!r}"
+        )
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the sweep options to ``parser``."""
     add_out_argument(parser)
@@ -165,7 +177,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="join a multi-process JAX job (jax.distributed.initialize) before computing",
     )  # fmt: skip
     group.add_argument(
-        "--coordinator", metavar="HOST:PORT",
+        "--coordinator", type=_coordinator, metavar="HOST:PORT",
         help="address of process 0's coordinator service (implies --distributed)",
     )  # fmt: skip
     group.add_argument(

@@ -1106,6 +1106,28 @@ def test_an_out_holding_a_null_character_is_refused_when_parsed(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_coordinator_without_a_port_is_one_error_line(tmp_path, capsys):
+    # jax.distributed.initialize took the text after its last ":" as the port: an IndexError
+    # traceback (exit status 1) for an address without one.
+    argv = ["sweep", "--dataset", "digits", "--out", str(tmp_path / "out"), "--coordinator"]
+    job = ["--num-processes", "1", "--process-id", "0"]
+    code, captured = main_in_process([*argv, "localhost", *job], capsys)
+    assert code == 2 and captured.out == "" and list(tmp_path.iterdir()) == []
+    assert captured.err == (
+        "error: argument --coordinator: must be HOST:PORT with a port in [1, 65535], "
+        "got 'localhost'\n"
+    )
+
+
+@pytest.mark.parametrize("address", ["localhost:", ":1234", "h:0", "h:65536", "h:x", "h:+1", "h"])
+def test_coordinator_must_be_host_and_port(address):
+    parser = cli.build_parser()
+    with pytest.raises(cli.UsageError, match="argument --coordinator: must be HOST:PORT"):
+        parser.parse_args(["sweep", "--out", "o", "--coordinator", address])
+    for good in ("localhost:1234", "10.0.0.1:65535", "[::1]:1"):
+        assert parser.parse_args(["sweep", "--out", "o", "--coordinator", good]).coordinator == good
+
+
 HUGE = "9" * 5000  # more digits than int() converts (4300 by default)
 
 
