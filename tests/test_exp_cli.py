@@ -1,17 +1,23 @@
 """Tests of the command line and the results store: end to end, crash, resume, lock, bad input."""
 
 import argparse
+import contextlib
+import functools
+import importlib
 import io
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import hypothesis
 import numpy as np
 import pytest
 from test_exp_data import write_idx, write_mnist
@@ -1267,3 +1273,94 @@ def test_an_interrupted_command_exits_without_the_interpreters_finalization():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (130, "out", "interrupted")
+
+
+FUZZ_VALUES = [
+    "", " ", "-1", "0", "1", "-0", "1e309", "nan", "inf", "0x10", "1_000", "\u0661\u0662", "3\n",
+    "a\rb", "1e-50", "0.5", "0.9", "2147483648", "9" * 5000, "~", "~/x", "~nosuchuser/x", ",",
+    "1,,2", "1,1", "auto", "--", "-x", "o", "o/p", "\x00", "é", ".", "..", "linear,mlp", "mlp,mlp",
+    "digits", "idx", "full", "localhost:1", "x" * 300,
+]  # fmt: skip
+
+
+@functools.cache
+def fuzz_parsers():
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {None: parser, **subparsers.choices}
+
+
+@hypothesis.strategies.composite
+def fuzz_argv(draw):
+    st = hypothesis.strategies
+    command = draw(st.sampled_from(list(fuzz_parsers())))
+    actions = [a for a in fuzz_parsers()[command]._actions if a.option_strings]
+    everyone = sorted({s for p in fuzz_parsers().values() for s in p._option_string_actions})
+    argv = [] if command is None else [command]
+    value = st.one_of(st.sampled_from(FUZZ_VALUES), st.text(max_size=6))
+    for _ in range(draw(st.integers(0, 5))):
+        how = draw(st.integers(0, 5))
+        if how == 0:  # a bare value, "--", or another command's option
+            argv.append(draw(st.one_of(value, st.sampled_from(["--", *everyone]))))
+            continue
+        action = draw(st.sampled_from(actions))
+        option = draw(st.sampled_from(action.option_strings))
+        if how == 1 and option.startswith("--"):  # an abbreviation
+            option = option[: draw(st.integers(3, len(option)))]
+        if action.nargs == 0:
+            argv.append(option)
+        elif draw(st.booleans()):
+            argv.append(f"{option}={draw(value)}")
+        else:
+            argv += [option, draw(value)]
+    if command == "report" and draw(st.booleans()):
+        argv.insert(1, draw(value))
+    return argv
+
+
+@hypothesis.settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture],
+)
+@hypothesis.given(draws=hypothesis.strategies.data())
+def test_fuzzed_arguments_are_taken_or_refused_in_one_line(draws, tmp_path, monkeypatch):
+    # Only argparse and the options' types run here: each command's run is replaced. What one
+    # accepts, it gets: every option as spelled in full, and an --out it can create.
+    fuzz_parsers()  # built here, not in the strategy: importing the commands uses `random`
+    argv = draws.draw(fuzz_argv(), label="argv")
+    work, home = tmp_path / "work", tmp_path / "home"
+    for folder in (work, home):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(home))
+    accepted = []
+
+    def run(args):
+        accepted.append(args)
+        for name in ("out", "export"):
+            path = getattr(args, name, None)
+            if path is not None and tmp_path in Path(os.path.abspath(path)).parents:
+                path.mkdir(parents=True, exist_ok=True)  # no ValueError (a null character)
+        return 0
+
+    for _, module in [(None, cli.MAIN_JOB), *cli.COMMANDS]:
+        monkeypatch.setattr(importlib.import_module(module), "run", run)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(argv)
+        except SystemExit as e:
+            code = e.code
+    out, err = out.getvalue(), err.getvalue()
+    assert code in (0, 2), (argv, code)
+    if code == 2:
+        assert out == "" and not accepted and not any(work.iterdir()) and not any(home.iterdir())
+        assert err.startswith("error: ") and len(err.splitlines()) == 1, (argv, err)
+        assert not re.search(r"invalid \S+ value", err), err  # a type's ValueError, unexplained
+    elif accepted:
+        given = argv[: argv.index("--")] if "--" in argv else argv
+        spelled = [a.split("=")[0] for a in given if a.startswith("--") and a != "--"]
+        parsers = [fuzz_parsers()[None], fuzz_parsers()[accepted[0].command]]
+        assert all(any(o in p._option_string_actions for p in parsers) for o in spelled), argv
