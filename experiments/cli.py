@@ -174,7 +174,10 @@ def output_dir(text: str) -> Path:
         ) from None
     # A broken symbolic link does not "exist", but it cannot be made a directory either: the
     # mkdir would fail only when results are written (after training, for some commands).
-    existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
+    try:
+        existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
+    except OSError as e:  # a name too long, a folder on the way that cannot be searched, ...
+        raise argparse.ArgumentTypeError(f"{text!r}: {e.strerror or e}") from None
     where = "" if existing == path else f" (its parent {str(existing)!r})"
     if not existing.exists():
         raise argparse.ArgumentTypeError(f"{text!r}{where} is a broken symbolic link")

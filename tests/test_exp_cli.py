@@ -1134,6 +1134,18 @@ def test_coordinator_must_be_host_and_port(address):
         assert parser.parse_args(["sweep", "--out", "o", "--coordinator", good]).coordinator == good
 
 
+@pytest.mark.parametrize("command", [[], ["quadratic"], ["sweep"], ["report", "DIR", "--export"]])
+def test_an_out_the_file_system_cannot_name_is_refused_naming_the_option(command, tmp_path, capsys):
+    # It was refused, but as the OSError of a stat, without the option: "error: [Errno 36] File
+    # name too long: '...'".
+    out = str(tmp_path / ("x" * 300))
+    argv = [*command, out] if command[-1:] == ["--export"] else [*command, "--out", out]
+    code, captured = main_in_process(argv, capsys)
+    assert code == 2 and captured.out == "" and list(tmp_path.iterdir()) == []
+    option = "--export" if command[:1] == ["report"] else "--out"
+    assert captured.err == f"error: argument {option}: {out!r}: File name too long\n"
+
+
 HUGE = "9" * 5000  # more digits than int() converts (4300 by default)
 
 
