@@ -336,6 +336,10 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+DEFAULT_INNER = 3  # steps per timed repeat
+DEFAULT_SCALE = 1.0  # leaf sizes as listed
+
+
 def _scale(text: str) -> float:
     try:
         value = cli.finite_float(text)  # ASCII numbers only
@@ -359,14 +363,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--inner",
         metavar="N",
         type=cli.positive_int,
-        default=3,
-        help="steps per timed repeat (default 3)",
+        default=DEFAULT_INNER,
+        help=f"steps per timed repeat (default {DEFAULT_INNER})",
     )
     parser.add_argument(
         "--scale",
         metavar="X",
         type=_scale,
-        default=1.0,
+        default=DEFAULT_SCALE,
         help="multiply every leaf size by X in (0, 1] (default 1; e.g. 0.001 for a smoke test)",
     )
     parser.add_argument(
@@ -386,6 +390,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmark with parsed `args`; returns the exit code."""
     if args.eager:
+        # Its shapes and contenders are its own: these would be ignored without a word.
+        unused = [
+            option
+            for option, given in (
+                ("--inner", args.inner != DEFAULT_INNER),
+                ("--scale", args.scale != DEFAULT_SCALE),
+                ("--no-torch", args.no_torch),
+            )
+            if given
+        ]
+        if unused:
+            raise cli.UsageError(f"{unused[0]} is not used with --eager")
         eager = measure_eager(args.repeats)
         print(json.dumps(eager, indent=2) if args.json else format_eager_table(eager))
         return 0

@@ -1146,6 +1146,20 @@ def test_an_out_the_file_system_cannot_name_is_refused_naming_the_option(command
     assert captured.err == f"error: argument {option}: {out!r}: File name too long\n"
 
 
+@pytest.mark.parametrize(
+    "extra", [["--inner", "5"], ["--scale", "0.001"], ["--no-torch"], ["--json", "--inner=1"]]
+)
+def test_bench_transform_eager_refuses_the_options_it_does_not_use(extra, capsys, monkeypatch):
+    # --eager times its own shapes and contenders: these were ignored without a word.
+    import experiments.bench_transform
+
+    monkeypatch.setattr(experiments.bench_transform, "measure_eager", lambda repeats: 1 / 0)
+    code, captured = main_in_process(["bench-transform", "--eager", *extra], capsys)
+    option = next(a for a in extra if a != "--json").split("=")[0]
+    assert (code, captured.out) == (2, "")
+    assert captured.err == f"error: {option} is not used with --eager\n"
+
+
 HUGE = "9" * 5000  # more digits than int() converts (4300 by default)
 
 
