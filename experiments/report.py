@@ -1681,18 +1681,29 @@ def export(out: str | Path, dest: str | Path) -> list[Path]:
 
     The copy keeps the report's relative links, so ``dest/report.md`` shows its figures; the
     README's results come from such a copy.
+
+    Raises:
+      ValueError: a folder in ``dest`` where a file goes, or a file where a folder goes (checked
+        before anything is copied).
     """
     import shutil
 
     out, dest = Path(out), Path(dest)
     names = ["report.md", "verdicts.json", "quadratic.png", "nqm.png"]
     names += [f"{FIGURES_DIR}/{p.name}" for p in sorted((out / FIGURES_DIR).glob("*.png"))]
+    names = [name for name in names if (out / name).exists()]
+    # Checked before the first copy: such a file failed with an OSError after the ones before.
+    for name in names:
+        target = dest / name
+        if target.is_dir():
+            raise ValueError(f"cannot export {name}: {str(target)!r} is a directory")
+        if target.parent.exists() and not target.parent.is_dir():
+            raise ValueError(f"cannot export {name}: {str(target.parent)!r} is not a directory")
     copied = []
     for name in names:
-        if (out / name).exists():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(out / name, dest / name)
-            copied.append(dest / name)
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / name, dest / name)
+        copied.append(dest / name)
     return copied
 
 
@@ -1721,8 +1732,14 @@ def run(args: argparse.Namespace) -> int:
         path = build(args.dir)
     except (ValueError, zipfile.BadZipFile) as e:  # no study, or a corrupt one
         raise UsageError(str(e)) from None
+    copied = None
+    if args.export:
+        try:  # before anything is printed: a refusal is one error line and nothing else
+            copied = export(args.dir, args.export)
+        except ValueError as e:
+            raise UsageError(f"--export: {e}") from None
     print(summary(args.dir))
     print(f"report: {path}")
-    if args.export:
-        print(f"exported {len(export(args.dir, args.export))} files to {args.export}")
+    if copied is not None:
+        print(f"exported {len(copied)} files to {args.export}")
     return 0

@@ -1160,6 +1160,33 @@ def test_bench_transform_eager_refuses_the_options_it_does_not_use(extra, capsys
     assert captured.err == f"error: {option} is not used with --eager\n"
 
 
+@pytest.mark.parametrize("blocker", ["figures", "report.md", "figures/b.png"])
+def test_report_export_refused_midway_copies_nothing(blocker, tmp_path, capsys, monkeypatch):
+    # A file where the figures' folder goes, or a folder where a file goes, failed with an
+    # OSError after the files before it were copied and the report's lines were printed.
+    from experiments import report
+
+    study, dest = tmp_path / "study", tmp_path / "dest"
+    (study / "figures").mkdir(parents=True)
+    for name in ("report.md", "verdicts.json", "figures/a.png", "figures/b.png"):
+        (study / name).write_text(name)
+    (dest / blocker).parent.mkdir(parents=True, exist_ok=True)
+    (dest / blocker).mkdir() if blocker.endswith((".md", ".png")) else (dest / blocker).write_text(
+        ""
+    )
+    monkeypatch.setattr(report, "build", lambda out: Path(out) / "report.md")  # a study's work
+    monkeypatch.setattr(report, "summary", lambda out: "summary")
+    before = sorted(dest.rglob("*"))
+    code, captured = main_in_process(["report", str(study), "--export", str(dest)], capsys)
+    assert (code, captured.out) == (2, "") and sorted(dest.rglob("*")) == before
+    assert captured.err.startswith("error: --export: cannot export ") and blocker in captured.err
+    assert captured.err.count("\n") == 1
+    assert report.export(study, tmp_path / "elsewhere") == [
+        tmp_path / "elsewhere" / name
+        for name in ("report.md", "verdicts.json", "figures/a.png", "figures/b.png")
+    ]
+
+
 HUGE = "9" * 5000  # more digits than int() converts (4300 by default)
 
 
