@@ -1707,9 +1707,18 @@ def export(out: str | Path, dest: str | Path) -> list[Path]:
     return copied
 
 
+def _study_dir(text: str) -> str:
+    # Path("") is the working directory: `report "$DIR"` with DIR unset rebuilt its report.
+    if not text:
+        raise argparse.ArgumentTypeError("must be a directory path, got ''")
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of the ``report`` subcommand."""
-    parser.add_argument("dir", metavar="DIR", help="a directory written by the main job")
+    parser.add_argument(
+        "dir", type=_study_dir, metavar="DIR", help="a directory written by the main job"
+    )
     from experiments.cli import output_dir
 
     parser.add_argument(

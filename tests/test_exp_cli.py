@@ -1187,6 +1187,18 @@ def test_report_export_refused_midway_copies_nothing(blocker, tmp_path, capsys, 
     ]
 
 
+def test_report_of_an_empty_dir_is_refused(tmp_path, capsys, monkeypatch):
+    # As --out '' is: `report "$DIR"` with DIR unset rebuilt the report of the working directory.
+    from experiments import report
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(report, "build", lambda out: Path(out) / "report.md")  # a study's work
+    monkeypatch.setattr(report, "summary", lambda out: "summary")
+    code, captured = main_in_process(["report", ""], capsys)
+    assert (code, captured.out) == (2, "")
+    assert captured.err == "error: argument DIR: must be a directory path, got ''\n"
+
+
 HUGE = "9" * 5000  # more digits than int() converts (4300 by default)
 
 
