@@ -514,6 +514,12 @@ def _mean(values: Sequence[float | None]) -> float:
     return float(np.mean(finite)) if len(finite) == len(values) else math.nan
 
 
+def _shortest(x: float) -> str:
+    """``x`` as ``:g`` writes it where that is ``x`` exactly (``0``, ``0.9``), else as ``repr``."""
+    text = f"{x:g}"
+    return text if float(text) == x else repr(float(x))
+
+
 def summary(records: Sequence[dict[str, Any]]) -> str:
     """A one-screen table: per batch size and beta, the best lr and its results (seed means).
 
@@ -542,14 +548,16 @@ def summary(records: Sequence[dict[str, Any]]) -> str:
         }
         scores = {lr: s for lr, s in scores.items() if math.isfinite(s)}
         if not scores:
-            lines.append(f"{batch_size:>6} {beta:>6g} {'-':>9} {'':>43} {diverged:>4}/{len(runs)}")
+            lines.append(
+                f"{batch_size:>6} {_shortest(beta):>6} {'-':>9} {'':>43} {diverged:>4}/{len(runs)}"
+            )
             continue
         best = min(scores, key=scores.get)
         rs = by_lr[best]
         to_target = [r["steps_to_target"] for r in rs]
         target = "-" if None in to_target else f"{np.median(to_target):g}"
         lines.append(
-            f"{batch_size:>6} {beta:>6g} {best:>9.3g} {scores[best]:>11.4f} "
+            f"{batch_size:>6} {_shortest(beta):>6} {_shortest(best):>9} {scores[best]:>11.4f} "
             f"{_mean([r['final_test_loss'] for r in rs]):>10.4f} "
             f"{_mean([r['final_test_accuracy'] for r in rs]):>9.3f} {target:>10} "
             f"{diverged:>4}/{len(runs)}"

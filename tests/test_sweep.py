@@ -207,6 +207,16 @@ def test_summary_picks_the_lr_with_the_lowest_mean_train_loss():
     assert text.splitlines()[-1].startswith("best lr: the lowest mean final train loss")
 
 
+def test_summary_shows_a_beta_and_an_lr_as_given():
+    # With ":g" (6 significant digits) beta 0.9999999 was printed as 1, and with ".3g" lrs 0.1234
+    # and 0.1236 both as 0.123: the table named a beta no run used, or an lr ambiguously.
+    records = [record(0.1234, 0.3, beta=0.9999999), record(0.1236, 0.4, beta=0.9999999)]
+    (row,) = rows(sweep.summary(records))
+    assert row[1:3] == ["0.9999999", "0.1234"]
+    (row,) = rows(sweep.summary([record(0.1, 0.3, beta=0.0)]))
+    assert row[1:3] == ["0", "0.1"]
+
+
 def test_summary_of_a_group_that_all_diverged():
     text = sweep.summary([record(10.0, None, diverged=True), record(20.0, None, diverged=True)])
     assert rows(text) == [["16", "0", "-", "2/2"]]
