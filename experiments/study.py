@@ -192,6 +192,7 @@ STUDY_FILE = "study.json"
 # the older code stored. A stage recorded without a version, or missing here, is version 1.
 STAGE_VERSIONS = {
     "noise_scale": 2,  # one training batch key per step; B_simple's own standard error
+    "baselines": 2,  # the engine's own Adam, the same on any device count (optax.adam's was not)
 }
 # Stages whose results are run stores (resumed run by run): an older version cannot be redone
 # over them, since the stored runs would be reused, so such a study is refused.
