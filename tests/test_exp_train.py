@@ -1,5 +1,6 @@
 """Tests of experiments.train: pairing, divergence isolation, device-count invariance."""
 
+import functools
 import math
 
 import chex
@@ -484,3 +485,115 @@ def test_a_diverged_run_stays_frozen_even_when_later_batches_are_sane():
     assert np.isnan(losses[:, 1:]).all() and np.isnan(gnorms[:, 1:]).all()
     chex.assert_trees_all_equal(after.params, before.params)
     chex.assert_trees_all_equal(after.opt_state, before.opt_state)
+
+
+_permutation = jax.jit(shuffle.permutation, static_argnums=1)  # eager, it takes seconds
+
+
+def _mean_ce(graphdef, params, x, y):
+    logits = nnx.merge(graphdef, params)(x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _plain_step(graphdef, params, opt_state, x, y, lr, beta):
+    loss, grads = jax.value_and_grad(functools.partial(_mean_ce, graphdef))(params, x, y)
+    updates, opt_state = emm.ema_sgd(lr, beta).update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _plain_evaluate(graphdef, params, x_train, y_train, x_test, y_test):
+    logits = nnx.merge(graphdef, params)(x_test)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == y_test)
+    test_loss = optax.softmax_cross_entropy_with_integer_labels(logits, y_test).mean()
+    return _mean_ce(graphdef, params, x_train, y_train), test_loss, accuracy
+
+
+def _plain_run(dataset, model, batch, beta, lr, seed, steps, eval_every, target_loss):
+    """One run as a plain Python loop, written from the module's docstring, not its code: seed s
+    splits into an init key and a data key, epoch e's order is shuffle.permutation(fold_in(data
+    key, e)), the last partial batch is dropped, a step whose loss or gradient norm is not finite
+    or whose loss exceeds 100 * max(1, ln classes) is not applied and ends the run, and the full
+    sets are evaluated with a plain forward pass after every eval_every steps and after the last.
+    """
+    threshold = 100 * max(1.0, math.log(dataset.num_classes))
+    target_loss = -math.inf if target_loss is None else target_loss
+    per_epoch = dataset.n_train // batch
+    with jax.threefry_partitionable(False):
+        init_key, data_key = jax.random.split(jax.random.key(seed))
+        graphdef, params = nnx.split(make_model(model, dataset, nnx.Rngs(params=init_key)))
+        orders = [
+            np.asarray(_permutation(jax.random.fold_in(data_key, e), dataset.n_train))
+            for e in range(-(-steps // per_epoch))
+        ]
+    sets = (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test)
+    points = sorted({*range(eval_every, steps + 1, eval_every), steps})
+    opt_state, losses, evals, diverged_at = emm.ema_sgd(lr, beta).init(params), [], [], None
+    for i in range(steps):
+        epoch, pos = divmod(i, per_epoch)
+        idx = orders[epoch][pos * batch : (pos + 1) * batch]
+        x, y = dataset.x_train[idx], dataset.y_train[idx]
+        new, new_state, loss, norm = _plain_step(graphdef, params, opt_state, x, y, lr, beta)
+        losses.append((float(loss), float(norm)))
+        if not (math.isfinite(loss) and math.isfinite(norm) and loss <= threshold):
+            diverged_at = i + 1
+            break
+        params, opt_state = new, new_state
+        if i + 1 in points:
+            evals.append([float(v) for v in _plain_evaluate(graphdef, params, *sets)])
+    if diverged_at is None and not evals[-1][0] <= threshold:
+        diverged_at = steps + 1
+    curves = np.full((3, len(points)), np.nan)
+    curves[:, : len(evals)] = np.asarray(evals).T.reshape(3, -1)
+    if diverged_at is not None:
+        curves[:, np.asarray(points) >= diverged_at] = np.nan
+    reached = [p for p, v in zip(points, curves[0], strict=True) if v <= target_loss]
+    return {
+        "batch": np.asarray(losses).T,
+        "eval_steps": points,
+        "curves": curves,
+        "steps_to_target": reached[0] if reached else None,
+        "diverged_at": diverged_at,
+    }
+
+
+@pytest.mark.parametrize(("fixture", "rows"), [("mixed", [1, 2]), ("late", [0, 1])])
+def test_a_plain_loop_reproduces_the_runs(request, digits, fixture, rows):
+    """Every mini-batch loss and gradient norm and every evaluation of an engine run against
+    :func:`_plain_run`, to float32 rounding, and its record to the same numbers.
+
+    ``mixed``: momentum 0.9, batch 16 (which does not divide 1438), target 1.5 reached at the last
+    evaluation, and lr 1e5 diverging at step 2 (before any evaluation). ``late``: two epochs (38
+    examples dropped from each), and lr 120 diverging at step 6, an evaluation step.
+    """
+    result = request.getfixturevalue(fixture)
+    spec = result.spec
+    for r in rows:
+        run = result.runs[r]
+        plain = _plain_run(
+            digits, spec.model, spec.batch_size, spec.beta, run.lr, run.seed, spec.steps,
+            spec.eval_every, run.target_loss,
+        )  # fmt: skip
+        taken = plain["batch"].shape[1]  # up to and including the diverging step
+        np.testing.assert_allclose(result.batch_loss[r, :taken], plain["batch"][0], rtol=1e-5)
+        np.testing.assert_allclose(result.grad_norm[r, :taken], plain["batch"][1], rtol=1e-5)
+        assert np.isnan(result.batch_loss[r, taken:]).all()
+        assert result.eval_steps.tolist() == plain["eval_steps"]
+        engine = np.stack([result.train_loss[r], result.test_loss[r], result.test_accuracy[r]])
+        np.testing.assert_allclose(engine, plain["curves"], rtol=1e-5)
+        assert run.diverged_at == plain["diverged_at"]
+        assert run.diverged == (run.diverged_at is not None)
+        assert run.steps_to_target == plain["steps_to_target"]
+        kept = np.flatnonzero(~np.isnan(plain["curves"][0]))
+        finals = (run.final_train_loss, run.final_test_loss, run.final_test_accuracy)
+        if len(kept):
+            np.testing.assert_allclose(finals, plain["curves"][:, kept[-1]], rtol=1e-5)
+        else:
+            assert finals == (None, None, None)
+    assert [r.steps_to_target for r in result.runs] == (
+        [30, 30, None, None] if fixture == "mixed" else [None, None]
+    )
+    assert [r.diverged_at for r in result.runs] == (
+        [None, None, 2, 2] if fixture == "mixed" else [None, 6]
+    )
