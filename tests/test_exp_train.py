@@ -597,3 +597,17 @@ def test_a_plain_loop_reproduces_the_runs(request, digits, fixture, rows):
     assert [r.diverged_at for r in result.runs] == (
         [None, None, 2, 2] if fixture == "mixed" else [None, 6]
     )
+
+
+def test_a_nan_final_evaluation_is_a_divergence(digits):
+    """lr 3e38: the one step's loss is sane, but its update overflows the parameters to +-inf and
+    the final evaluation's train loss is NaN (1e38, as in the test above, gives inf). NaN compares
+    false with everything, so a check "loss > threshold" would pass it: it is a divergence at
+    step 2, and its NaN train loss is recorded as None."""
+    result = train.run_group(
+        digits, "linear", 16, 0.0, [3e38], [0], 1, 1, devices=jax.devices()[:1]
+    )
+    run = result.runs[0]
+    assert np.isfinite(result.batch_loss[0, 0]) and np.isnan(result.train_loss[0, 0])
+    assert run.diverged and run.diverged_at == 2
+    assert run.final_train_loss is None and run.steps_to_target is None
