@@ -21,7 +21,7 @@ fixed order; its layers use PyTorch's default initialization (ours: Flax's LeCun
 zero biases); its MLP adds a residual connection around the second hidden layer (ours is the
 plain 40-100-100-10 MLP of the study); and its loop ``for step in range(total_steps + 1)`` makes
 6001 updates for its 6000 steps. The CNN's layers match. Single-seed results vary by a few
-points: the CNN's test accuracy with Adam over seeds 0-3 was 93.0 +- 1.0% on a 2-core CPU.
+points: the CNN's test accuracy with Adam over seeds 0-3 was 93.2 +- 1.2% on a 2-core CPU.
 Adam's results, like ema_sgd's, do not depend on the device count: the engine writes Adam's bias
 correction as products (experiments.train._scale_by_adam), which XLA compiles the same way for one
 device as for several; with optax.adam's divisions the MLP had 70.2% on one CPU device, 67.0% on
