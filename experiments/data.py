@@ -291,6 +291,7 @@ def load_idx_dataset(data_dir: str | os.PathLike[str]) -> Dataset:
 
 
 BUILT_IN = {"mnist1d": _mnist1d, "digits": _digits}
+ARRAY_FIELDS = ("x_train", "y_train", "x_test", "y_test")
 
 
 def run_digest(data: Dataset) -> str | None:
@@ -305,17 +306,21 @@ def run_digest(data: Dataset) -> str | None:
     if data.digest is not None:
         return data.digest
     built_in = BUILT_IN.get(data.name)
-    fields = ("x_train", "y_train", "x_test", "y_test")
     if built_in is not None:
         original = built_in()
         if data.num_classes == original.num_classes and all(
             getattr(data, f).dtype == getattr(original, f).dtype
             and np.array_equal(getattr(data, f), getattr(original, f))
-            for f in fields
+            for f in ARRAY_FIELDS
         ):
             return None
-    arrays = {f: getattr(data, f) for f in fields}
-    return array_digest({**arrays, "num_classes": np.asarray(data.num_classes)}).hex()[:16]
+    return content_digest(data).hex()[:16]
+
+
+def content_digest(data: Dataset) -> bytes:
+    """The SHA-256 of ``data``'s four arrays and ``num_classes`` (not its name or digest)."""
+    arrays = {f: getattr(data, f) for f in ARRAY_FIELDS}
+    return array_digest({**arrays, "num_classes": np.asarray(data.num_classes)})
 
 
 def array_digest(arrays: Mapping[str, np.ndarray]) -> bytes:
