@@ -17,7 +17,9 @@ reported. A speed-up is the median over rounds of that round's ratio to torch ea
 reported: the model FLOP rate of scan_vmap at batch 1024 (the matmuls of a run-step: per layer
 2 x batch x weights FLOPs for the forward product, as many for the weight gradient and for the
 input gradient, except the first layer's, whose input is the data) against the float32 matmul rate
-of the same devices (2048x2048 jnp.dot on each of them at once).
+of the same devices (2048x2048 jnp.dot on each of them at once), and the FLOP rates that the timed
+batch-32 throughputs of scan_vmap and torch eager amount to. When scan_vmap's batch-32 rate is
+close to its batch-1024 rate, the step is bound by its matmuls, not by per-kernel overhead.
 
 Ctrl-C stops it: one line on stderr, exit status 130, nothing on stdout.
 """
@@ -199,7 +201,8 @@ def measure() -> dict:
         name: None if not times[name] else runs * STEPS / statistics.median(times[name])
         for name, (_, runs) in contenders.items()
     }
-    flops_per_run_step = _flops_per_example(big_state.params) * FLOPS_BATCH
+    flops_per_example = _flops_per_example(big_state.params)
+    flops_per_run_step = flops_per_example * FLOPS_BATCH
     achieved = flops_per_run_step * VMAP_RUNS * FLOPS_STEPS / statistics.median(big_times)
     peak = _matmul_gflops(devices)
     speedups = round_speedups = None
@@ -223,6 +226,12 @@ def measure() -> dict:
             "matmul_peak": peak,
             "fraction_of_peak": achieved / 1e9 / peak,
             "flops_per_run_step": flops_per_run_step,
+            **{
+                f"{name}_batch_{BATCH}": (
+                    None if rates[name] is None else rates[name] * flops_per_example * BATCH / 1e9
+                )
+                for name in ("scan_vmap", "torch_eager")
+            },
         },
         "config": {
             "model": MODEL,
@@ -260,6 +269,13 @@ def table(results: dict) -> str:
         f"{100 * g['fraction_of_peak']:.0f}% of the measured float32 matmul rate "
         f"({g['matmul_peak']:.1f} GFLOP/s)."
     )
+    at_batch = [
+        f"{name} {g[key]:.1f}"
+        for name in ("scan_vmap", "torch_eager")
+        if g.get(key := f"{name}_batch_{BATCH}") is not None
+    ]
+    if at_batch:
+        lines.append(f"Model FLOP rate at batch {BATCH}, in GFLOP/s: {', '.join(at_batch)}.")
     return "\n".join(lines)
 
 

@@ -920,6 +920,11 @@ def test_bench_table_shape():
         ),
     }
     assert "| scan_vmap | 80 | 16.0x | 12.5-17.3x |" in bench.table(with_torch)
+    with_rates = {
+        **with_torch,
+        "gflops": {**results["gflops"], "scan_vmap_batch_32": 0.75, "torch_eager_batch_32": 0.05},
+    }
+    assert "rate at batch 32, in GFLOP/s: scan_vmap 0.8, torch_eager 0.1." in bench.table(with_rates)
     json.dumps(results)
 
 
@@ -952,6 +957,16 @@ def test_bench_measures_every_contender(monkeypatch):
     assert results["gflops"]["scan_vmap_batch_1024"] > 0 and results["gflops"]["matmul_peak"] > 0
     assert results["config"]["vmap_runs"] == bench.VMAP_RUNS == 8
     assert results["gflops"]["flops_per_run_step"] == 82_000 * 64
+    # The batch-32 FLOP rates are the timed throughputs times the FLOPs of a batch-32 run-step.
+    assert results["gflops"]["scan_vmap_batch_32"] == pytest.approx(
+        rates["scan_vmap"] * 82_000 * 32 / 1e9
+    )
+    if rates["torch_eager"] is None:
+        assert results["gflops"]["torch_eager_batch_32"] is None
+    else:
+        assert results["gflops"]["torch_eager_batch_32"] == pytest.approx(
+            rates["torch_eager"] * 82_000 * 32 / 1e9
+        )
     assert results["config"]["devices"] == [str(d) for d in devices[:2]]
     json.dumps(results, allow_nan=False)
     assert "| scan_vmap |" in bench.table(results)
