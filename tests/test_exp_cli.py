@@ -924,7 +924,8 @@ def test_bench_table_shape():
         **with_torch,
         "gflops": {**results["gflops"], "scan_vmap_batch_32": 0.75, "torch_eager_batch_32": 0.05},
     }
-    assert "rate at batch 32, in GFLOP/s: scan_vmap 0.8, torch_eager 0.1." in bench.table(with_rates)
+    expected = "rate at batch 32, in GFLOP/s: scan_vmap 0.8, torch_eager 0.1."
+    assert expected in bench.table(with_rates)
     json.dumps(results)
 
 
