@@ -542,7 +542,10 @@ def ema_sgd(
       v_t = \beta v_{t-1} + (1 - \beta) g_t, \qquad \theta_t = \theta_{t-1} - \eta v_t.
 
     This is :func:`ema_momentum` chained with
-    :func:`optax.scale_by_learning_rate`. It takes the same steps as heavy-ball
+    :func:`optax.scale_by_learning_rate`, except that an array learning rate (a
+    float32 one from ``optax.inject_hyperparams(..., hyperparam_dtype=jnp.float32)``,
+    or a traced one) is cast to each update's dtype, as a Python float or a
+    schedule's value is: bfloat16 updates stay bfloat16. It takes the same steps as heavy-ball
     momentum ``optax.sgd(eta * (1 - beta), momentum=beta)`` (and
     ``torch.optim.SGD(lr=eta * (1 - beta), momentum=beta)``): ``eta`` is the
     *effective* learning rate ``a / (1 - beta)`` of a heavy-ball learning rate
@@ -600,5 +603,26 @@ def ema_sgd(
             rounding=rounding,
             seed=seed,
         ),
-        optax.scale_by_learning_rate(learning_rate),
+        _scale_by_learning_rate(learning_rate),
     )
+
+
+def _scale_by_learning_rate(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+    """`optax.scale_by_learning_rate`, with an array learning rate cast to each update's dtype.
+
+    optax casts a schedule's value to each update's dtype but multiplies by a constant as it
+    is: a float32 array (from `optax.inject_hyperparams(..., hyperparam_dtype=jnp.float32)`,
+    or traced) turned bfloat16 updates into float32 ones. Cast, it acts like the Python float
+    it holds. The state is optax's: empty for a constant, a count for a schedule.
+    """
+    if callable(learning_rate):
+        return optax.scale_by_learning_rate(learning_rate)
+    step_size = -learning_rate
+
+    def update_fn(
+        updates: optax.Updates, state: optax.EmptyState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, optax.EmptyState]:
+        del params
+        return jax.tree.map(lambda u: _like(step_size, u) * u, updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)

@@ -644,6 +644,45 @@ def test_array_hyperparameters_cause_no_implicit_promotion(kwargs):
         assert updates["a"].dtype == jnp.float64
 
 
+@pytest.mark.parametrize("wrap", [lambda tx: tx, lambda tx: optax.apply_if_finite(tx, 3)])
+def test_a_float32_learning_rate_keeps_bfloat16_updates(wrap):
+    # inject_hyperparams(..., hyperparam_dtype=jnp.float32), the fix the README gives for bf16
+    # params, hands ema_sgd a float32 array learning rate. optax's scale multiplied the bf16
+    # update by it into float32: a TypePromotionError under strict promotion, and a crash in
+    # apply_if_finite, whose two branches then return updates of different dtypes.
+    params = {"a": jnp.ones(3, jnp.bfloat16)}
+    tx = wrap(optax.inject_hyperparams(emm.ema_sgd, hyperparam_dtype=jnp.float32)(0.1, 0.999))
+    state = tx.init(params)
+    with jax.numpy_dtype_promotion("strict"):
+        for _ in range(2):
+            updates, state = jax.jit(tx.update)(params, state, params)
+    chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
+
+
+@pytest.mark.parametrize(
+    ("param_dtype", "lr"),
+    [
+        (jnp.bfloat16, np.float32(0.1)),
+        (jnp.float16, np.float32(0.1)),
+        (jnp.float32, jnp.bfloat16(0.1)),
+        (jnp.float32, np.float64(0.1)),
+    ],
+)
+def test_an_array_learning_rate_acts_as_the_python_float_it_holds(param_dtype, lr):
+    # The same bits and dtype as a Python float, eagerly and traced under jit (compared with a
+    # jitted Python float: XLA fuses a jitted step, which changes last bits against eager).
+    def run(lr):
+        return _run(emm.ema_sgd(lr, 0.9), _grads(2, params, dtype=param_dtype), params)[0]
+
+    with enable_x64(True):
+        lr = jnp.asarray(lr)
+        params = {"a": jnp.linspace(-1.0, 1.0, 5, dtype=param_dtype)}
+        expected = run(float(lr))
+        chex.assert_trees_all_equal(run(lr), expected)
+        chex.assert_trees_all_equal(jax.jit(run)(lr), jax.jit(lambda: run(float(lr)))())
+    chex.assert_trees_all_equal_shapes_and_dtypes(expected[-1], params)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_numpy_float64_hyperparameters_do_not_widen_the_compute_under_x64(dtype):
     # np.float64 subclasses Python's float but is not weakly typed: it must be cast too.
