@@ -167,7 +167,13 @@ def _compute_dtype(*dtypes: jnp.dtype) -> jnp.dtype:
     """The dtype the EMA is computed in: the inputs' common dtype, at least float32."""
     # Not cached: besides the dtypes, `result_type` reads JAX settings (x64, explicit x64 dtypes)
     # that a cache key would have to track; it costs about 14 us per leaf of an eager update.
-    # Promotion here is deliberate, so it must not trip a user's strict mode.
+    # Promotion here is deliberate, so it must not trip a user's strict mode. A float narrower
+    # than float32 computes in float32 anyway; as float32 here, float8 (which JAX promotes
+    # with nothing implicitly, not even float32) takes part too.
+    dtypes = tuple(
+        jnp.float32 if jnp.issubdtype(d, jnp.floating) and jnp.finfo(d).bits < 32 else d
+        for d in dtypes
+    )
     with jax.numpy_dtype_promotion("standard"):
         return jnp.result_type(*dtypes, jnp.float32)
 

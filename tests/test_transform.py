@@ -850,9 +850,12 @@ def test_a_complex_hyperparameter_outside_inject_hyperparams_gets_no_hint():
         assert "hyperparam_dtype" not in str(error.value)
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize(
+    "dtype", [jnp.bfloat16, jnp.float16, jnp.float8_e4m3fn, jnp.float8_e5m2, jnp.float8_e4m3fnuz]
+)
 def test_narrow_arithmetic_runs_in_float32(dtype):
-    # With bf16 (or f16) everywhere, the EMA is computed in float32 and rounded once.
+    # With bf16 (or f16, or float8, which JAX promotes with nothing implicitly) everywhere, the
+    # EMA is computed in float32 and rounded once.
     v = jnp.asarray([1.0, -3.0, 7.0], dtype)
     g = jnp.asarray([0.3, 0.7, -0.1], dtype)
     tx = emm.ema_momentum(0.99)
@@ -861,6 +864,22 @@ def test_narrow_arithmetic_runs_in_float32(dtype):
     f32 = 0.01 * g.astype(jnp.float32) + 0.99 * v.astype(jnp.float32)
     chex.assert_trees_all_equal(state.velocity, f32.astype(dtype))
     chex.assert_trees_all_equal(u, f32.astype(dtype))
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_a_float8_accumulator_dtype_is_computed_in_float32(nesterov):
+    # accumulator_dtype=float8 was accepted at construction, then every update failed in
+    # jnp.result_type: float8 types have no implicit promotion path, not even to float32.
+    tx = emm.ema_sgd(0.5, 0.5, nesterov=nesterov, accumulator_dtype=jnp.float8_e4m3fn)
+    params = jnp.zeros(3)
+    grads = jnp.asarray([1.0, -0.3, 0.1])
+    state = tx.init(params)
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    velocity = optax.tree.get(state, "velocity")
+    assert velocity.dtype == jnp.float8_e4m3fn and updates.dtype == jnp.float32
+    chex.assert_trees_all_equal(velocity, (0.5 * grads).astype(jnp.float8_e4m3fn))
+    weight = 0.5 if nesterov else 1.0  # nu = beta: half the EMA, half the gradient
+    chex.assert_trees_all_close(updates, -0.5 * (weight * 0.5 * grads + (1 - weight) * grads))
 
 
 # ---------------------------------------------------------------------------
