@@ -366,6 +366,42 @@ def test_masked():
     chex.assert_trees_all_equal(ours["w"], reference["w"])
 
 
+_SHAPES = st.sampled_from([(), (0,), (3,), (2, 0), (2, 3)])
+# Nested dicts, tuples and lists, empty containers among them, with None and array leaves
+# (scalar and zero-size too): the trees init and update must walk like optax.
+_TREES = st.recursive(
+    st.one_of(_SHAPES, st.none()),
+    lambda children: st.one_of(
+        st.dictionaries(st.sampled_from("abc"), children, max_size=3),
+        st.lists(children, max_size=2).map(tuple),
+        st.lists(children, max_size=2),
+    ),
+    max_leaves=6,
+)
+
+
+@hypothesis.settings(max_examples=25, deadline=None)
+@hypothesis.given(_TREES, st.floats(0.0, 0.999), st.integers(0, 2**32 - 1), st.booleans())
+def test_random_trees_and_masks_match_optax_ema_bitwise(shapes, beta, seed, use_mask):
+    rng = np.random.default_rng(seed)
+    is_shape = lambda x: isinstance(x, tuple) and all(isinstance(n, int) for n in x)
+    shaped = lambda: jax.tree.map(
+        lambda s: jnp.asarray(rng.normal(size=s), jnp.float32), shapes, is_leaf=is_shape
+    )
+    params = shaped()
+    mask = jax.tree.map(lambda _: bool(rng.integers(2)), params)
+    wrap = (lambda tx: optax.masked(tx, mask)) if use_mask else (lambda tx: tx)
+    ours, theirs = wrap(emm.ema_momentum(beta)), wrap(optax.ema(beta, debias=False))
+    state, reference = ours.init(params), theirs.init(params)
+    for _ in range(2):
+        grads = shaped()
+        updates, state = ours.update(grads, state)
+        expected, reference = theirs.update(grads, reference)
+        chex.assert_trees_all_equal(updates, expected, strict=True)
+    velocity = optax.tree.get(state, "velocity")
+    chex.assert_trees_all_equal(velocity, optax.tree.get(reference, "ema"), strict=True)
+
+
 def test_multi_steps():
     grads = _grads(8, PARAMS)
     ours, _ = _jit_steps(optax.MultiSteps(emm.ema_sgd(0.1, 0.9), 2), PARAMS, grads)
