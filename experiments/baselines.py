@@ -2,8 +2,9 @@
 
 The reference setup (Greydanus, 2020, "Scaling down deep learning"): Adam with learning rate
 1e-2, batch size 100, 6000 steps, on the 4000/1000 MNIST-1D split; the paper reports test
-accuracies of 32% (logistic regression), 68% (MLP) and 94% (CNN). Adam is optax.adam with its
-defaults (the same moments and epsilon as torch.optim.Adam).
+accuracies of 32% (logistic regression), 68% (MLP) and 94% (CNN). Adam is optax.adam's algorithm
+with its defaults (the same moments and epsilon as torch.optim.Adam), equal to optax.adam within
+float32 rounding: the engine computes it (see below).
 
 ema_sgd runs the same models, batch size and budget with beta 0.9. Its learning rate (EMA form;
 heavy-ball rate lr * (1 - beta)) is chosen per model without looking at test data: among 0.1,
