@@ -142,6 +142,13 @@ def finite_float_list(text: str) -> list[float]:
     return [finite_float(part.strip()) for part in text.split(",")]
 
 
+def exact_text(x: float) -> str:
+    """``x`` as ``:g`` writes it where that is ``x`` exactly (``0``, ``0.9``), else as ``repr``
+    (``:g`` would write a beta of 0.9999999 as ``1``, and two lrs 0.1234 and 0.1236 alike)."""
+    text = f"{x:g}"
+    return text if float(text) == x else repr(float(x))
+
+
 def check_unique(name: str, values: Sequence[object]) -> None:
     """Raises :class:`UsageError` if ``values`` (given as option ``name``) repeat one."""
     if len(set(values)) != len(values):

@@ -59,6 +59,7 @@ from experiments.cli import (
     add_out_argument,
     check_betas,
     check_unique,
+    exact_text,
     finite_float_list,
     int_in,
     positive_int,
@@ -589,7 +590,7 @@ def plot(rows: Sequence[dict], path: str | pathlib.Path | BinaryIO) -> None:
     for row, b, s in zip(rows, batch, mom, strict=True):
         if np.isfinite(s):
             ax.annotate(
-                f"{row['momentum_beta']:g}",
+                exact_text(row["momentum_beta"]),
                 (b, s),
                 textcoords="offset points",
                 xytext=(0, -12),
@@ -699,6 +700,6 @@ def format_table(rows: Sequence[dict]) -> str:
         lines.append(
             f"| {row['batch_size']} | {row['sgd_steps'] or '-'} | {row['momentum_steps'] or '-'} "
             f"| {number(row['sgd_lr'])} | {number(row['momentum_lr'])} "
-            f"| {row['momentum_beta']:g} | {number(row['momentum_ema_lr'])} |"
+            f"| {exact_text(row['momentum_beta'])} | {number(row['momentum_ema_lr'])} |"
         )
     return "\n".join(lines)

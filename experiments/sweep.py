@@ -53,6 +53,7 @@ from experiments.cli import (
     add_out_argument,
     check_betas,
     check_unique,
+    exact_text,
     finite_float,
     finite_float_list,
     non_negative_int,
@@ -511,12 +512,6 @@ def _mean(values: Sequence[float | None]) -> float:
     return float(np.mean(finite)) if len(finite) == len(values) else math.nan
 
 
-def _shortest(x: float) -> str:
-    """``x`` as ``:g`` writes it where that is ``x`` exactly (``0``, ``0.9``), else as ``repr``."""
-    text = f"{x:g}"
-    return text if float(text) == x else repr(float(x))
-
-
 def summary(records: Sequence[dict[str, Any]]) -> str:
     """A one-screen table: per batch size and beta, the best lr and its results (seed means).
 
@@ -546,7 +541,7 @@ def summary(records: Sequence[dict[str, Any]]) -> str:
         scores = {lr: s for lr, s in scores.items() if math.isfinite(s)}
         if not scores:
             lines.append(
-                f"{batch_size:>6} {_shortest(beta):>6} {'-':>9} {'':>43} {diverged:>4}/{len(runs)}"
+                f"{batch_size:>6} {exact_text(beta):>6} {'-':>9} {'':>43} {diverged:>4}/{len(runs)}"
             )
             continue
         best = min(scores, key=scores.get)
@@ -554,7 +549,7 @@ def summary(records: Sequence[dict[str, Any]]) -> str:
         to_target = [r["steps_to_target"] for r in rs]
         target = "-" if None in to_target else f"{np.median(to_target):g}"
         lines.append(
-            f"{batch_size:>6} {_shortest(beta):>6} {_shortest(best):>9} {scores[best]:>11.4f} "
+            f"{batch_size:>6} {exact_text(beta):>6} {exact_text(best):>9} {scores[best]:>11.4f} "
             f"{_mean([r['final_test_loss'] for r in rs]):>10.4f} "
             f"{_mean([r['final_test_accuracy'] for r in rs]):>9.3f} {target:>10} "
             f"{diverged:>4}/{len(runs)}"

@@ -1,6 +1,7 @@
 """Tests for the closed-form noisy quadratic model (experiments/nqm.py)."""
 
 import argparse
+import io
 import json
 import multiprocessing
 import os
@@ -482,3 +483,30 @@ def test_the_report_flags_a_tuned_beta_at_the_grid_edge_only_where_betas_were_tu
     assert at_edge  # the check below is not vacuous
     text = _section(two)
     assert f"largest of the grid (0.9) at B = {', '.join(map(str, at_edge))}:" in text
+
+
+def test_the_table_and_the_figure_show_a_beta_near_one_as_it_is(tmp_path, capsys, monkeypatch):
+    # nqm takes any beta below 1 (its closed form is float64), but its table and figure wrote the
+    # tuned beta with :g, so 0.9999999 was shown as 1, a beta the command refuses.
+    parser = argparse.ArgumentParser()
+    nqm.add_arguments(parser)
+    args = parser.parse_args(
+        ["--out", str(tmp_path), "--batch-sizes", "4096", "--dim", "10", "--betas", "0.9999999"]
+    )
+    args.workers = 1
+    assert nqm.run(args) == 0
+    (row,) = json.loads((tmp_path / "nqm.json").read_text())
+    assert row["momentum_beta"] == 0.9999999
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 4096 |")]
+    assert line.split(" | ")[5] == "0.9999999"
+    assert nqm.format_table([{**row, "momentum_beta": 0.995}]).split(" | ")[-2] == "0.995"
+
+    from matplotlib.figure import Figure
+
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
+    reached = {**row, "sgd_steps": 100, "momentum_steps": 50, "momentum_lr": 1e-6}
+    reached["momentum_ema_lr"] = 10.0
+    nqm.plot([reached, {**reached, "batch_size": 8192, "momentum_beta": 0.99}], io.BytesIO())
+    (fig,) = drawn
+    assert [t.get_text() for t in fig.axes[0].texts][:2] == ["0.9999999", "0.99"]
