@@ -441,3 +441,46 @@ def test_readme_step_speed_ranges_hold_the_table_they_summarize():
     assert holds(claim[7], claim[8], one[1]) and holds(claim[9], claim[10], many[1])
     for low, high in ((claim[7], claim[8]), (claim[9], claim[10])):
         assert float(claim[5]) <= float(low) <= float(high) <= float(claim[6]), (low, high)
+
+
+def _synopsis():
+    """``{command: text}`` of the README's command list ('' for the main job)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Experiments: `python -m experiments`", 1)[1]
+    block = re.search(r"```\n(.*?)\n```", section, flags=re.DOTALL)[1]
+    commands, command = {}, None
+    for line in block.splitlines():
+        line = line.split("  #", 1)[0]
+        if line.startswith("python -m experiments"):
+            rest = line.removeprefix("python -m experiments").split()
+            command = rest[0] if rest and not rest[0].startswith(("[", "-")) else ""
+            commands[command] = line
+        else:
+            commands[command] += " " + line.strip()
+    return commands
+
+
+def test_readme_command_list_is_that_of_the_parsers():
+    """Each command of the README's list exists, with the options it shows (their choices, and
+    required only where shown outside brackets), and no command is missing from the list."""
+    from experiments import cli
+
+    parser = cli.build_parser()
+    (subparsers,) = [a for a in parser._actions if a.dest == "command"]
+    synopsis = _synopsis()
+    assert sorted(synopsis) == sorted(["", *subparsers.choices])
+    for command, text in synopsis.items():
+        sub = subparsers.choices[command] if command else parser
+        options = {o: a for a in sub._actions for o in a.option_strings}
+        depth, shown, last = 0, {}, None
+        for token in re.findall(r"\[|\]|[^\s\[\]]+", text):
+            depth += {"[": 1, "]": -1}.get(token, 0)
+            if token.startswith("--"):
+                shown[token] = depth
+                last = token
+            elif "|" in token and options[last].choices is not None:
+                # --lrs auto|0.01,0.1 is an example, not a list of choices.
+                assert sorted(token.split("|")) == sorted(options[last].choices), (command, last)
+        for option, depth in shown.items():
+            assert option in options, (command, option)
+            assert options[option].required == (depth == 0), (command, option)
