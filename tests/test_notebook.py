@@ -309,3 +309,22 @@ def test_install_cell_keeps_a_preinstalled_jax_new_enough(install_cell, monkeypa
     monkeypatch.chdir(NOTEBOOK.parent)
     _, constraints = install_cell(jax_version=version)
     assert constraints == f"jax=={version}\njaxlib=={version}\n"
+
+
+@pytest.mark.parametrize("quick", ["1", "0"])
+def test_lr_grid_is_the_main_studys_as_the_notebook_says(quick, monkeypatch):
+    # "its five largest, c/3.16 .. 31.6c, as in the main study (every other one of them in
+    # quick mode)"
+    from experiments.study import sweep_lrs
+
+    monkeypatch.setenv("EMM_NOTEBOOK_QUICK", quick)
+    matplotlib.use("Agg")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    namespace = {}
+    _run_cells(nb, namespace, "parameters", "imports")
+    namespace.update(BATCH_SIZES=[], run_group=None, data=None)  # the sweep loop runs nothing
+    _run_cells(nb, namespace, "sweep")
+    for batch_size in (8, 32, 100, 512):
+        grid = sweep_lrs(batch_size)
+        assert len(grid) == 5
+        assert namespace["lr_grid"](batch_size) == (grid[::2] if quick == "1" else grid)
