@@ -1036,9 +1036,12 @@ def verdict_batch_size(res: Results) -> dict:
         r["batch_size"]: r["steps_median"] * _time_per_step(res, r["batch_size"], 0.0) for r in rows
     }
     fastest_wall = min(times, key=times.get) if times else None
+    # Where most seeds diverged at every lr there is no best lr, and no accuracy at it (a
+    # diverged run keeps its last one before it diverged).
     accuracy = {
         r["batch_size"]: r["final_test_accuracy"] for r in res.best
-        if r["beta"] == 0.0 and r["final_test_accuracy"] is not None
+        if r["beta"] == 0.0 and r["final_train_loss"] is not None
+        and r["final_test_accuracy"] is not None
     }  # fmt: skip
     big, small = (max(accuracy), min(accuracy)) if accuracy else (None, None)
     acc_drop = accuracy[small] - accuracy[big] if accuracy else math.nan

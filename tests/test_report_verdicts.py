@@ -994,3 +994,19 @@ def test_claim_1_leaves_out_a_batch_size_with_no_best_lr():
     assert res.best_row(64, 0.0)["final_train_loss"] is None
     assert report.late_window_oscillation(res, 64, 0.0) == []
     assert report._sgd_oscillation_by_batch(res)[0] == [16, 32, 128]
+
+
+def test_claim_4_reads_no_test_accuracy_where_there_is_no_best_lr():
+    # Every SGD run diverged, after some evaluations: the engine keeps each run's last test
+    # accuracy before it diverged. There is no best lr at any batch size, yet the accuracies
+    # of those diverged runs (0.6 at B = 16, 0.3 at B = 64) made claim 4 "stuck (yes)" and
+    # "partly supported", where the README says a sweep in which every lr diverged is not
+    # settled.
+    sweep, curves = _sweep({(b, 0.0): (100, SHRINKING) for b in (16, 32, 64)})
+    _diverged(sweep, curves, at=300)
+    for record in sweep:
+        record["final_test_accuracy"] = {16: 0.6, 32: 0.5, 64: 0.3}[record["batch_size"]]
+    verdict = report.verdict_batch_size(_results(sweep, curves))
+    assert verdict["verdict"] == report.UNSETTLED
+    assert "stuck (not measured):" in verdict["evidence"]
+    assert verdict["evidence"].endswith("test accuracy at the best lr - at B = - vs - at B = -")
