@@ -133,7 +133,7 @@ def load(out: str | Path) -> Results:
     sweep_curves = analysis.load_curves(out / SWEEP_DIR, sweep)
     effective_curves = analysis.load_curves(out / EFFECTIVE_DIR, effective)
     _check_records(out / SWEEP_DIR, sweep, sweep_curves)
-    _check_records(out / EFFECTIVE_DIR, effective, effective_curves)
+    _check_records(out / EFFECTIVE_DIR, effective, effective_curves, EFFECTIVE_CURVES_READ)
     extra_sweeps = {
         model: read_runs(out / sweep_dir(model, meta["preset"]["model"]))
         for model in meta["preset"].get("extra_models", [])
@@ -156,27 +156,46 @@ def load(out: str | Path) -> Results:
 
 
 NUMBER_FIELDS = ("batch_size", "beta", "lr", "seed", "steps", "wall_seconds")  # of every record
+# Read where present, None (or absent) where the run has none: a number, or (steps) one > 0.
+OPTIONAL_NUMBER_FIELDS = ("final_train_loss", "final_test_accuracy")
 CURVES_READ = ("batch_loss", "grad_norm")  # the arrays of a record's curves the report reads
+# The effective-batch test's records: also the full-train loss at the file's eval_steps.
+EFFECTIVE_CURVES_READ = (*CURVES_READ, "train_loss")
 
 
-def _check_records(where: Path, records: Sequence[dict], curves: dict | None = None) -> None:
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_records(
+    where: Path,
+    records: Sequence[dict],
+    curves: dict | None = None,
+    read: Sequence[str] = CURVES_READ,
+) -> None:
     """Raises CorruptStoreError (a ValueError), before anything is written, unless the report
     can read every record (one written by hand, or by another tool, may lack a field or point
-    past its curves)."""
+    past its curves); ``read``: the arrays of its curves that the report reads."""
     seen: dict[tuple, int] = {}  # (batch_size, beta, lr, seed): the record's number
     for number, record in enumerate(records, start=1):
-        bad = [
-            key for key in NUMBER_FIELDS
-            if not isinstance(record.get(key), int | float) or isinstance(record.get(key), bool)
+        bad = [key for key in NUMBER_FIELDS if not _is_number(record.get(key))]
+        if "steps" not in bad and not record["steps"] > 0:  # the wall time per step divides by it
+            bad.append("steps")
+        bad += [
+            key for key in OPTIONAL_NUMBER_FIELDS
+            if record.get(key) is not None and not _is_number(record[key])
         ]  # fmt: skip
+        reached = record.get("steps_to_target")
+        if reached is not None and not (_is_number(reached) and reached > 0):
+            bad.append("steps_to_target")
         if not isinstance(record.get("diverged"), bool):
             bad.append("diverged")
         if curves is not None and not bad:
             arrays = curves[record["curves"]]
             if any(
                 name not in arrays or not 0 <= record["curve_index"] < len(arrays[name])
-                for name in CURVES_READ
-            ):
+                for name in read
+            ) or ("train_loss" in read and "eval_steps" not in arrays):
                 bad.append(f"its curves in {record['curves']}")
         if bad:
             raise CorruptStoreError(

@@ -554,6 +554,13 @@ def test_report_of_a_study_without_sweep_results_yet(tmp_path):
     [
         (lambda r: r.pop("batch_size"), "batch_size missing or invalid"),
         (lambda r: r.update(curve_index=99), "its curves in curves/b16_beta0.npz"),
+        # Fields the analyses read that were not checked: a TypeError traceback (a string, a
+        # list) or a ZeroDivisionError (0 steps, the wall time per step) after the figures.
+        (lambda r: r.update(final_train_loss="0.4"), "final_train_loss missing or invalid"),
+        (lambda r: r.update(final_test_accuracy="0.6"), "final_test_accuracy missing or invalid"),
+        (lambda r: r.update(steps_to_target=[100]), "steps_to_target missing or invalid"),
+        (lambda r: r.update(steps_to_target=0), "steps_to_target missing or invalid"),
+        (lambda r: r.update(steps=0), "steps missing or invalid"),
     ],
 )
 def test_report_of_a_record_it_cannot_read_is_one_error_line(edit, what, tmp_path, capsys):
@@ -1010,3 +1017,32 @@ def test_claim_4_reads_no_test_accuracy_where_there_is_no_best_lr():
     assert verdict["verdict"] == report.UNSETTLED
     assert "stuck (not measured):" in verdict["evidence"]
     assert verdict["evidence"].endswith("test accuracy at the best lr - at B = - vs - at B = -")
+
+
+@pytest.mark.parametrize("missing", ["train_loss", "eval_steps"])
+def test_report_of_effective_curves_without_an_array_it_reads_is_one_error_line(
+    missing, tmp_path, capsys
+):
+    # The effective-batch test's curves are read for their full-train loss at eval_steps too,
+    # which the check of the records did not ask for: a KeyError traceback.
+    import json
+
+    from experiments import cli
+
+    path = _study_dir(tmp_path)
+    records = _effective_results({(8, 0.9): 0.01, (8, 0.0): 0.05, (152, 0.0): 0.005}).effective
+    (path / "effective" / "curves").mkdir(parents=True)
+    lines = []
+    for r in records:
+        base = {"run_id": f"{r['curves']}:{r['seed']}", "wall_seconds": 1.0}
+        lines.append(json.dumps({**r, **base, "curves": f"curves/{r['curves']}"}) + "\n")
+        arrays = {"batch_loss": np.ones((2, 400)), "grad_norm": np.ones((2, 400))}
+        arrays |= {"train_loss": np.ones((2, 40)), "eval_steps": np.arange(10, 401, 10)}
+        arrays.pop(missing)
+        np.savez(path / "effective" / "curves" / r["curves"], **arrays)
+    (path / "effective" / "runs.jsonl").write_text("".join(lines))
+    assert cli.main(["report", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: record 1 of "), err
+    assert "its curves in curves/b8_beta0.9.npz" in err[0]
+    assert sorted(p.name for p in path.iterdir()) == ["effective", "study.json"]
