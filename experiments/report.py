@@ -1005,9 +1005,9 @@ def verdict_batch_size(res: Results) -> dict:
     )
     rule = (
         "four parts, at each batch size's best lr: steadier (SGD's oscillation falls with B); "
-        "costlier (the fitted B_crit lies inside the range tested: well above it, doubling the "
-        "batch nearly doubles the examples needed to reach the target); not faster (some larger "
-        "batch needs at least as many steps to the target as a smaller one, seed ranges not "
+        "costlier (the fitted B_crit lies below the largest batch tested: well above it, doubling "
+        "the batch nearly doubles the examples needed to reach the target); not faster (some "
+        "larger batch needs at least as many steps to the target as a smaller one, seed ranges not "
         "overlapping); stuck (a "
         "large batch never reaches the target while a smaller one does, or test accuracy drops "
         "by > 2 points from the smallest to the largest batch; the budgets differ, clip(examples "
@@ -1040,7 +1040,8 @@ def verdict_batch_size(res: Results) -> dict:
     stuck = [b for b in tested if b not in reached]
     examples = {r["batch_size"]: r["steps_median"] * r["batch_size"] for r in rows}
     steps = {r["batch_size"]: r["steps_median"] for r in rows}
-    costlier = None if fit is None else min(tested) < fit.b_crit < max(tested)
+    # Above B_crit a larger batch costs examples: below the smallest batch tested, at every one.
+    costlier = None if fit is None else fit.b_crit < max(tested)
     # A larger batch that needs at least as many steps as a smaller one: the plateau. Any
     # smaller one, not only the next (a wide middle batch can overlap both neighbours); a seed
     # that never reached the target is infinitely slow, so it widens its batch's seed range.
@@ -1086,7 +1087,8 @@ def verdict_batch_size(res: Results) -> dict:
         f"{_fmt(examples.get(lo_b), '.3g')} at B = {at(lo_b)} vs "
         f"{_fmt(examples.get(hi_b), '.3g')} at B = {at(hi_b)}, fitted B_crit = "
         f"{_fmt(fit.b_crit if fit else None)} (S_min = {_fmt(fit.s_min if fit else None)} "
-        f"steps), inside the range tested ({yes(costlier)}); not faster ({yes(not_faster)}): "
+        f"steps), below the largest batch tested ({yes(costlier)}); not faster "
+        f"({yes(not_faster)}): "
         "median steps to target "
         + (", ".join(f"{s:.0f} at B = {b}" for b, s in steps.items()) or "none reached")
         + f", a larger batch needing no fewer steps: "

@@ -1046,3 +1046,16 @@ def test_report_of_effective_curves_without_an_array_it_reads_is_one_error_line(
     assert len(err) == 1 and err[0].startswith("error: record 1 of "), err
     assert "its curves in curves/b8_beta0.9.npz" in err[0]
     assert sorted(p.name for p in path.iterdir()) == ["effective", "study.json"]
+
+
+def test_claim_4_costlier_when_the_critical_batch_lies_below_every_batch_tested():
+    # S(B) = 100 (1 + 4 / B): B_crit = 4, below the smallest batch tested, so every batch pays
+    # nearly in proportion to B (examples to target 2000 at B = 16, 13300 at B = 128). The
+    # rule's own reason ("well above it, doubling the batch nearly doubles the examples") holds
+    # throughout, yet "B_crit inside the range tested" judged costlier "no".
+    steps = {b: round(100 * (1 + 4 / b)) for b in (16, 32, 64, 128)}
+    sweep, curves = _sweep({(b, 0.0): (s, SHRINKING) for b, s in steps.items()})
+    verdict = report.verdict_batch_size(_results(sweep, curves))
+    assert "fitted B_crit = 4" in verdict["evidence"]
+    assert "below the largest batch tested (yes)" in verdict["evidence"]
+    assert "costlier (the fitted B_crit lies below the largest batch tested" in verdict["rule"]
