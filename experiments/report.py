@@ -1296,6 +1296,22 @@ def _evaluations(res: Results) -> str:
     return str(low) if low == high else f"{low}-{high}"
 
 
+def _unfinished_sweep(res: Results) -> str:
+    """A warning where the sweep, which most verdicts judge, has runs stored but is not recorded
+    as finished (``report DIR`` while the main job runs, or after it was stopped); "" if not."""
+    from experiments.study import sweep_lrs
+
+    if not res.sweep or "sweep" in res.meta.get("stages", {}):
+        return ""
+    p = res.preset
+    planned = sum(len(sweep_lrs(b)) for b in p["batch_sizes"]) * len(p["betas"]) * p["seeds"]
+    return (
+        f"**The sweep has not finished**: {len(res.sweep)} of the {planned} runs of its grid are "
+        f"stored, at batch sizes {', '.join(map(str, res.batch_sizes()))}; the verdicts, tables "
+        "and figures judge those alone."
+    )
+
+
 def _setup_section(res: Results) -> str:
     p, meta = res.preset, res.meta
     stages = meta.get("stages", {})
@@ -1583,6 +1599,8 @@ def build(out: str | Path) -> Path:
         " preset. Every number below is computed from those results.",
         "",
         "## Verdicts",
+        "",
+        _unfinished_sweep(res),
         "",
         _verdict_table(items),
         "",

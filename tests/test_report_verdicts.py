@@ -1059,3 +1059,24 @@ def test_claim_4_costlier_when_the_critical_batch_lies_below_every_batch_tested(
     assert "fitted B_crit = 4" in verdict["evidence"]
     assert "below the largest batch tested (yes)" in verdict["evidence"]
     assert "costlier (the fitted B_crit lies below the largest batch tested" in verdict["rule"]
+
+
+def test_report_of_an_unfinished_sweep_says_so(tmp_path):
+    # `report DIR` while the main job is still sweeping (or after it was stopped): the verdicts
+    # judged the runs stored so far, under a setup listing the whole grid, and nothing said the
+    # sweep was incomplete (a missing stage says "Not run"; a missing sweep "no sweep results").
+    import json
+
+    sweep, curves = _sweep({(b, beta): (100, SHRINKING) for b in (16, 64) for beta in (0, 0.9)})
+    path = _study_dir(tmp_path, sweep, curves)
+    text, _ = _build_quietly(path)
+    note = (
+        "**The sweep has not finished**: 8 of the 140 runs of its grid are stored, at batch "
+        "sizes 16, 64; the verdicts, tables and figures judge those alone."
+    )
+    assert note in text.split("## Setup")[0]
+    meta = json.loads((path / "study.json").read_text())
+    meta["stages"] = {"sweep": {"wall_seconds": 1.0}}
+    (path / "study.json").write_text(json.dumps(meta))
+    text, _ = _build_quietly(path)
+    assert "The sweep has not finished" not in text
