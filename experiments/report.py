@@ -132,14 +132,21 @@ def load(out: str | Path) -> Results:
     effective = read_runs(out / EFFECTIVE_DIR)
     sweep_curves = analysis.load_curves(out / SWEEP_DIR, sweep)
     effective_curves = analysis.load_curves(out / EFFECTIVE_DIR, effective)
-    _check_records(out / SWEEP_DIR, sweep, sweep_curves)
-    _check_records(out / EFFECTIVE_DIR, effective, effective_curves, EFFECTIVE_CURVES_READ)
+    preset = meta["preset"]
+    study = {"dataset": preset["dataset"], "model": preset["model"]}  # the effective test's too
+    swept = {**study, "target_loss": preset["target_loss"]}
+    _check_records(out / SWEEP_DIR, sweep, sweep_curves, study=swept)
+    _check_records(
+        out / EFFECTIVE_DIR, effective, effective_curves, EFFECTIVE_CURVES_READ, study=study
+    )
     extra_sweeps = {
-        model: read_runs(out / sweep_dir(model, meta["preset"]["model"]))
-        for model in meta["preset"].get("extra_models", [])
+        model: read_runs(out / sweep_dir(model, preset["model"]))
+        for model in preset.get("extra_models", [])
     }
     for model, records in extra_sweeps.items():
-        _check_records(out / sweep_dir(model, meta["preset"]["model"]), records)
+        _check_records(
+            out / sweep_dir(model, preset["model"]), records, study={**swept, "model": model}
+        )
     return Results(
         out=out,
         meta=meta,
@@ -172,12 +179,26 @@ def _check_records(
     records: Sequence[dict],
     curves: dict | None = None,
     read: Sequence[str] = CURVES_READ,
+    study: dict | None = None,
 ) -> None:
     """Raises CorruptStoreError (a ValueError), before anything is written, unless the report
     can read every record (one written by hand, or by another tool, may lack a field or point
-    past its curves); ``read``: the arrays of its curves that the report reads."""
+    past its curves); ``read``: the arrays of its curves that the report reads. ``study``: the
+    fields every record that has them must hold as given (the study's dataset, model, target)."""
     seen: dict[tuple, int] = {}  # (batch_size, beta, lr, seed): the record's number
     for number, record in enumerate(records, start=1):
+        # `sweep --out DIR/sweep` of another model, data or target appends to the study's runs:
+        # at its settings they would count as more seeds, at others join its grid.
+        other = [
+            f"{key} {record[key]!r}, where the study's is {value!r}"
+            for key, value in (study or {}).items()
+            if key in record and record[key] != value
+        ]
+        if other:
+            raise CorruptStoreError(
+                f"record {number} of {str(where / 'runs.jsonl')!r} is a run of another study "
+                f"({'; '.join(other)}); remove its lines, or move the directory away"
+            )
         bad = [key for key in NUMBER_FIELDS if not _is_number(record.get(key))]
         if "steps" not in bad and not record["steps"] > 0:  # the wall time per step divides by it
             bad.append("steps")

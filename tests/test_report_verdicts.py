@@ -1080,3 +1080,31 @@ def test_report_of_an_unfinished_sweep_says_so(tmp_path):
     (path / "study.json").write_text(json.dumps(meta))
     text, _ = _build_quietly(path)
     assert "The sweep has not finished" not in text
+
+
+@pytest.mark.parametrize(
+    "field, value, what",
+    [
+        ("model", "cnn", "model 'cnn', where the study's is 'mlp'"),
+        ("dataset", "mnist1d", "dataset 'mnist1d', where the study's is 'digits'"),
+        ("target_loss", 0.3, "target_loss 0.3, where the study's is 0.5"),
+    ],
+)
+def test_report_of_a_sweep_holding_runs_of_another_study_is_one_error_line(
+    field, value, what, tmp_path, capsys
+):
+    # `sweep --out DIR/sweep` with another model (or data, or target) appends its runs to the
+    # study's: at other lrs they joined its grid unsaid (a 6th lr, another best lr; steps to
+    # another target), where the same settings were refused as a repeated run.
+    from experiments import cli
+
+    sweep, curves = _sweep({(16, 0): (100, SHRINKING), (64, 0): (100, SHRINKING)})
+    for record in sweep:
+        record.update(model="mlp", dataset="digits", target_loss=0.5)
+    sweep.append({**sweep[0], "lr": 0.01, field: value})
+    path = _study_dir(tmp_path, sweep, curves)
+    assert cli.main(["report", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: record 5 of "), err
+    assert f"is a run of another study ({what})" in err[0]
+    assert sorted(p.name for p in path.iterdir()) == ["study.json", "sweep"]  # nothing written
