@@ -388,7 +388,8 @@ def fig_loss_curves(res: Results, path: Path | BinaryIO) -> str:
     for ax, batch_size in zip(axes, picks, strict=True):
         for beta in betas:
             row = res.best_row(batch_size, beta)
-            if row is None:
+            # Where most seeds diverged at every lr there is no best lr (the tie-break's is not).
+            if row is None or row["final_train_loss"] is None:
                 continue
             runs = sorted(res.sweep_runs(batch_size, beta, row["lr"]), key=lambda r: r["seed"])
             loss = analysis.curve(runs[0], res.sweep_curves, "batch_loss")

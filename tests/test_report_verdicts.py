@@ -1108,3 +1108,17 @@ def test_report_of_a_sweep_holding_runs_of_another_study_is_one_error_line(
     assert len(err) == 1 and err[0].startswith("error: record 5 of "), err
     assert f"is a run of another study ({what})" in err[0]
     assert sorted(p.name for p in path.iterdir()) == ["study.json", "sweep"]  # nothing written
+
+
+def test_loss_curves_leave_out_settings_where_every_lr_diverged(figures, tmp_path):
+    # As the best-lr figure does: with no lr that trained, the tie-break's pick was drawn and
+    # labelled as that batch size's best learning rate.
+    sweep, curves = _sweep({(b, beta): (100, SHRINKING) for b in (16, 32, 64) for beta in (0, 0.9)})
+    _diverged([r for r in sweep if r["batch_size"] == 64 and r["beta"] == 0.9], curves)
+    res = _results(sweep, curves)
+    res.meta["preset"]["target_loss"] = 0.5
+    report.fig_loss_curves(res, tmp_path / "loss_curves.png")
+    labels = [[line.get_label() for line in ax.lines] for ax in figures[0].axes]
+    assert "EMA momentum (beta 0.9), lr 0.1" in labels[0]
+    assert "SGD (beta 0), lr 0.1" in labels[2]
+    assert not any(label.startswith("EMA momentum") for label in labels[2])
