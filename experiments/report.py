@@ -649,6 +649,8 @@ def fig_effective(res: Results, path: Path | BinaryIO) -> str:
         record = sorted(case.records, key=lambda r: r["seed"])[0]
         steps = res.effective_curves[record["curves"]]["eval_steps"]
         train = analysis.curve(record, res.effective_curves, "train_loss")
+        if not np.isfinite(train).any():  # diverged by its first evaluation: nothing to draw
+            continue  # (a log axis of no finite value cannot be drawn)
         ax_c.plot(steps, train, style, color=color, lw=1,
                   label=f"{_label(case.beta)}, B = {case.batch_size}")  # fmt: skip
     ax_c.set_yscale("log")
@@ -660,9 +662,10 @@ def fig_effective(res: Results, path: Path | BinaryIO) -> str:
     for i, (m, s, g) in enumerate(triples):
         for j, (case, color) in enumerate(((s, "C0"), (m, "C1"), (g, "C2"))):
             x = i * 4 + j
-            ax_o.errorbar(x, case.mean(case.late_train_loss),
-                          yerr=case.std(case.late_train_loss), fmt="o", color=color,
-                          capsize=3)  # fmt: skip
+            if math.isfinite(case.mean(case.late_train_loss)):  # NaN: a seed diverged
+                ax_o.errorbar(x, case.mean(case.late_train_loss),
+                              yerr=case.std(case.late_train_loss), fmt="o", color=color,
+                              capsize=3)  # fmt: skip
             labels.append(f"{'SGD' if case.beta == 0 else 'mom.'}\nB={case.batch_size}")
             positions.append(x)
     ax_o.set_xticks(positions, labels, fontsize=7)
@@ -798,7 +801,9 @@ def verdict_noise(res: Results) -> dict:
     verdict = (
         SUPPORTED if fixed_ok and sweep_ok else PARTLY if fixed_ok or sweep_ok else NOT_SUPPORTED
     )
-    if not fixed and not math.isfinite(rho):  # neither part measured
+    # Where every SGD run of the test diverged in a seed (no mean), it measured nothing.
+    measured = [b for b, _, _, _, bs, bg in fixed if math.isfinite(bs) or math.isfinite(bg)]
+    if not measured and not math.isfinite(rho):  # neither part measured
         verdict = UNSETTLED
     beta = res.meta.get("stages", {}).get("effective", {}).get("beta")
     beta = res.preset.get("effective_beta") if beta is None else beta
@@ -825,9 +830,9 @@ def verdict_noise(res: Results) -> dict:
         f"supported if, at one fixed lr, SGD with a {larger} has less batch-loss "
         "oscillation at every B tested, and the oscillation at the tuned lr falls with B (rank "
         "correlation < 0); partly if only one holds; not settled if neither could be measured "
-        "(no effective-batch test, fewer than 3 batch sizes). (The jitter of the full-train "
-        "loss is reported, not judged: it depends on the loss level, which the batch size also "
-        "changes.)",
+        "(no effective-batch test, or every SGD run of it diverged; fewer than 3 batch sizes). "
+        "(The jitter of the full-train loss is reported, not judged: it depends on the loss "
+        "level, which the batch size also changes.)",
         "; ".join(lines),
         "Mini-batch gradient noise has covariance Sigma/B (McCandlish et al. 2018); Smith & Le "
         "(2018) put the SGD noise scale at eps N / (B (1 - m)) with the heavy-ball lr eps, "
@@ -1162,7 +1167,12 @@ def verdict_momentum(res: Results) -> dict:
     elif like_bigger or faster_small or steadier:
         verdict = PARTLY
     else:
-        verdict = NOT_SUPPORTED if positions or ratios else UNSETTLED
+        # Where every configuration of the test diverged in a seed (no mean), it measured nothing.
+        measured = [
+            m for m, s, g in triples
+            if any(math.isfinite(c.mean(c.late_train_loss)) for c in (m, s, g))
+        ]  # fmt: skip
+        verdict = NOT_SUPPORTED if measured or ratios else UNSETTLED
     lines.append(
         "steps to target at the small batch sizes, momentum / SGD (each at its best lr): "
         + (

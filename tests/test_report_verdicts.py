@@ -1122,3 +1122,26 @@ def test_loss_curves_leave_out_settings_where_every_lr_diverged(figures, tmp_pat
     assert "EMA momentum (beta 0.9), lr 0.1" in labels[0]
     assert "SGD (beta 0), lr 0.1" in labels[2]
     assert not any(label.startswith("EMA momentum") for label in labels[2])
+
+
+def test_an_effective_test_where_every_run_diverged_at_once_settles_nothing(tmp_path):
+    # Every run of the effective-batch test diverged before its first evaluation: nothing was
+    # measured ("-" throughout), yet claims 1 and 5 were judged "not supported", and its figure
+    # failed ("Data cannot be log-scaled"), so the report could not be built at all.
+    jitter = {(8, 0.9): 0.01, (8, 0.0): 0.05, (152, 0.0): 0.005}
+    res = _effective_results(jitter, diverged={(*case, seed) for case in jitter for seed in (0, 1)})
+    for arrays in res.effective_curves.values():
+        arrays["train_loss"][:] = np.nan
+        arrays["batch_loss"][:, 2:] = np.nan
+        arrays["eval_steps"] = np.arange(10, 401, 10)
+    res.meta["stages"]["effective"]["lr"] = 0.1
+    res.meta["preset"]["effective_eval_every"] = 10
+    for verdict in (report.verdict_noise(res), report.verdict_momentum(res)):
+        assert verdict["verdict"] == report.UNSETTLED, verdict["evidence"]
+    assert (
+        "B = 8 -> B' = 152: batch-loss oscillation - -> -;" in report.verdict_noise(res)["evidence"]
+    )
+    report.fig_effective(res, tmp_path / "effective_batch.png")
+    # One configuration measured is a measurement: SGD at B' diverged, the rest did not.
+    res = _effective_results(jitter, diverged={(152, 0.0, 0), (152, 0.0, 1)})
+    assert report.verdict_noise(res)["verdict"] == report.NOT_SUPPORTED
