@@ -170,7 +170,7 @@ def steps_table_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         spread = "-" if row["steps_mean"] is None else f"{row['steps_mean']:.0f} ± {std}"
         span = "-" if row["steps_min"] is None else f"{row['steps_min']:.0f}-{row['steps_max']:.0f}"
         edge = " (grid edge)" if row["lr_at_grid_edge"] else ""
-        # Where most seeds diverged at every lr, the tie-break's pick is no best lr.
+        # Where half the seeds or more diverged at every lr, the tie-break's pick is no best lr.
         lr = "none (diverged)" if row["final_train_loss"] is None else f"{row['lr']:.3g}{edge}"
         lines.append(
             f"| {row['beta']:g} | {row['batch_size']} | {lr} "

@@ -265,7 +265,7 @@ def _color(beta: float, betas: Sequence[float]) -> str:
 
 def late_window_oscillation(res: Results, batch_size: int, beta: float) -> list[float]:
     """Relative oscillation of the batch loss (analysis.oscillation) of each seed at the best lr
-    (none where there is no best lr: most seeds diverged at every lr)."""
+    (none where there is no best lr: half the seeds or more diverged at every lr)."""
     row = res.best_row(batch_size, beta)
     if row is None or row["final_train_loss"] is None:
         return []
@@ -388,7 +388,7 @@ def fig_loss_curves(res: Results, path: Path | BinaryIO) -> str:
     for ax, batch_size in zip(axes, picks, strict=True):
         for beta in betas:
             row = res.best_row(batch_size, beta)
-            # Where most seeds diverged at every lr there is no best lr (the tie-break's is not).
+            # No best lr where half the seeds or more diverged at every lr (the tie-break's is not).
             if row is None or row["final_train_loss"] is None:
                 continue
             runs = sorted(res.sweep_runs(batch_size, beta, row["lr"]), key=lambda r: r["seed"])
@@ -483,7 +483,7 @@ def fig_best_lr(res: Results, path: Path | BinaryIO) -> str:
     ax = fig.subplots()
     anchor = None
     for beta in betas:
-        # Where most seeds diverged at every lr there is no best lr (the tie-break's pick is not).
+        # No best lr where half the seeds or more diverged at every lr (the tie-break's is not).
         rows = [
             r for r in res.best
             if math.isclose(r["beta"], beta) and r["final_train_loss"] is not None
@@ -880,7 +880,7 @@ def _grows(first_last: np.ndarray) -> bool:
 
 def _best_lr_first_last_tenth(res: Results, batch_size: int, beta: float) -> dict | None:
     """:func:`_first_last_tenth` of every seed at the best lr of ``(batch_size, beta)``; ``None``
-    where there is no best lr (most seeds diverged at every lr).
+    where there is no best lr (half the seeds or more diverged at every lr).
 
     A seed that diverged stays: its curves are NaN from its divergence on, so it fails the
     rule's "every seed" (dropping it judged the seeds that survived as every seed).
@@ -978,7 +978,7 @@ def verdict_learning_rate(res: Results) -> dict:
         tried = row["lrs_tried"]
         if len(tried) < 3:
             continue
-        if row["final_train_loss"] is None:  # most seeds diverged at every lr: no best lr
+        if row["final_train_loss"] is None:  # half the seeds or more diverged at every lr
             untrained += 1
             continue
         total += 1
@@ -1008,11 +1008,16 @@ def verdict_learning_rate(res: Results) -> dict:
         "higher than the best (crawl), and the largest diverges or ends higher (overshoot); "
         "supported if both hold in >= 75% of them, partly if in >= 25%. (A weak test: any grid "
         "wide enough to bracket the best lr shows both ends.) A (batch size, beta) with fewer "
-        "than 3 lrs, or where most seeds diverged at every lr (no best lr), is left out.",
+        "than 3 lrs, or where half the seeds or more diverged at every lr (no best lr), is left "
+        "out.",
         f"crawl at the smallest lr in {crawl}/{total}, overshoot at the largest in "
         f"{overshoot}/{total}, both in {both}/{total}; {len(diverged)} of {len(res.sweep)} sweep "
         f"runs diverged, {at_top} of them at the largest lr of their grid"
-        + (f"; left out, most seeds diverged at every lr: {untrained}" if untrained else ""),
+        + (
+            f"; left out, half the seeds or more diverged at every lr: {untrained}"
+            if untrained
+            else ""
+        ),
         "The learning rate must be retuned for every batch size (Shallue et al. 2019; the Deep "
         "Learning Tuning Playbook).",
         "best_lr.png, loss_curves.png",
@@ -1083,7 +1088,7 @@ def verdict_batch_size(res: Results) -> dict:
         r["batch_size"]: r["steps_median"] * _time_per_step(res, r["batch_size"], 0.0) for r in rows
     }
     fastest_wall = min(times, key=times.get) if times else None
-    # Where most seeds diverged at every lr there is no best lr, and no accuracy at it (a
+    # No best lr where half the seeds or more diverged at every lr, and no accuracy at it (a
     # diverged run keeps its last one before it diverged).
     accuracy = {
         r["batch_size"]: r["final_test_accuracy"] for r in res.best

@@ -353,7 +353,9 @@ def test_claim_3_leaves_out_settings_where_every_lr_diverged():
     assert verdict["evidence"].startswith(
         "crawl at the smallest lr in 1/1, overshoot at the largest"
     )
-    assert verdict["evidence"].endswith("; left out, most seeds diverged at every lr: 1")
+    assert verdict["evidence"].endswith(
+        "; left out, half the seeds or more diverged at every lr: 1"
+    )
     verdict = report.verdict_learning_rate(_results(every_lr_diverged))
     assert verdict["verdict"] == report.UNSETTLED
 
@@ -1145,3 +1147,19 @@ def test_an_effective_test_where_every_run_diverged_at_once_settles_nothing(tmp_
     # One configuration measured is a measurement: SGD at B' diverged, the rest did not.
     res = _effective_results(jitter, diverged={(152, 0.0, 0), (152, 0.0, 1)})
     assert report.verdict_noise(res)["verdict"] == report.NOT_SUPPORTED
+
+
+def test_claim_3_says_half_the_seeds_leave_a_setting_without_a_best_lr():
+    # Two seeds, one diverged at every lr: the median final loss over the seeds is then infinite,
+    # so there is no best lr and the setting is left out, which the rule and the evidence put as
+    # "most seeds diverged" (one of two is not most).
+    bracketed = _lr_grid(32, 0.0, [0.9, 0.3, 0.6])
+    half = _lr_grid(32, 0.9, [0.9, 0.3, 0.6])
+    for record in half:
+        if record["seed"] == 1:
+            record.update(diverged=True, final_train_loss=None)
+    verdict = report.verdict_learning_rate(_results(bracketed + half))
+    assert verdict["evidence"].endswith(
+        "; left out, half the seeds or more diverged at every lr: 1"
+    )
+    assert "or where half the seeds or more diverged at every lr (no best lr)" in verdict["rule"]
