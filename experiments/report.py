@@ -162,16 +162,29 @@ def load(out: str | Path) -> Results:
     )
 
 
-NUMBER_FIELDS = ("batch_size", "beta", "lr", "seed", "steps", "wall_seconds")  # of every record
-# Read where present, None (or absent) where the run has none: a number, or (steps) one > 0.
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _whole(value) -> bool:
+    """A whole number that a float holds exactly (a batch size of 2.5 was read as 2 and 2.5)."""
+    return _is_number(value) and abs(value) < 2**53 and value == int(value)
+
+
+# The numbers of every record, and the values each may take.
+NUMBER_FIELDS = {
+    "batch_size": lambda v: _whole(v) and v >= 1,
+    "beta": lambda v: _is_number(v) and 0 <= v < 1,
+    "lr": lambda v: _is_number(v) and 0 < v < math.inf,
+    "seed": _whole,
+    "steps": lambda v: _whole(v) and v >= 1,
+    "wall_seconds": lambda v: _is_number(v) and 0 <= v < math.inf,
+}
+# Read where present, None (or absent) where the run has none.
 OPTIONAL_NUMBER_FIELDS = ("final_train_loss", "final_test_accuracy")
 CURVES_READ = ("batch_loss", "grad_norm")  # the arrays of a record's curves the report reads
 # The effective-batch test's records: also the full-train loss at the file's eval_steps.
 EFFECTIVE_CURVES_READ = (*CURVES_READ, "train_loss")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _check_records(
@@ -199,15 +212,16 @@ def _check_records(
                 f"record {number} of {str(where / 'runs.jsonl')!r} is a run of another study "
                 f"({'; '.join(other)}); remove its lines, or move the directory away"
             )
-        bad = [key for key in NUMBER_FIELDS if not _is_number(record.get(key))]
-        if "steps" not in bad and not record["steps"] > 0:  # the wall time per step divides by it
-            bad.append("steps")
+        bad = [key for key, valid in NUMBER_FIELDS.items() if not valid(record.get(key))]
         bad += [
             key for key in OPTIONAL_NUMBER_FIELDS
             if record.get(key) is not None and not _is_number(record[key])
         ]  # fmt: skip
-        reached = record.get("steps_to_target")
-        if reached is not None and not (_is_number(reached) and reached > 0):
+        reached = record.get("steps_to_target")  # an evaluation step of the run
+        if reached is not None and not (
+            _is_number(reached)
+            and 0 < reached <= (record["steps"] if "steps" not in bad else math.inf)
+        ):
             bad.append("steps_to_target")
         if not isinstance(record.get("diverged"), bool):
             bad.append("diverged")

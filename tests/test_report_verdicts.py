@@ -563,6 +563,14 @@ def test_report_of_a_study_without_sweep_results_yet(tmp_path):
         (lambda r: r.update(steps_to_target=[100]), "steps_to_target missing or invalid"),
         (lambda r: r.update(steps_to_target=0), "steps_to_target missing or invalid"),
         (lambda r: r.update(steps=0), "steps missing or invalid"),
+        # Numbers out of range: an IndexError traceback (batch size 2.5, read as 2 by one part
+        # and as 2.5 by another), "nan" in the report (beta NaN), an OverflowError (steps inf),
+        # steps to target past the run's end.
+        (lambda r: r.update(batch_size=2.5), "batch_size missing or invalid"),
+        (lambda r: r.update(beta=math.nan), "beta missing or invalid"),
+        (lambda r: r.update(lr=-0.1), "lr missing or invalid"),
+        (lambda r: r.update(steps=math.inf), "steps missing or invalid"),
+        (lambda r: r.update(steps_to_target=STEPS + 1), "steps_to_target missing or invalid"),
     ],
 )
 def test_report_of_a_record_it_cannot_read_is_one_error_line(edit, what, tmp_path, capsys):
