@@ -1769,6 +1769,29 @@ def summary(out: str | Path) -> str:
     return "\n".join(lines)
 
 
+# What export copies: the report, its verdicts and the two stages' images, and the figures
+# (those build draws, EXPORTED; any other PNG in DIR/figures too).
+EXPORTED_FILES = ["report.md", "verdicts.json", "quadratic.png", "nqm.png"]
+EXPORTED = EXPORTED_FILES + [
+    f"{FIGURES_DIR}/{name}.png"
+    for name in (
+        "loss_curves", "steps_to_target", "best_lr", "oscillation", "effective_batch",
+        "noise_scale",
+    )
+]  # fmt: skip
+
+
+def check_export(dest: str | Path, names: Sequence[str] = EXPORTED) -> None:
+    """Raises ValueError if ``dest`` cannot take one of ``names`` (paths relative to it): a
+    folder where the file goes, or a file where its folder goes."""
+    for name in names:
+        target = Path(dest) / name
+        if target.is_dir():
+            raise ValueError(f"cannot export {name}: {str(target)!r} is a directory")
+        if target.parent.exists() and not target.parent.is_dir():
+            raise ValueError(f"cannot export {name}: {str(target.parent)!r} is not a directory")
+
+
 def export(out: str | Path, dest: str | Path) -> list[Path]:
     """Copies the report, its verdicts and its figures (not the raw results) to ``dest``.
 
@@ -1782,16 +1805,12 @@ def export(out: str | Path, dest: str | Path) -> list[Path]:
     import shutil
 
     out, dest = Path(out), Path(dest)
-    names = ["report.md", "verdicts.json", "quadratic.png", "nqm.png"]
-    names += [f"{FIGURES_DIR}/{p.name}" for p in sorted((out / FIGURES_DIR).glob("*.png"))]
+    names = EXPORTED_FILES + [
+        f"{FIGURES_DIR}/{p.name}" for p in sorted((out / FIGURES_DIR).glob("*.png"))
+    ]
     names = [name for name in names if (out / name).exists()]
     # Checked before the first copy: such a file failed with an OSError after the ones before.
-    for name in names:
-        target = dest / name
-        if target.is_dir():
-            raise ValueError(f"cannot export {name}: {str(target)!r} is a directory")
-        if target.parent.exists() and not target.parent.is_dir():
-            raise ValueError(f"cannot export {name}: {str(target.parent)!r} is not a directory")
+    check_export(dest, names)
     copied = []
     for name in names:
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
@@ -1830,6 +1849,11 @@ def run(args: argparse.Namespace) -> int:
     dest = args.export
     if dest and dest.exists() and Path(args.dir).exists() and dest.samefile(args.dir):
         raise UsageError(f"--export {str(dest)!r} is DIR itself; give another directory")
+    if dest:
+        try:  # as far as known before the report is built: a refusal writes nothing in DIR
+            check_export(dest)
+        except ValueError as e:
+            raise UsageError(f"--export: {e}") from None
     try:
         path = build(args.dir)
     except (ValueError, zipfile.BadZipFile) as e:  # no study, or a corrupt one

@@ -1171,3 +1171,27 @@ def test_claim_3_says_half_the_seeds_leave_a_setting_without_a_best_lr():
         "; left out, half the seeds or more diverged at every lr: 1"
     )
     assert "or where half the seeds or more diverged at every lr (no best lr)" in verdict["rule"]
+
+
+@pytest.mark.parametrize("blocker", ["report.md", "figures/loss_curves.png", "figures"])
+def test_report_export_refused_writes_nothing_in_dir(blocker, tmp_path, capsys):
+    # An --export PATH that cannot take the report was refused only after DIR's report,
+    # figures and verdicts.json had been written: exit status 2, "error: --export: ...", and
+    # DIR rebuilt all the same.
+    from experiments import cli
+
+    sweep, curves = _sweep({(b, 0.0): (100, SHRINKING) for b in (16, 64)})
+    (tmp_path / "study").mkdir()
+    path = _study_dir(tmp_path / "study", sweep, curves)
+    dest = tmp_path / "dest"
+    (dest / "figures").mkdir(parents=True)
+    if blocker == "figures":
+        (dest / "figures").rmdir()
+        (dest / "figures").write_text("")
+    else:
+        (dest / blocker).mkdir()
+    assert cli.main(["report", str(path), "--export", str(dest)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith("error: --export: cannot export ")
+    assert sorted(p.name for p in path.iterdir()) == ["study.json", "sweep"]  # nothing written
