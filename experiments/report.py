@@ -1335,9 +1335,10 @@ def verdicts(res: Results) -> list[dict]:
 
 def _evaluations(res: Results) -> str:
     """How many full evaluations the sweep's runs made: the preset asks for about
-    ``evals_per_run``, a whole number of steps apart (e.g. "75-80")."""
+    ``evals_per_run``, a whole number of steps apart (e.g. "75-80"), and one at the last step
+    where the steps are no whole number of intervals (as the engine's ``eval_steps``)."""
     counts = {
-        int(r["steps"]) // int(r["eval_every"])
+        -(-int(r["steps"]) // int(r["eval_every"]))
         for r in res.sweep
         if isinstance(r.get("eval_every"), int) and r["eval_every"] > 0
     }

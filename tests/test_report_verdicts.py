@@ -885,6 +885,11 @@ def test_setup_states_the_evaluations_the_runs_made():
     for record in sweep:
         record["steps"], record["eval_every"] = 600, 8
     assert "; 75 evaluations of the full train" in report._setup_section(res)
+    # Steps that are no whole number of intervals end with one more evaluation, at the last
+    # step (the engine's eval_steps: 8, 16, ..., 600, 605), which was not counted.
+    for record in sweep:
+        record["steps"] = 605
+    assert "; 76 evaluations of the full train" in report._setup_section(res)
 
 
 def test_setup_budget_formula_gives_the_step_counts_it_lists():
