@@ -1478,16 +1478,15 @@ def _nqm_section(res: Results) -> str:
         return analysis.fit_steps_vs_batch([r["batch_size"] for r in done], [r[key] for r in done])
 
     sgd, mom = fit("sgd_steps"), fit("momentum_steps")
+    # As in the fits table: a B_crit at the search bound is not determined by the data.
+    shown = lambda f: f"{f.b_crit:.3g}{' (at the search bound)' if f.b_crit_at_bound else ''}"
     if sgd and mom:
-        fits = (
-            f"Fitted B_crit: SGD {sgd.b_crit:.3g}, momentum {mom.b_crit:.3g}"
-            f"{' (at the search bound)' if mom.b_crit_at_bound else ''}."
-        )
+        fits = f"Fitted B_crit: SGD {shown(sgd)}, momentum {shown(mom)}."
     else:
         fits = (
-            f"B_crit: SGD {f'{sgd.b_crit:.3g}' if sgd else 'not fitted'}, momentum "
-            f"{f'{mom.b_crit:.3g}' if mom else 'not fitted'} (a fit needs two batch sizes "
-            "that reached the target)."
+            f"B_crit: SGD {shown(sgd) if sgd else 'not fitted'}, momentum "
+            f"{shown(mom) if mom else 'not fitted'} (a fit needs two batch sizes that reached "
+            "the target)."
         )
     reached = [r for r in rows if r["sgd_steps"] and r["momentum_steps"]]
     if reached:

@@ -1200,3 +1200,20 @@ def test_report_export_refused_writes_nothing_in_dir(blocker, tmp_path, capsys):
     assert captured.out == "" and captured.err.count("\n") == 1
     assert captured.err.startswith("error: --export: cannot export ")
     assert sorted(p.name for p in path.iterdir()) == ["study.json", "sweep"]  # nothing written
+
+
+def test_nqm_section_flags_either_critical_batch_at_the_search_bound():
+    # Only momentum's B_crit was flagged: an SGD one at the search bound (its steps flat over
+    # the batch sizes run: no B_crit measured) was given as a number like any other.
+    import types
+
+    rows = [
+        {"batch_size": b, "sgd_steps": 100, "momentum_steps": round(10 * (1 + 500 / b)),
+         "sgd_lr": 1.0, "momentum_lr": 0.1, "momentum_beta": 0.9, "momentum_ema_lr": 1.0}
+        for b in (64, 256, 1024)
+    ]  # fmt: skip
+    assert report.analysis.fit_steps_vs_batch([64, 256, 1024], [100] * 3).b_crit_at_bound
+    text = report._nqm_section(types.SimpleNamespace(nqm=rows))
+    sgd = re.search(r"Fitted B_crit: SGD ([^,]*), momentum ([^.]*\.\d*)", text)
+    assert sgd and sgd[1].endswith(" (at the search bound)"), text
+    assert "(at the search bound)" not in sgd[2]
