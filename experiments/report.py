@@ -1699,7 +1699,11 @@ def build(out: str | Path) -> Path:
         "",
         figure("effective_batch"),
         "",
-        _effective_table(res) if effective_triples(res) else _skipped(res, "effective"),
+        _effective_table(res)
+        if effective_triples(res)
+        else _skipped(res, "effective")
+        or "The effective-batch test (momentum at B against SGD at B and at B (1 + beta) / "
+        "(1 - beta), at one lr): not run.",
         "",
         _nqm_section(res) if res.nqm else "## 6. The noisy quadratic model\n\nNot run.",
         "",

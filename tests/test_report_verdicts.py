@@ -1217,3 +1217,15 @@ def test_nqm_section_flags_either_critical_batch_at_the_search_bound():
     sgd = re.search(r"Fitted B_crit: SGD ([^,]*), momentum ([^.]*\.\d*)", text)
     assert sgd and sgd[1].endswith(" (at the search bound)"), text
     assert "(at the search bound)" not in sgd[2]
+
+
+def test_report_without_the_effective_test_says_it_was_not_run(tmp_path):
+    # Section 5 said nothing of it (no figure, no table, no "Not run" as the other stages get),
+    # while the oscillation caption describes its panels.
+    sweep, curves = _sweep({(b, beta): (100, SHRINKING) for b in (16, 64) for beta in (0, 0.9)})
+    text, _ = _build_quietly(_study_dir(tmp_path, sweep, curves))
+    section = text.split("## 5.")[1].split("## 6.")[0]
+    assert "The effective-batch test (momentum at B against SGD at B and at B (1 + beta) / " in (
+        section
+    )
+    assert section.rstrip().endswith("(1 - beta), at one lr): not run.")
