@@ -507,7 +507,7 @@ class Study:
 
     def best_sgd_lr(self, batch_size: int) -> float | None:
         """The sweep's best SGD learning rate at ``batch_size`` (``analysis.best_settings``);
-        ``None`` if at every learning rate most seeds diverged (no learning rate trained)."""
+        ``None`` if at every learning rate half the seeds or more diverged (none trained)."""
         from experiments import analysis
         from experiments.store import read_runs
 
@@ -523,8 +523,8 @@ class Study:
     def _no_lr(batch_size: int) -> dict[str, Any]:
         """A stage's record when it has no learning rate to run at (the report says why)."""
         return {
-            "skipped": f"at batch size {batch_size} most seeds of the sweep diverged at every SGD "
-            "learning rate, so there was none to run it at"
+            "skipped": f"at batch size {batch_size} half the seeds or more of the sweep diverged "
+            "at every SGD learning rate, so there was none to run it at"
         }
 
     def effective(self) -> dict[str, Any]:
