@@ -112,6 +112,10 @@ def load(out: str | Path) -> Results:
     )
 
     out = Path(out)
+    if not out.exists():
+        raise ValueError(f"{str(out)!r} does not exist")
+    if not out.is_dir():
+        raise ValueError(f"{str(out)!r} is not a directory")
     meta = read_json(out / STUDY_FILE)
     if meta is None:
         hint = (

@@ -232,6 +232,16 @@ def test_report_of_a_directory_without_a_study(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path)]) == 2
     assert "holds no study" in _one_error_line(capsys)
     assert list(tmp_path.iterdir()) == []
+    # A directory that does not exist is named as such (it said "holds no study").
+    missing = tmp_path / "no-such-dir"
+    assert cli.main(["report", str(missing)]) == 2
+    assert _one_error_line(capsys) == f"error: {str(missing)!r} does not exist"
+    assert not missing.exists()
+    a_file = tmp_path / "report.md"
+    a_file.write_text("x")
+    assert cli.main(["report", str(a_file)]) == 2
+    assert _one_error_line(capsys) == f"error: {str(a_file)!r} is not a directory"
+    assert a_file.read_text() == "x"
 
 
 def test_unknown_preset(tmp_path, capsys):
