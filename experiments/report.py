@@ -343,13 +343,15 @@ def effective_case(res: Results, batch_size: int, beta: float) -> EffectiveCase 
 
 def effective_triples(res: Results) -> list[tuple[EffectiveCase, EffectiveCase, EffectiveCase]]:
     """(momentum at B, SGD at B, SGD at B (1+beta)/(1-beta)) for every tested B."""
+    from experiments.study import effective_sgd_batch
+
     stage = res.meta.get("stages", {}).get("effective")
     if not stage or "skipped" in stage:
         return []
     beta = float(stage["beta"])
     triples = []
     for b in res.preset["effective_batches"]:
-        big = round(b * (1 + beta) / (1 - beta))
+        big = effective_sgd_batch(b, beta)
         cases = (
             effective_case(res, b, beta),
             effective_case(res, b, 0.0),

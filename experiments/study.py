@@ -113,11 +113,16 @@ class Preset:
     @property
     def effective_sgd_batches(self) -> tuple[int, ...]:
         """SGD batch sizes of the effective-batch test: each B and B (1 + beta) / (1 - beta)."""
-        factor = (1 + self.effective_beta) / (1 - self.effective_beta)
         sizes = {b for b in self.effective_batches} | {
-            round(b * factor) for b in self.effective_batches
+            effective_sgd_batch(b, self.effective_beta) for b in self.effective_batches
         }
         return tuple(sorted(sizes))
+
+
+def effective_sgd_batch(batch_size: int, beta: float) -> int:
+    """The larger SGD batch of the effective-batch test: ``B (1 + beta) / (1 - beta)``, rounded
+    (the study runs it and the report reads it with this one expression)."""
+    return round(batch_size * (1 + beta) / (1 - beta))
 
 
 def sweep_lrs(batch_size: int) -> list[float]:
