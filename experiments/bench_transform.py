@@ -264,7 +264,7 @@ def _eager_txs() -> dict[str, optax.GradientTransformation]:
 
 
 def measure_eager(repeats: int) -> dict[str, Any]:
-    """Times ``tx.update`` called eagerly (unjitted) and jitted on 20 leaves of 100 floats.
+    """Times ``tx.update`` called eagerly (unjitted) and jitted on 20 leaves of 100-199 floats.
 
     A time is the median over ``repeats`` of the best of 3 calls, the contenders interleaved
     (rotating order). The first call of ``update`` (after ``init``'s) is timed separately, each
@@ -379,8 +379,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--eager",
         action="store_true",
-        help=f"instead, time tx.update called unjitted on {EAGER_LEAVES} leaves of "
-        f"{EAGER_SIZE} floats (median of --repeats best-of-3 calls), and its first call",
+        help=f"instead, time tx.update called unjitted on {EAGER_LEAVES} leaves of {EAGER_SIZE} "
+        "floats or a few more (each contender its own shapes, so its first call compiles "
+        "afresh; median of --repeats best-of-3 calls), and its first call",
     )
     parser.add_argument(
         "--json", action="store_true", help="print the result as JSON instead of a table"
