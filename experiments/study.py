@@ -3,8 +3,9 @@
 ``python -m experiments [--out DIR] [--preset quick|full]`` runs every stage of the study into DIR
 and ends with ``DIR/report.md``. Each stage stores its results as it goes and is skipped (or, for
 the sweeps, resumed) when run again, so an interrupted job continues where it stopped; a stage
-whose output files were since removed or damaged, or whose results an older version of this code
-computed differently (:data:`STAGE_VERSIONS`), runs again.
+whose output files were since removed or damaged (for a sweep, runs missing from its store), or
+whose results an older version of this code computed differently (:data:`STAGE_VERSIONS`), runs
+again.
 
 Stages:
 
@@ -397,13 +398,18 @@ class Study:
                     return f"{path.relative_to(self.out)} is not valid JSON"
                 if not STAGE_FILES[path.name](value):
                     return f"{path.relative_to(self.out)} does not hold what the stage writes"
+        lacking = self._runs_lacking(name) if name in STORE_STAGES and self.outputs(name) else None
+        if lacking is not None:
+            out, missing, total = lacking
+            return f"{(out / RUNS_FILE).relative_to(self.out)} lacks {missing} of its {total} runs"
         return None
 
     def stage(self, name: str, fn: Callable[[], dict[str, Any] | None]) -> None:
         """Runs stage ``name`` unless it finished before; records its wall time and outputs.
 
-        A stage recorded as done whose output was since removed or damaged (by hand) runs again:
-        the report would otherwise say "not run" of it, or fail.
+        A stage recorded as done whose output was since removed or damaged (by hand), or whose run
+        store lacks some of its runs, runs again (a run store resumes): the report would otherwise
+        say "not run" of it, fail, or go on without those runs.
         """
         if name in self.meta["stages"]:
             lost = self._lost_output(name)
@@ -494,17 +500,60 @@ class Study:
         rows = nqm.study(sizes, self.preset.nqm_betas, workers=workers)
         nqm.write(rows, self.out)
 
+    def _run_sweeps(self, name: str, lr: float | None = None) -> list[tuple[Path, dict[str, Any]]]:
+        """The ``run_sweep`` calls of store stage ``name`` (the effective-batch test's at ``lr``):
+        each results directory with the arguments other than the data."""
+        p = self.preset
+        if name == "sweep":
+            return [
+                (self.out / sweep_dir(model, p.model), dict(
+                    model=model, batch_sizes=[b], betas=p.betas, lrs=sweep_lrs(b),
+                    seeds=range(p.seeds), steps=p.sweep_steps(b), eval_every=p.sweep_eval_every(b),
+                    target_loss=p.target_loss,
+                ))
+                for model, b in itertools.product((p.model, *p.extra_models), p.batch_sizes)
+            ]  # fmt: skip
+        common = dict(
+            model=p.model, lrs=[lr], seeds=range(p.seeds), steps=p.effective_steps,
+            eval_every=p.effective_eval_every, target_loss=None,
+        )  # fmt: skip
+        return [
+            (self.out / EFFECTIVE_DIR, dict(batch_sizes=batches, betas=[beta], **common))
+            for batches, beta in (
+                (p.effective_batches, p.effective_beta), (p.effective_sgd_batches, 0.0)
+            )
+        ]  # fmt: skip
+
+    def _runs_lacking(self, name: str) -> tuple[Path, int, int] | None:
+        """A results directory of store stage ``name`` that lacks runs of the stage (a line of
+        its ``runs.jsonl`` deleted, as the store's error for a corrupt line suggests): the
+        directory, how many runs it lacks and how many the stage has there. A run is identified
+        by its id, as ``run_sweep`` identifies it (the study's data is a built-in dataset as
+        loaded, whose name identifies it)."""
+        from experiments.train import GroupSpec
+
+        planned: dict[Path, set[str]] = {}
+        for out, call in self._run_sweeps(name, self.meta["stages"][name].get("lr")):
+            for b, beta in itertools.product(call["batch_sizes"], call["betas"]):
+                spec = GroupSpec(
+                    self.preset.dataset, call["model"], b, beta, call["steps"], call["eval_every"]
+                )
+                planned.setdefault(out, set()).update(
+                    spec.run_id(float(lr), seed, call["target_loss"])
+                    for lr, seed in itertools.product(call["lrs"], call["seeds"])
+                )
+        for out, run_ids in planned.items():
+            missing = run_ids - {record["run_id"] for record in read_runs(out)}
+            if missing:
+                return out, len(missing), len(run_ids)
+        return None
+
     def sweep(self) -> dict[str, Any]:
         from experiments.sweep import run_sweep
 
         p = self.preset
-        for model, batch_size in itertools.product((p.model, *p.extra_models), p.batch_sizes):
-            run_sweep(
-                self.out / sweep_dir(model, p.model), self.data, model, [batch_size], p.betas,
-                lrs=sweep_lrs(batch_size), seeds=range(p.seeds), steps=p.sweep_steps(batch_size),
-                eval_every=p.sweep_eval_every(batch_size), target_loss=p.target_loss,
-                progress=self.progress,
-            )  # fmt: skip
+        for out, call in self._run_sweeps("sweep"):
+            run_sweep(out, self.data, progress=self.progress, **call)
         return {
             "steps": {str(b): p.sweep_steps(b) for b in p.batch_sizes},
             "eval_every": {str(b): p.sweep_eval_every(b) for b in p.batch_sizes},
@@ -539,13 +588,8 @@ class Study:
         lr = self.best_sgd_lr(min(p.effective_batches))
         if lr is None:
             return self._no_lr(min(p.effective_batches))
-        common = dict(
-            lrs=[lr], seeds=range(p.seeds), steps=p.effective_steps,
-            eval_every=p.effective_eval_every, progress=self.progress,
-        )  # fmt: skip
-        out = self.out / EFFECTIVE_DIR
-        run_sweep(out, self.data, p.model, p.effective_batches, [p.effective_beta], **common)
-        run_sweep(out, self.data, p.model, p.effective_sgd_batches, [0.0], **common)
+        for out, call in self._run_sweeps("effective", lr):
+            run_sweep(out, self.data, progress=self.progress, **call)
         return {"lr": lr, "beta": p.effective_beta}
 
     def noise_scale(self) -> dict[str, Any]:

@@ -670,3 +670,27 @@ def test_the_main_job_removes_the_temporary_figures_a_killed_job_left(tmp_path, 
     monkeypatch.setattr(study.Study, "_run_all", lambda self: None)
     study.Study(tmp_path, TINY, progress=False).run_all()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "figures.tmp"]
+
+
+@pytest.mark.parametrize("store", ["sweep", "sweep_linear", "effective"])
+def test_a_run_deleted_from_a_finished_store_stage_is_recomputed(
+    store, tiny_study, tmp_path, capsys
+):
+    # The store's error for a corrupt line says "delete that line to recompute its run"; with the
+    # main job the run was never recomputed (its stage was done, and only the presence of
+    # runs.jsonl was checked): the report went on with 39 of the 40 sweep runs, silently.
+    copy = tmp_path / "results"
+    shutil.copytree(tiny_study, copy)
+    runs = copy / store / "runs.jsonl"
+    lines = runs.read_text().splitlines(keepends=True)
+    runs.write_text("".join(lines[:2] + lines[3:]))
+    study.PRESETS["tiny"] = TINY
+    assert cli.main(["--out", str(copy), "--preset", "tiny"]) == 0
+    stage = "effective" if store == "effective" else "sweep"
+    err = capsys.readouterr().err
+    assert f"[{stage}] done before, but {store}/runs.jsonl lacks 1 of its " in err
+    assert sorted(runs.read_text().splitlines()) != sorted(lines)  # a new wall time
+    assert {json.loads(line)["run_id"] for line in runs.read_text().splitlines()} == {
+        json.loads(line)["run_id"] for line in lines
+    }
+    assert (copy / "verdicts.json").read_bytes() == (tiny_study / "verdicts.json").read_bytes()
