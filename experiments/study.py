@@ -528,20 +528,16 @@ class Study:
         """A results directory of store stage ``name`` that lacks runs of the stage (a line of
         its ``runs.jsonl`` deleted, as the store's error for a corrupt line suggests): the
         directory, how many runs it lacks and how many the stage has there. A run is identified
-        by its id, as ``run_sweep`` identifies it (the study's data is a built-in dataset as
-        loaded, whose name identifies it)."""
-        from experiments.train import GroupSpec
+        by its id, as ``run_sweep`` identifies it (:func:`experiments.sweep.sweep_plan`)."""
+        from experiments.sweep import sweep_plan
 
         planned: dict[Path, set[str]] = {}
         for out, call in self._run_sweeps(name, self.meta["stages"][name].get("lr")):
-            for b, beta in itertools.product(call["batch_sizes"], call["betas"]):
-                spec = GroupSpec(
-                    self.preset.dataset, call["model"], b, beta, call["steps"], call["eval_every"]
-                )
-                planned.setdefault(out, set()).update(
-                    spec.run_id(float(lr), seed, call["target_loss"])
-                    for lr, seed in itertools.product(call["lrs"], call["seeds"])
-                )
+            plan = sweep_plan(
+                self.data, call["model"], call["batch_sizes"], call["betas"], call["lrs"],
+                call["seeds"], call["steps"], call["eval_every"], call["target_loss"],
+            )  # fmt: skip
+            planned.setdefault(out, set()).update(run_id for *_, ids in plan for run_id in ids)
         for out, run_ids in planned.items():
             missing = run_ids - {record["run_id"] for record in read_runs(out)}
             if missing:

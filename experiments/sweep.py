@@ -326,6 +326,36 @@ def _join(args: argparse.Namespace) -> None:
         raise UsageError(f"cannot join the distributed job: {first_line}") from None
 
 
+def sweep_plan(
+    data: datasets.Dataset,
+    model: str,
+    batch_sizes: Sequence[int],
+    betas: Sequence[float],
+    lrs: Sequence[float] | None,
+    seeds: Sequence[int],
+    steps: int,
+    eval_every: int,
+    target_loss: float | None,
+) -> list[tuple[GroupSpec, list[float], list[str]]]:
+    """The groups of a sweep, in order: each group's spec, its lrs and the ids of its runs (as
+    :func:`run_sweep` stores them). The arguments are :func:`run_sweep`'s, unchecked."""
+    digest = datasets.run_digest(data)  # None for a built-in dataset as loaded
+    plan = []
+    for batch_size in batch_sizes:
+        if lrs is None:  # auto_lrs(0) would be all zeros, and refused as lrs, not batch_sizes
+            check_batch_size(data, batch_size)
+        group_lrs = auto_lrs(batch_size) if lrs is None else [float(lr) for lr in lrs]
+        for beta in betas:
+            # Not int(batch_size): 8.5 would be trained as 8; as it is, run_group refuses it.
+            spec = GroupSpec(
+                data.name, model, batch_size, float(beta), steps, eval_every,
+                data_digest=digest,
+            )  # fmt: skip
+            ids = [spec.run_id(lr, s, target_loss) for lr in group_lrs for s in seeds]
+            plan.append((spec, group_lrs, ids))
+    return plan
+
+
 def run_sweep(
     out_dir: str | Path,
     data: datasets.Dataset,
@@ -383,21 +413,7 @@ def run_sweep(
             raise ValueError(f"{name} must be a list of numbers, got {name}={values!r}.")
     if not isinstance(data, datasets.Dataset):
         raise TypeError(f"data must be an experiments.data.Dataset, got data={data!r}.")
-    digest = datasets.run_digest(data)  # None for a built-in dataset as loaded
-    plan = []
-    for batch_size in batch_sizes:
-        if lrs is None:  # auto_lrs(0) would be all zeros, and refused as lrs, not batch_sizes
-            check_batch_size(data, batch_size)
-        group_lrs = auto_lrs(batch_size) if lrs is None else [float(lr) for lr in lrs]
-        for beta in betas:
-            # Not int(batch_size): 8.5 would be trained as 8; as it is, run_group refuses it.
-            spec = GroupSpec(
-                data.name, model, batch_size, float(beta), steps, eval_every,
-                data_digest=digest,
-            )  # fmt: skip
-            ids = [spec.run_id(lr, s, target_loss) for lr in group_lrs for s in seeds]
-            plan.append((spec, group_lrs, ids))
-
+    plan = sweep_plan(data, model, batch_sizes, betas, lrs, seeds, steps, eval_every, target_loss)
     if jax.process_count() > 1:
         _check_same_plan(plan, data)
     # Every group is checked before out_dir is opened: a bad batch size or beta would otherwise
