@@ -6,7 +6,8 @@ the gradient passed in as a fixed argument::
     step(params, state, grads) -> (params - lr * update(grads, state), new_state)
 
 on (a) one leaf of 20M float32 parameters and (b) 500 leaves of 20k. The contenders run
-interleaved (the order rotates every repeat) so that drifts of the machine hit all of them alike;
+interleaved (in a new, seeded random order every repeat) so that drifts of the machine, and
+whatever a contender leaves behind for the next one (torch's threads), hit all of them alike;
 a time is the median over repeats of the mean time of `--inner` consecutive steps, a ratio (to
 optax.sgd, or of bandwidths to x + y) the median over repeats of the ratio within the repeat.
 
@@ -26,6 +27,7 @@ import argparse
 import json
 import math
 import platform
+import random
 import statistics
 import sys
 import time
@@ -178,8 +180,11 @@ def _time_interleaved(contenders: list[Contender], repeats: int, inner: int) -> 
         c.sync()
     samples: list[list[float]] = [[] for _ in contenders]
     for r in range(repeats):
-        for k in range(len(contenders)):
-            i = (k + r) % len(contenders)
+        # A fresh order every repeat (seeded): in a fixed cycle each contender always ran right
+        # after the same one, and the one after torch paid for its threads still winding down
+        # (emm.ema_sgd, first in the list: 1.09-1.13 of optax.sgd on one 20M leaf, 0.96 without
+        # torch, where the compiled steps are the same but for two scalars).
+        for i in random.Random(r).sample(range(len(contenders)), len(contenders)):
             c = contenders[i]
             start = time.perf_counter()
             for _ in range(inner):
@@ -267,10 +272,10 @@ def measure_eager(repeats: int) -> dict[str, Any]:
     """Times ``tx.update`` called eagerly (unjitted) and jitted on 20 leaves of 100-199 floats.
 
     A time is the median over ``repeats`` of the best of 3 calls, the contenders interleaved
-    (rotating order). The first call of ``update`` (after ``init``'s) is timed separately, each
-    contender on leaf shapes of its own (sizes 100 + 20 k + i), so that it compiles every
-    operation afresh as a user's first call does; JAX caches an eager operation per shape, and a
-    shape seen before would cost nothing.
+    (a seeded random order every repeat). The first call of ``update`` (after ``init``'s) is
+    timed separately, each contender on leaf shapes of its own (sizes 100 + 20 k + i), so that
+    it compiles every operation afresh as a user's first call does; JAX caches an eager
+    operation per shape, and a shape seen before would cost nothing.
     """
     rows, calls, first = [], [], []
     named = [(f"{name} (eager)", tx, False) for name, tx in _eager_txs().items()]
@@ -291,8 +296,7 @@ def measure_eager(repeats: int) -> dict[str, Any]:
         calls.append(call)
     samples: list[list[float]] = [[] for _ in named]
     for r in range(repeats):
-        for j in range(len(named)):
-            i = (j + r) % len(named)
+        for i in random.Random(r).sample(range(len(named)), len(named)):
             best = math.inf
             for _ in range(3):
                 start = time.perf_counter()
