@@ -611,3 +611,34 @@ def test_a_nan_final_evaluation_is_a_divergence(digits):
     assert np.isfinite(result.batch_loss[0, 0]) and np.isnan(result.train_loss[0, 0])
     assert run.diverged and run.diverged_at == 2
     assert run.final_train_loss is None and run.steps_to_target is None
+
+
+def test_the_runs_are_sharded_over_the_devices(digits, monkeypatch):
+    """On two devices each holds its half of the run axis (2 of 4 runs), not a copy of all."""
+    seen = []
+    chunk = train._train_chunk
+
+    def spy(state, *args, **kwargs):
+        seen.append(state)
+        return chunk(state, *args, **kwargs)
+
+    monkeypatch.setattr(train, "_train_chunk", spy)
+    devices = jax.devices()[:2]
+    train.run_group(digits, "linear", BATCH, 0.9, [0.1, 0.2], [0, 1], 2, 2, devices=devices)
+    assert seen
+    for leaf in jax.tree.leaves(seen[0]):
+        shards = leaf.addressable_shards
+        assert sorted(s.device.id for s in shards) == sorted(d.id for d in devices)
+        assert [s.data.shape[0] for s in shards] == [2, 2], leaf.sharding
+
+
+def test_many_runs_per_device_give_the_gradient_norms_of_two(digits):
+    """Eight runs on one device and two on each of four, bitwise: with more runs per device XLA
+    reorders a plain jnp.sum of the squared gradients (last bits), which ordered_sum prevents."""
+    lrs = [0.05 * (i + 1) for i in range(4)]
+    one, four = (
+        train.run_group(digits, "linear", BATCH, 0.9, lrs, [0, 1], 2, 2, devices=devices)
+        for devices in (jax.devices()[:1], jax.devices()[:4])
+    )
+    np.testing.assert_array_equal(one.grad_norm, four.grad_norm)
+    np.testing.assert_array_equal(one.batch_loss, four.batch_loss)
