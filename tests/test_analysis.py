@@ -318,3 +318,47 @@ def test_oscillation_of_a_batch_loss_of_exactly_zero_is_nan_without_a_warning():
     loss = np.exp(_noisy_loss(400, 0.1))
     loss[390] = 0.0
     assert np.isnan(analysis.oscillation(loss[None])[0])  # pytest turns a warning into an error
+
+
+def test_equal_steps_and_loss_pick_the_smaller_lr():
+    records = [_record(8, 0.0, lr, seed, 40, 0.1) for lr in (0.3, 0.1, 0.2) for seed in (0, 1)]
+    assert analysis.best_settings(records)[0]["lr"] == 0.1
+
+
+def test_a_seed_that_reached_the_target_and_then_diverged_counts_as_not_reached():
+    stats = analysis.seed_stats(
+        [_record(8, 0.0, 0.1, 0, 30, None, diverged=True), _record(8, 0.0, 0.1, 1, 40, 0.1)]
+    )
+    assert stats["reached"] == 1 and stats["steps_median"] is None and stats["steps_mean"] == 40
+
+
+def test_the_trend_of_a_straight_line_is_the_line_itself():
+    """The centred moving average of a line is the line: the residual, aligned, is exactly 0."""
+    line = 3.0 + 0.5 * np.arange(40.0)
+    np.testing.assert_allclose(analysis.detrended(line, 5, log=False), 0.0, atol=1e-12)
+
+
+def test_oscillation_is_the_std_over_the_last_fraction_of_the_detrended_steps():
+    loss = _noisy_loss(400, 0.2)
+    residual = analysis.detrended(loss, 21)[0]
+    late = residual[-round(0.25 * residual.size) :]
+    assert analysis.oscillation(loss, window=21, last_fraction=0.25)[0] == pytest.approx(
+        np.std(late), rel=1e-12
+    )
+
+
+def test_oscillation_by_window_centres_are_steps_of_the_run():
+    """Window k covers residuals edges[k]..edges[k+1]: steps offset by window // 2."""
+    centers, _ = analysis.oscillation_by_window(_noisy_loss(120, 0.1), num_windows=2, window=21)
+    np.testing.assert_allclose(centers, [25 + 10, 75 + 10])
+
+
+def test_the_nearest_effective_batch_is_nearest_in_log_distance():
+    # beta 0.9 at B = 2: effective batch 38; SGD ran at 16 (nearer in steps) and 64 (nearer in log).
+    records = [_record(2, 0.9, 0.5, 0, 10, 0.1)] + [
+        _record(b, 0.0, 0.5, 0, 10, 0.1, index=i) for i, b in enumerate((16, 64), start=1)
+    ]
+    curves = {"c.npz": {"batch_loss": np.stack([_noisy_loss(300, 0.1, seed=s) for s in range(3)])}}
+    result = analysis.effective_batch_comparison(records, curves, lr=0.5, beta=0.9, batch_size=2)
+    assert result["effective_batch"] == pytest.approx(38.0)
+    assert result["sgd_effective_batch"]["batch_size"] == 64
