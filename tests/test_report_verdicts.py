@@ -270,6 +270,7 @@ def test_claim_2_is_unsettled_by_runs_too_short_to_window():
     [
         ([1.0, 2.0], [3.0, 4.0], True),
         ([1.0, 3.5], [3.0, 4.0], False),
+        ([1.0, 3.0], [3.0, 4.0], False),  # a tie is not below
         ([1.0, float("nan")], [3.0, 4.0], False),
         ([float("nan"), 1.0], [3.0, 4.0], False),  # wherever the NaN sits
         ([], [3.0], False),
@@ -1229,3 +1230,64 @@ def test_report_without_the_effective_test_says_it_was_not_run(tmp_path):
         section
     )
     assert section.rstrip().endswith("(1 - beta), at one lr): not run.")
+
+
+def test_claim_3_is_supported_at_three_quarters_of_the_settings():
+    # Crawl and overshoot at B = 8, 16, 32; at B = 64 the best lr is the smallest (no crawl).
+    records = [r for b in (8, 16, 32) for r in _lr_grid(b, 0.0, [0.9, 0.3, 0.6])]
+    records += _lr_grid(64, 0.0, [0.3, 0.6, 0.9])
+    verdict = report.verdict_learning_rate(_results(records))
+    assert verdict["evidence"].startswith("crawl at the smallest lr in 3/4")
+    assert verdict["verdict"] == report.SUPPORTED  # ">= 75%", as the rule says
+
+
+def test_claim_5_speed_is_the_mean_ratio_over_the_three_smallest_batch_sizes():
+    # Momentum's steps / SGD's at B = 8, 16, 32: 1.0, 0.95, 0.3 (mean 0.75 < 0.9, median 0.95);
+    # at B = 64 (not among the three smallest) 2.0.
+    ratios = {8: 1.0, 16: 0.95, 32: 0.3, 64: 2.0}
+    settings = {(b, 0.0): (100, FLAT) for b in ratios}
+    settings |= {(b, 0.9): (round(100 * r), FLAT) for b, r in ratios.items()}
+    verdict = report.verdict_momentum(_results(*_sweep(settings)))
+    assert verdict["verdict"] == report.PARTLY  # faster at small batches; nothing else measured
+
+
+def _two_effective_batches(level, jitter):
+    """An effective-batch test at B = 8 and 16 (beta 0.9, so B' = 152 and 304), two seeds: the
+    full-train loss of ``(batch, beta)`` zigzags by ``jitter`` around ``level``."""
+    records, curves = [], {}
+    zigzag = lambda n: (-1.0) ** np.arange(n)
+    for (batch, beta), size in jitter.items():
+        name = f"b{batch}_beta{beta}.npz"
+        base = level.get((batch, beta), 1.0)
+        train = np.stack([base + size * (1 + 0.1 * seed) * zigzag(40) for seed in range(2)])
+        loss = np.stack([1.0 + 0.1 * zigzag(400) for _ in range(2)])
+        for seed in range(2):
+            records.append({"batch_size": batch, "beta": beta, "lr": 0.1, "seed": seed,
+                            "steps": 400, "diverged": False, "curves": name,
+                            "curve_index": seed})  # fmt: skip
+        curves[name] = {"train_loss": train, "batch_loss": loss}
+    res = _results()
+    res.meta = {"preset": {"effective_batches": [8, 16]}, "stages": {"effective": {"beta": 0.9}}}
+    res.effective, res.effective_curves = records, curves
+    return res
+
+
+CONFIGS = [(8, 0.9), (8, 0.0), (152, 0.0), (16, 0.9), (16, 0.0), (304, 0.0)]
+
+
+@pytest.mark.parametrize(
+    "level, jitter",
+    [
+        # Steadier than SGD (every seed below every seed) at B = 8 but not at B = 16.
+        ({}, dict(zip(CONFIGS, [0.01, 0.05, 0.005, 0.05, 0.01, 0.005], strict=True))),
+        # Momentum's late loss is most of the way to SGD at B' at B = 8 (0.74), not at 16 (0.07).
+        (
+            dict(zip(CONFIGS, [0.6, 1.0, 0.5, 0.95, 1.0, 0.5], strict=True)),
+            dict.fromkeys(CONFIGS, 0.02),
+        ),
+    ],
+    ids=["steadier", "like_bigger"],
+)
+def test_claim_5_parts_must_hold_at_every_tested_batch_size(level, jitter):
+    verdict = report.verdict_momentum(_two_effective_batches(level, jitter))
+    assert verdict["verdict"] == report.NOT_SUPPORTED
