@@ -362,3 +362,19 @@ def test_the_nearest_effective_batch_is_nearest_in_log_distance():
     result = analysis.effective_batch_comparison(records, curves, lr=0.5, beta=0.9, batch_size=2)
     assert result["effective_batch"] == pytest.approx(38.0)
     assert result["sgd_effective_batch"]["batch_size"] == 64
+
+
+def test_filter_records_compares_floats_as_close_not_equal():
+    records = [_record(8, 0.0, 0.3, 0, 10, 0.1), _record(8, 0.9, 0.3, 0, 10, 0.1)]
+    assert 0.1 + 0.2 != 0.3
+    assert analysis.filter_records(records, lr=0.1 + 0.2, beta=0.0) == records[:1]
+
+
+def test_fit_s_min_is_the_least_squares_optimum_for_its_b_crit():
+    """For a fixed B_crit, log S_min minimizing the squared log residuals is their mean."""
+    b = np.array([8.0, 16.0, 32.0, 64.0, 128.0])
+    s = 100.0 * (1 + 40.0 / b) * np.array([1.0, 1.3, 0.9, 1.0, 1.25])  # skewed noise
+    fit = analysis.fit_steps_vs_batch(b, s)
+    residual = np.log(s) - np.log1p(fit.b_crit / b)
+    assert np.log(fit.s_min) == pytest.approx(np.mean(residual), rel=1e-12)
+    assert fit.rms_log_residual == pytest.approx(np.std(residual), rel=1e-9)
