@@ -234,15 +234,18 @@ def test_momentum_helps_only_at_large_batch():
     assert large_mom < 0.2 * large_sgd
 
 
-def test_cli_writes_json_and_figure(tmp_path, capsys):
+def _run_cli(out, *argv):
+    """``nqm --out OUT ARGV`` in this process (one worker); returns the rows of its nqm.json."""
     parser = argparse.ArgumentParser()
     nqm.add_arguments(parser)
-    args = parser.parse_args(
-        ["--out", str(tmp_path), "--batch-sizes", "1,2,4,8", "--dim", "100", "--betas", "0,0.9"]
-    )
+    args = parser.parse_args(["--out", str(out), *argv])
     args.workers = 1
     assert nqm.run(args) == 0
-    rows = json.loads((tmp_path / "nqm.json").read_text())
+    return json.loads((out / "nqm.json").read_text())
+
+
+def test_cli_writes_json_and_figure(tmp_path, capsys):
+    rows = _run_cli(tmp_path, "--batch-sizes", "1,2,4,8", "--dim", "100", "--betas", "0,0.9")
     assert [row["batch_size"] for row in rows] == [1, 2, 4, 8]
     keys = {"batch_size", "sgd_steps", "momentum_steps", "sgd_lr", "momentum_lr", "momentum_beta"}
     for row in rows:
@@ -488,14 +491,7 @@ def test_the_report_flags_a_tuned_beta_at_the_grid_edge_only_where_betas_were_tu
 def test_the_table_and_the_figure_show_a_beta_near_one_as_it_is(tmp_path, capsys, monkeypatch):
     # nqm takes any beta below 1 (its closed form is float64), but its table and figure wrote the
     # tuned beta with :g, so 0.9999999 was shown as 1, a beta the command refuses.
-    parser = argparse.ArgumentParser()
-    nqm.add_arguments(parser)
-    args = parser.parse_args(
-        ["--out", str(tmp_path), "--batch-sizes", "4096", "--dim", "10", "--betas", "0.9999999"]
-    )
-    args.workers = 1
-    assert nqm.run(args) == 0
-    (row,) = json.loads((tmp_path / "nqm.json").read_text())
+    (row,) = _run_cli(tmp_path, "--batch-sizes", "4096", "--dim", "10", "--betas", "0.9999999")
     assert row["momentum_beta"] == 0.9999999
     (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 4096 |")]
     assert line.split(" | ")[5] == "0.9999999"
