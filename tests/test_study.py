@@ -4,6 +4,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -690,7 +691,15 @@ def test_a_run_deleted_from_a_finished_store_stage_is_recomputed(
     err = capsys.readouterr().err
     assert f"[{stage}] done before, but {store}/runs.jsonl lacks 1 of its " in err
     assert sorted(runs.read_text().splitlines()) != sorted(lines)  # a new wall time
-    assert {json.loads(line)["run_id"] for line in runs.read_text().splitlines()} == {
-        json.loads(line)["run_id"] for line in lines
-    }
-    assert (copy / "verdicts.json").read_bytes() == (tiny_study / "verdicts.json").read_bytes()
+
+    def by_id(text_lines):  # each run's record but its wall time
+        records = [json.loads(line) for line in text_lines]
+        return {r["run_id"]: {k: v for k, v in r.items() if k != "wall_seconds"} for r in records}
+
+    assert by_id(runs.read_text().splitlines()) == by_id(lines)
+    # The verdicts too, but for claim 4's wall-clock remark (which the report does not judge).
+    new, old = (json.loads((d / "verdicts.json").read_text()) for d in (copy, tiny_study))
+    wall = re.compile(r"the fastest in wall-clock time to target here was [^;]*;")
+    assert [{**v, "evidence": wall.sub("", v["evidence"])} for v in new] == [
+        {**v, "evidence": wall.sub("", v["evidence"])} for v in old
+    ]
