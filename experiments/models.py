@@ -63,12 +63,16 @@ def add_bias(x: jax.Array, bias: jax.Array) -> jax.Array:
     return x + bias
 
 
-def _add_bias_fwd(x: jax.Array, bias: jax.Array) -> tuple[jax.Array, None]:
-    return x + bias, None
+def _add_bias_fwd(x: jax.Array, bias: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    # Empty arrays carry the dtypes to the backward pass: each cotangent takes its primal's dtype
+    # (``g`` has the promoted one), as in autodiff.
+    return x + bias, (jnp.empty(0, x.dtype), jnp.empty(0, bias.dtype))
 
 
-def _add_bias_bwd(_: None, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return g, ordered_sum(g.reshape(-1, g.shape[-1]), axis=0)
+def _add_bias_bwd(dtypes: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x_dtype, bias_dtype = (a.dtype for a in dtypes)
+    d_bias = ordered_sum(g.reshape(-1, g.shape[-1]), axis=0)
+    return g.astype(x_dtype), d_bias.astype(bias_dtype)
 
 
 add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
@@ -106,7 +110,8 @@ def _matmul_bwd(
         default=lambda x2, g2: x2.T @ g2,
     )
     d_x = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
-    return d_x, d_kernel
+    # Each cotangent in its primal's dtype, as in autodiff (``g`` has the promoted one).
+    return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype)
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)

@@ -234,3 +234,24 @@ def test_custom_vjps_match_plain_autodiff(batch, vmapped, seed, scale):
         for a, r in zip(got, alone, strict=True):
             atol = 1e-6 * rows * n_in * float(jnp.max(jnp.abs(r)))
             np.testing.assert_allclose(a[1], r, rtol=1e-5, atol=atol)
+
+
+@pytest.mark.parametrize(
+    ("x_dtype", "w_dtype", "b_dtype"),
+    [
+        (jnp.bfloat16, jnp.float32, jnp.float32),
+        (jnp.float32, jnp.bfloat16, jnp.bfloat16),
+        (jnp.float16, jnp.float32, jnp.bfloat16),
+    ],
+)
+def test_custom_vjps_give_each_argument_a_gradient_of_its_own_dtype(x_dtype, w_dtype, b_dtype):
+    """With mixed dtypes, matmul and add_bias return autodiff's cotangent dtypes: the gradient of a
+    bfloat16 input or parameter is bfloat16. Their backward passes returned the promoted float32
+    instead, so a bfloat16 model's gradients came back float32."""
+    x = jnp.ones((4, 3), x_dtype)
+    w, b = jnp.ones((3, 2), w_dtype), jnp.ones(2, b_dtype)
+    ours = jax.grad(lambda x, w, b: jnp.sum(models.add_bias(models.matmul(x, w), b)), (0, 1, 2))
+    plain = jax.grad(lambda x, w, b: jnp.sum(x @ w + b), (0, 1, 2))
+    expected = [x_dtype, w_dtype, b_dtype]
+    assert [g.dtype for g in plain(x, w, b)] == expected
+    assert [g.dtype for g in ours(x, w, b)] == expected
