@@ -255,3 +255,35 @@ def test_custom_vjps_give_each_argument_a_gradient_of_its_own_dtype(x_dtype, w_d
     expected = [x_dtype, w_dtype, b_dtype]
     assert [g.dtype for g in plain(x, w, b)] == expected
     assert [g.dtype for g in ours(x, w, b)] == expected
+
+
+@pytest.mark.parametrize("shape", [(40,), (8, 8), (28, 28)])
+def test_cnn_computes_the_papers_convbase_given_its_weights(shape):
+    """The CNN is the MNIST-1D paper's ``ConvBase`` (PyTorch: three ``Conv1d`` of 25 channels,
+    kernels 5/3/3, stride 2, padding 1, ReLU, then ``Linear``), here also in 2-D: given the same
+    weights it gives the same logits, so padding, strides and flatten sizes agree (125 inputs to
+    the linear layer for length 40, 25 for 8x8 digits, 400 for 28x28). PyTorch flattens channel by
+    channel, ours position by position: the same linear layer up to a permutation of its inputs."""
+    torch = pytest.importorskip("torch")
+    conv = torch.nn.Conv1d if len(shape) == 1 else torch.nn.Conv2d
+    torch.manual_seed(0)
+    convs = [conv(1 if i == 0 else 25, 25, k, stride=2, padding=1) for i, k in enumerate((5, 3, 3))]
+    x = np.random.default_rng(0).normal(size=(6, *shape)).astype(np.float32)
+    with torch.no_grad():
+        h = torch.from_numpy(x)[:, None]
+        for c in convs:
+            h = c(h).relu()
+        flat_shape = h.shape[1:]  # (channels, *spatial)
+        linear = torch.nn.Linear(h[0].numel(), 10)
+        expected = linear(h.reshape(len(x), -1)).numpy()
+
+    model = models.make_model("cnn", Spec(shape, 10), nnx.Rngs(0))
+    assert model.out.layer.kernel.shape == (int(np.prod(flat_shape)), 10)
+    for ours, theirs in zip(model.convs, convs, strict=True):
+        w = theirs.weight.detach().numpy()  # [out, in, *kernel] -> [*kernel, in, out]
+        ours.layer.kernel[...] = jnp.asarray(np.moveaxis(w, (0, 1), (-1, -2)))
+        ours.bias[...] = jnp.asarray(theirs.bias.detach().numpy())
+    w = linear.weight.detach().numpy().reshape(10, *flat_shape)  # [out, channels, *spatial]
+    model.out.layer.kernel[...] = jnp.asarray(np.moveaxis(w, (0, 1), (-1, -2)).reshape(-1, 10))
+    model.out.bias[...] = jnp.asarray(linear.bias.detach().numpy())
+    np.testing.assert_allclose(model(jnp.asarray(x)), expected, rtol=1e-5, atol=1e-5)
