@@ -1356,6 +1356,49 @@ def test_an_interrupted_command_exits_without_the_interpreters_finalization():
     assert (done.returncode, done.stdout, done.stderr) == (130, "out", "interrupted")
 
 
+@pytest.mark.parametrize("status", [0, 130])
+def test_a_ctrl_c_after_the_command_is_done_is_ignored(status):
+    # The command's results were written and reported; a Ctrl-C in the interpreter's finalization
+    # (jax's atexit clean-up, about 0.7 s) printed "Exception ignored in atexit callback" with a
+    # traceback, or killed the process (exit -2). A second Ctrl-C after an interrupt, in the
+    # collection before the exit, printed "Exception ignored in: _xla_gc_callback" with one.
+    code = (
+        "import atexit, gc, os, runpy, signal, sys, time\n"
+        "from experiments import cli\n"
+        "def ctrl_c(*args):\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(0.05)\n"
+        "    print('done', end='', flush=True)\n"
+        "def in_gc(phase, info):\n"
+        "    gc.callbacks.remove(in_gc)\n"
+        "    ctrl_c()\n"
+        "def main():\n"
+        "    print('out', end='')\n"
+        "    atexit.register(ctrl_c)\n"
+        "    gc.callbacks.append(in_gc)\n"
+        f"    return {status}\n"
+        "cli.main = main\n"
+        "runpy.run_module('experiments', run_name='__main__')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (status, "")
+    assert done.stdout.startswith("outdone")  # the Ctrl-C landed after main returned
+
+
+def test_a_ctrl_c_that_escapes_main_is_no_traceback():
+    # A second Ctrl-C while main wrote the first's line escaped it: a KeyboardInterrupt traceback.
+    code = (
+        "import runpy\n"
+        "from experiments import cli\n"
+        "def main():\n"
+        "    raise KeyboardInterrupt\n"
+        "cli.main = main\n"
+        "runpy.run_module('experiments', run_name='__main__')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (130, "", "")
+
+
 FUZZ_VALUES = [
     "", " ", "-1", "0", "1", "-0", "1e309", "nan", "inf", "0x10", "1_000", "\u0661\u0662", "3\n",
     "a\rb", "1e-50", "0.5", "0.9", "2147483648", "9" * 5000, "~", "~/x", "~nosuchuser/x", ",",
