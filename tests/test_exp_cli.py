@@ -1340,19 +1340,28 @@ def test_a_path_that_is_not_utf8_is_printed_as_its_bytes(tmp_path, monkeypatch):
     assert sys.stdout is stdout and stdout.errors == "strict"  # as it was
 
 
+def _run_main_with(setup):
+    """``python -m experiments`` in a subprocess, after the Python code ``setup`` (which sees
+    ``cli`` and may replace ``cli.main``)."""
+    code = (
+        "import runpy\n"
+        "from experiments import cli\n"
+        f"{setup}"
+        "runpy.run_module('experiments', run_name='__main__')\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
 def test_an_interrupted_command_exits_without_the_interpreters_finalization():
     # A Ctrl-C during an XLA compilation cuts it short while its compiler threads run on; the
     # interpreter's finalization then crashed the process with SIGSEGV after "interrupted" was
     # printed (3 of 26 SIGINTs to the main job; exit -11 instead of 130). It now exits at once,
     # without finalizing: every result was stored and synced before.
-    code = (
-        "import atexit, runpy, sys\n"
-        "from experiments import cli\n"
+    done = _run_main_with(
+        "import atexit, sys\n"
         "atexit.register(lambda: print('finalized', flush=True))\n"
         "cli.main = lambda: (print('out', end=''), sys.stderr.write('interrupted'), 130)[-1]\n"
-        "runpy.run_module('experiments', run_name='__main__')\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (130, "out", "interrupted")
 
 
@@ -1362,9 +1371,8 @@ def test_a_ctrl_c_after_the_command_is_done_is_ignored(status):
     # (jax's atexit clean-up, about 0.7 s) printed "Exception ignored in atexit callback" with a
     # traceback, or killed the process (exit -2). A second Ctrl-C after an interrupt, in the
     # collection before the exit, printed "Exception ignored in: _xla_gc_callback" with one.
-    code = (
-        "import atexit, gc, os, runpy, signal, sys, time\n"
-        "from experiments import cli\n"
+    done = _run_main_with(
+        "import atexit, gc, os, signal, time\n"
         "def ctrl_c(*args):\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
         "    time.sleep(0.05)\n"
@@ -1378,24 +1386,14 @@ def test_a_ctrl_c_after_the_command_is_done_is_ignored(status):
         "    gc.callbacks.append(in_gc)\n"
         f"    return {status}\n"
         "cli.main = main\n"
-        "runpy.run_module('experiments', run_name='__main__')\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stderr) == (status, "")
     assert done.stdout.startswith("outdone")  # the Ctrl-C landed after main returned
 
 
 def test_a_ctrl_c_that_escapes_main_is_no_traceback():
     # A second Ctrl-C while main wrote the first's line escaped it: a KeyboardInterrupt traceback.
-    code = (
-        "import runpy\n"
-        "from experiments import cli\n"
-        "def main():\n"
-        "    raise KeyboardInterrupt\n"
-        "cli.main = main\n"
-        "runpy.run_module('experiments', run_name='__main__')\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    done = _run_main_with("def main():\n    raise KeyboardInterrupt\ncli.main = main\n")
     assert (done.returncode, done.stdout, done.stderr) == (130, "", "")
 
 
