@@ -533,10 +533,7 @@ class Study:
 
         planned: dict[Path, set[str]] = {}
         for out, call in self._run_sweeps(name, self.meta["stages"][name].get("lr")):
-            plan = sweep_plan(
-                self.data, call["model"], call["batch_sizes"], call["betas"], call["lrs"],
-                call["seeds"], call["steps"], call["eval_every"], call["target_loss"],
-            )  # fmt: skip
+            plan = sweep_plan(self.data, **call)  # the same arguments as the stage's run_sweep
             planned.setdefault(out, set()).update(run_id for *_, ids in plan for run_id in ids)
         for out, run_ids in planned.items():
             missing = run_ids - {record["run_id"] for record in read_runs(out)}
