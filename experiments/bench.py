@@ -21,6 +21,11 @@ of the same devices (2048x2048 jnp.dot on each of them at once), and the FLOP ra
 batch-32 throughputs of scan_vmap and torch eager amount to. When scan_vmap's batch-32 rate is
 close to its batch-1024 rate, the step is bound by its matmuls, not by per-kernel overhead.
 
+A fifth program, timed in the same rounds and reported apart (``matmuls_only``), runs nothing of
+the step but its eight matmuls, for the same 8 runs on the same devices (:func:`_matmul_chunk`):
+what those products alone cost as XLA compiles them, a bound on how fast scan_vmap could get
+without faster matmuls.
+
 Ctrl-C stops it: one line on stderr, exit status 130, nothing on stdout.
 """
 
@@ -41,6 +46,7 @@ from flax import nnx
 
 from experiments import train
 from experiments.data import load_dataset
+from experiments.models import kernel_gradient
 
 HELP = "measure run-steps/s: naive loop, scan, scan+vmap, torch eager"
 ON_INTERRUPT = "interrupted; nothing was measured"  # printed on Ctrl-C
@@ -114,6 +120,47 @@ def _naive_loop(device: jax.Device) -> Callable[[int], None]:
     return run
 
 
+@functools.partial(jax.jit, static_argnames=("length", "batch_size"))
+def _matmul_chunk(kernels: dict, x: jax.Array, *, length: int, batch_size: int) -> dict:
+    """``length`` steps of only the MLP step's eight matmuls, for every run (axis 0 of the kernels).
+
+    A step multiplies the next batch of ``x`` (in a fixed order) forward through the three kernels
+    (no bias, ReLU or loss: the logits stand in for their own gradient), back through the second
+    and third kernels, forms the three kernel gradients as the engine does
+    (:func:`experiments.models.kernel_gradient`) and moves each kernel by a millionth of its
+    gradient, so that every step depends on the one before and none can be skipped.
+    """
+    per_epoch = x.shape[0] // batch_size
+
+    def one_run(k: dict, step: jax.Array) -> dict:
+        xb = jax.lax.dynamic_slice_in_dim(x, (step % per_epoch) * batch_size, batch_size)
+        h1 = xb @ k["hidden1"]
+        h2 = h1 @ k["hidden2"]
+        g3 = h2 @ k["out"]
+        g2 = g3 @ k["out"].T
+        g1 = g2 @ k["hidden2"].T
+        grads = {"hidden1": (xb, g1), "hidden2": (h1, g2), "out": (h2, g3)}
+        return {name: k[name] - 1e-6 * kernel_gradient(*grads[name]) for name in k}
+
+    def body(carry, _):
+        k, step = carry
+        return (jax.vmap(one_run, in_axes=(0, None))(k, step), step + 1), None
+
+    return jax.lax.scan(body, (kernels, jnp.int32(0)), length=length)[0][0]
+
+
+def _matmuls_only(state: train._RunState, x: jax.Array) -> Callable[[int], None]:
+    """A ``steps -> None`` runner of :func:`_matmul_chunk` on the engine's kernels and devices."""
+    params = nnx.to_pure_dict(state.params)
+    kernels = {name: layer["layer"]["kernel"] for name, layer in params.items()}
+    x = x.reshape(x.shape[0], -1)
+
+    def run(steps: int) -> None:
+        jax.block_until_ready(_matmul_chunk(kernels, x, length=steps, batch_size=BATCH))
+
+    return run
+
+
 def _torch_eager(state: train._RunState) -> Callable[[int], None] | None:
     try:
         import torch
@@ -176,11 +223,12 @@ def measure() -> dict:
     """Runs the benchmark; returns the JSON-ready results."""
     devices = _engine_devices(jax.devices())
     with jax.threefry_partitionable(False):
-        scan_vmap, state, _, _ = _engine(VMAP_RUNS, BATCH, devices)
+        scan_vmap, state, _, data = _engine(VMAP_RUNS, BATCH, devices)
         contenders = {
             "naive_loop": (_naive_loop(devices[0]), 1),
             "scan": (_engine(1, BATCH, devices[:1])[0], 1),
             "scan_vmap": (scan_vmap, VMAP_RUNS),
+            "matmuls_only": (_matmuls_only(state, data[0]), VMAP_RUNS),
             "torch_eager": (_torch_eager(state), 1),
         }
         big, big_state, _, _ = _engine(VMAP_RUNS, FLOPS_BATCH, devices)
@@ -217,10 +265,18 @@ def measure() -> dict:
             for name, (_, runs) in contenders.items()
         }
         speedups = {name: statistics.median(r) for name, r in round_speedups.items()}
+    matmuls_only = {
+        "run_steps_per_s": rates.pop("matmuls_only"),
+        "speedup_vs_torch_eager": None if speedups is None else speedups.pop("matmuls_only"),
+        "speedup_vs_torch_eager_per_round": (
+            None if round_speedups is None else round_speedups.pop("matmuls_only")
+        ),
+    }
     return {
         "run_steps_per_s": rates,
         "speedup_vs_torch_eager": speedups,
         "speedup_vs_torch_eager_per_round": round_speedups,
+        "matmuls_only": matmuls_only,
         "gflops": {
             "scan_vmap_batch_1024": achieved / 1e9,
             "matmul_peak": peak,
@@ -276,6 +332,18 @@ def table(results: dict) -> str:
     ]
     if at_batch:
         lines.append(f"Model FLOP rate at batch {BATCH}, in GFLOP/s: {', '.join(at_batch)}.")
+    if (alone := results.get("matmuls_only")) is not None:
+        line = (
+            f"The step's {VMAP_RUNS}-run matmuls alone, on the same devices (nothing else of the "
+            f"step): {alone['run_steps_per_s']:,.0f} run-steps/s"
+        )
+        if alone["speedup_vs_torch_eager"] is not None:
+            per_round = alone["speedup_vs_torch_eager_per_round"]
+            line += (
+                f", {alone['speedup_vs_torch_eager']:.1f}x torch eager "
+                f"(rounds {min(per_round):.1f}-{max(per_round):.1f}x)"
+            )
+        lines.append(line + ".")
     return "\n".join(lines)
 
 

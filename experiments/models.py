@@ -94,6 +94,17 @@ def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return x @ kernel
 
 
+def kernel_gradient(x: jax.Array, g: jax.Array) -> jax.Array:
+    """``x^T g`` for ``[batch, n_in]`` inputs and ``[batch, n_out]`` output gradients, as
+    :func:`matmul` computes its kernel gradient: on CPU from a materialized ``x^T``."""
+    return jax.lax.platform_dependent(
+        x,
+        g,
+        cpu=lambda x, g: jax.lax.optimization_barrier(x.T) @ g,
+        default=lambda x, g: x.T @ g,
+    )
+
+
 def _matmul_fwd(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     return x @ kernel, (x, kernel)
 
@@ -102,13 +113,7 @@ def _matmul_bwd(
     residuals: tuple[jax.Array, jax.Array], g: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     x, kernel = residuals
-    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-    d_kernel = jax.lax.platform_dependent(
-        x2,
-        g2,
-        cpu=lambda x2, g2: jax.lax.optimization_barrier(x2.T) @ g2,
-        default=lambda x2, g2: x2.T @ g2,
-    )
+    d_kernel = kernel_gradient(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]))
     d_x = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
     # Each cotangent in its primal's dtype, as in autodiff (``g`` has the promoted one).
     return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype)

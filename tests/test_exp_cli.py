@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -920,6 +921,14 @@ def test_bench_table_shape():
         ),
     }
     assert "| scan_vmap | 80 | 16.0x | 12.5-17.3x |" in bench.table(with_torch)
+    alone = {"run_steps_per_s": 90.0, "speedup_vs_torch_eager": None}
+    assert "alone, on the same devices (nothing else of the step): 90 run-steps/s." in bench.table(
+        {**results, "matmuls_only": alone}
+    )
+    alone = {**alone, "speedup_vs_torch_eager": 18.0, "speedup_vs_torch_eager_per_round": [17, 19]}
+    assert ": 90 run-steps/s, 18.0x torch eager (rounds 17.0-19.0x)." in bench.table(
+        {**with_torch, "matmuls_only": alone}
+    )
     with_rates = {
         **with_torch,
         "gflops": {**results["gflops"], "scan_vmap_batch_32": 0.75, "torch_eager_batch_32": 0.05},
@@ -948,6 +957,15 @@ def test_bench_measures_every_contender(monkeypatch):
     results = bench.measure()
     rates = results["run_steps_per_s"]
     assert set(rates) == {"naive_loop", "scan", "scan_vmap", "torch_eager"}
+    alone = results["matmuls_only"]
+    assert alone["run_steps_per_s"] > 0
+    if rates["torch_eager"] is None:
+        assert alone["speedup_vs_torch_eager"] is alone["speedup_vs_torch_eager_per_round"] is None
+    else:
+        assert len(alone["speedup_vs_torch_eager_per_round"]) == 3
+        assert alone["speedup_vs_torch_eager"] == pytest.approx(
+            statistics.median(alone["speedup_vs_torch_eager_per_round"])
+        )
     assert all(rates[name] > 0 for name in ("naive_loop", "scan", "scan_vmap"))
     if rates["torch_eager"] is None:
         assert results["speedup_vs_torch_eager"] is None
@@ -986,6 +1004,41 @@ def test_bench_flops_count_the_eight_matmuls_of_a_step():
     assert bench._flops_per_example(params) == 2 * forward + 2 * (100 * 100 + 100 * 10) == 82_000
     stacked = jax.tree.map(lambda a: jnp.stack([a, a]), params)  # as the engine's state holds them
     assert bench._flops_per_example(stacked) == 82_000
+
+
+def test_bench_matmuls_only_computes_the_steps_eight_products():
+    """Two steps of two runs against float64 NumPy: the forward products, the input gradients of
+    the 2nd and 3rd kernels, the kernel gradients, the update, and the next batch of data."""
+    import jax.numpy as jnp
+
+    from experiments import bench
+
+    rng = np.random.default_rng(0)
+    shapes = {"hidden1": (6, 5), "hidden2": (5, 5), "out": (5, 3)}
+    kernels = {k: rng.normal(size=(2, *shape)).astype(np.float32) for k, shape in shapes.items()}
+    # 2 batches of 4 and one example left over; large, so a step moves kernels well above rounding
+    x = (30 * rng.normal(size=(9, 6))).astype(np.float32)
+    got = bench._matmul_chunk(
+        {k: jnp.asarray(v) for k, v in kernels.items()}, jnp.asarray(x), length=2, batch_size=4
+    )
+    for run in range(2):
+        w = {k: v[run].astype(np.float64) for k, v in kernels.items()}
+        for step in range(2):
+            xb = x[4 * step : 4 * step + 4].astype(np.float64)
+            h1 = xb @ w["hidden1"]
+            h2 = h1 @ w["hidden2"]
+            g3 = h2 @ w["out"]
+            g2 = g3 @ w["out"].T
+            g1 = g2 @ w["hidden2"].T
+            grads = {"hidden1": xb.T @ g1, "hidden2": h1.T @ g2, "out": h2.T @ g3}
+            moved = {k: w[k] - 1e-6 * grads[k] for k in w}
+            if step == 1:  # the change is the gradient's, not the rounding of the kernels
+                for k in w:
+                    change = np.asarray(got[k][run], np.float64) - w[k]
+                    np.testing.assert_allclose(change, moved[k] - w[k], rtol=1e-3)
+            w = moved
+        for k in w:
+            np.testing.assert_allclose(np.asarray(got[k][run]), w[k], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(("n", "used"), [(1, 1), (2, 2), (3, 2), (4, 4), (6, 4), (8, 8), (16, 8)])
@@ -1041,8 +1094,9 @@ def test_bench_without_torch_reports_null(monkeypatch):
     params, _ = train._init_seed(jnp.int32(0), model="mlp", input_shape=(40,), num_classes=10)
     state = types.SimpleNamespace(params=jax.tree.map(lambda a: jnp.stack([a] * 8), params))
     runner = lambda steps: None
-    monkeypatch.setattr(bench, "_engine", lambda *args: (runner, state, None, None))
+    monkeypatch.setattr(bench, "_engine", lambda *args: (runner, state, None, (None, None)))
     monkeypatch.setattr(bench, "_naive_loop", lambda device: runner)
+    monkeypatch.setattr(bench, "_matmuls_only", lambda state, x: runner)
     monkeypatch.setattr(bench, "_matmul_gflops", lambda devices: 1e3)
     monkeypatch.setattr(bench, "_seconds", lambda fn, steps: 0.5)
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
@@ -1051,6 +1105,11 @@ def test_bench_without_torch_reports_null(monkeypatch):
     assert results["run_steps_per_s"]["scan_vmap"] == 8 * bench.STEPS / 0.5
     assert results["speedup_vs_torch_eager"] is None
     assert results["speedup_vs_torch_eager_per_round"] is None
+    assert results["matmuls_only"] == {
+        "run_steps_per_s": 8 * bench.STEPS / 0.5,
+        "speedup_vs_torch_eager": None,
+        "speedup_vs_torch_eager_per_round": None,
+    }
     json.loads(json.dumps(results, allow_nan=False))
     assert "| torch_eager | n/a (torch not installed) | n/a | n/a |" in bench.table(results)
 
