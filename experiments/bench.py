@@ -334,8 +334,8 @@ def table(results: dict) -> str:
         lines.append(f"Model FLOP rate at batch {BATCH}, in GFLOP/s: {', '.join(at_batch)}.")
     if (alone := results.get("matmuls_only")) is not None:
         line = (
-            f"The step's {VMAP_RUNS}-run matmuls alone, on the same devices (nothing else of the "
-            f"step): {alone['run_steps_per_s']:,.0f} run-steps/s"
+            f"The step's 8 matmuls alone ({VMAP_RUNS} runs on the same devices, nothing else of "
+            f"the step): {alone['run_steps_per_s']:,.0f} run-steps/s"
         )
         if alone["speedup_vs_torch_eager"] is not None:
             per_round = alone["speedup_vs_torch_eager_per_round"]

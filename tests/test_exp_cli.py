@@ -922,7 +922,7 @@ def test_bench_table_shape():
     }
     assert "| scan_vmap | 80 | 16.0x | 12.5-17.3x |" in bench.table(with_torch)
     alone = {"run_steps_per_s": 90.0, "speedup_vs_torch_eager": None}
-    assert "alone, on the same devices (nothing else of the step): 90 run-steps/s." in bench.table(
+    assert "same devices, nothing else of the step): 90 run-steps/s." in bench.table(
         {**results, "matmuls_only": alone}
     )
     alone = {**alone, "speedup_vs_torch_eager": 18.0, "speedup_vs_torch_eager_per_round": [17, 19]}
