@@ -22,9 +22,9 @@ batch-32 throughputs of scan_vmap and torch eager amount to. When scan_vmap's ba
 close to its batch-1024 rate, the step is bound by its matmuls, not by per-kernel overhead.
 
 A fifth program, timed in the same rounds and reported apart (``matmuls_only``), runs nothing of
-the step but its eight matmuls, for the same 8 runs on the same devices (:func:`_matmul_chunk`):
-what those products alone cost as XLA compiles them, a bound on how fast scan_vmap could get
-without faster matmuls.
+the step but its eight matmuls, for the same 8 runs on the same devices
+(experiments.bench._matmul_chunk): what those products alone cost as XLA compiles them, a bound
+on how fast scan_vmap could get without faster matmuls.
 
 Ctrl-C stops it: one line on stderr, exit status 130, nothing on stdout.
 """
