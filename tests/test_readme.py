@@ -484,3 +484,39 @@ def test_readme_command_list_is_that_of_the_parsers():
         for option, depth in shown.items():
             assert option in options, (command, option)
             assert options[option].required == (depth == 0), (command, option)
+
+
+def test_readme_api_signatures_are_the_codes():
+    """The API section's signatures: ema_momentum's parameters and defaults as the code has them,
+    ema_sgd's as its learning_rate and beta followed by the same keyword options, and
+    EmaMomentumState's fields in order."""
+    import inspect
+
+    import ema_momentum as emm
+
+    def shown(sig):
+        return [
+            f"{p.name}={p.default!r}".replace("'", '"') if p.default is not p.empty else p.name
+            for p in sig.parameters.values()
+        ]
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    section = readme.split("## API", 1)[1].split("## ", 1)[0]
+    momentum = re.search(r"\*\*`emm\.ema_momentum\(([^`]*)\)`\*\*", section)[1]
+    want = shown(inspect.signature(emm.ema_momentum))
+    keyword_only = [p.kind for p in inspect.signature(emm.ema_momentum).parameters.values()]
+    want.insert(keyword_only.index(inspect.Parameter.KEYWORD_ONLY), "*")
+    assert [part.strip() for part in momentum.split(",")] == want
+    sgd = re.search(r"\*\*`emm\.ema_sgd\(([^`]*)\)`\*\*", section)[1]
+    sgd_params = inspect.signature(emm.ema_sgd).parameters
+    assert [part.strip() for part in sgd.split(",")] == [
+        *shown(inspect.signature(emm.ema_sgd))[:2],
+        "**same",
+    ]
+    assert list(sgd_params)[2:] == list(inspect.signature(emm.ema_momentum).parameters)[1:]
+    assert all(
+        sgd_params[name].default == p.default
+        for name, p in inspect.signature(emm.ema_momentum).parameters.items()
+    )
+    state = re.search(r"\*\*`emm\.EmaMomentumState\(([^`]*)\)`\*\*", section)[1]
+    assert [part.strip() for part in state.split(",")] == list(emm.EmaMomentumState._fields)
