@@ -520,3 +520,37 @@ def test_readme_api_signatures_are_the_codes():
     )
     state = re.search(r"\*\*`emm\.EmaMomentumState\(([^`]*)\)`\*\*", section)[1]
     assert [part.strip() for part in state.split(",")] == list(emm.EmaMomentumState._fields)
+
+
+def test_readme_nqm_numbers_are_those_of_the_exported_report():
+    """The Results section's noisy-quadratic-model numbers, from the NQM table of
+    docs/results/report.md: momentum within the stated percentage of SGD's steps up to the stated
+    batch size, the stated factor fewer at the largest, and the tuned beta at the grid's top (the
+    stated beta) exactly over the stated range of batch sizes."""
+    claim = _readme_sentence(
+        r"in the noisy quadratic model: within (\d+)% of SGD's steps at B <= (\d+), (\d+)x fewer "
+        r"at B = (\d+), with beta up to ([0-9.]+), the largest of the tuning grid; the tuned beta "
+        r"sat at that edge at B = (\d+) to (\d+)",
+        "the NQM's numbers",
+    )
+    report = (ROOT / "docs" / "results" / "report.md").read_text()
+    section = report.split("## 6. The noisy quadratic model", 1)[1].split("\n## ", 1)[0]
+    rows = [
+        (int(m[0]), int(m[1]), int(m[2]), float(m[3]))
+        for m in re.findall(
+            r"^\| (\d+) \| (\d+) \| (\d+) \| [^|]+ \| [^|]+ \| ([0-9.]+) \|", section, re.MULTILINE
+        )
+    ]
+    assert rows, "the report's NQM table changed"
+    within, small, fewer, large = (int(claim[i]) for i in (1, 2, 3, 4))
+    top, first, last = float(claim[5]), int(claim[6]), int(claim[7])
+    for batch, sgd, momentum, _ in rows:
+        if batch <= small:
+            assert abs(momentum / sgd - 1) <= within / 100, batch
+    sgd, momentum = next((s, m) for b, s, m, _ in rows if b == large)
+    # A whole factor: the ratio rounded down.
+    assert fewer <= sgd / momentum < fewer + 1 and large == max(b for b, *_ in rows)
+    assert max(beta for *_, beta in rows) <= top
+    assert [b for b, _, _, beta in rows if beta == top] == [
+        b for b, *_ in rows if first <= b <= last
+    ]
