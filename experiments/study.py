@@ -5,7 +5,8 @@ and ends with ``DIR/report.md``. Each stage stores its results as it goes and is
 the sweeps, resumed) when run again, so an interrupted job continues where it stopped; a stage
 whose output files were since removed or damaged (for a sweep, runs missing from its store), or
 whose results an older version of this code computed differently (:data:`STAGE_VERSIONS`), runs
-again.
+again. It runs in one process, on that host's devices; in a multi-process JAX job (a multi-host TPU
+slice) it stops before writing anything: there ``sweep --distributed`` runs the grid.
 
 Stages:
 
@@ -642,8 +643,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs (or resumes) the study; prints where the report is and its summary table."""
+    import jax
+
     from experiments.cli import UsageError, output_dir
 
+    # A multi-host TPU slice makes every process a part of one JAX job (so does
+    # jax.distributed.initialize()). Each process would run the study, process 0 alone storing
+    # the sweep: the others then stop for want of its runs, and process 0 waits for them until
+    # JAX aborts the job. The sweep's grid runs over several processes with `sweep --distributed`.
+    if jax.process_count() > 1:
+        raise UsageError(
+            f"the main job runs in one process, not in a {jax.process_count()}-process JAX job "
+            "(a multi-host TPU slice, or after jax.distributed.initialize()): run it on one host, "
+            "or run its grid in every process with python -m experiments sweep --distributed"
+        )
     out = args.out
     if out is DEFAULT_OUT:  # left unchecked by argparse (see add_arguments)
         try:

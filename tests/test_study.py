@@ -703,3 +703,25 @@ def test_a_run_deleted_from_a_finished_store_stage_is_recomputed(
     assert [{**v, "evidence": wall.sub("", v["evidence"])} for v in new] == [
         {**v, "evidence": wall.sub("", v["evidence"])} for v in old
     ]
+
+
+def test_the_main_job_in_a_multi_process_job_is_refused_before_anything_is_written(
+    tmp_path, capsys, monkeypatch
+):
+    """On a multi-host TPU slice (JAX joins the hosts itself) or after jax.distributed.initialize(),
+    every process ran the study: the sweep over all hosts, stored by process 0 alone, then process
+    1 found no sweep runs on its own disk, stopped with a traceback, and process 0 waited for it
+    until JAX aborted both (tried with two local processes). The main job is one process's."""
+    import jax
+
+    def started(*args, **kwargs):
+        raise AssertionError("the study started")
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(study, "Study", started)
+    out = tmp_path / "results"
+    assert cli.main(["--out", str(out)]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith("error: the main job runs in one process, not in a 2-process JAX job")
+    assert "python -m experiments sweep --distributed" in line
+    assert not out.exists()
