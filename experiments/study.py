@@ -637,7 +637,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=sorted(PRESETS),
         default="quick",
         help="quick: minutes on a laptop CPU (default); full: more batch sizes, betas, seeds and "
-        "longer budgets, for a GPU/TPU or an afternoon",
+        "longer budgets, and a CNN sweep, for a GPU/TPU (on 2 CPU cores about two days)",
     )
 
 
