@@ -642,3 +642,40 @@ def test_many_runs_per_device_give_the_gradient_norms_of_two(digits):
     )
     np.testing.assert_array_equal(one.grad_norm, four.grad_norm)
     np.testing.assert_array_equal(one.batch_loss, four.batch_loss)
+
+
+@pytest.mark.parametrize(
+    "n_runs, device_counts, rows",
+    [(3, (1, 8), (3, 2)), (5, (1, 2), (5, 3)), (1, (1, 8), (2, 2))],
+)
+def test_a_grid_that_does_not_fill_the_devices_gives_the_numbers_of_one_device(
+    digits, monkeypatch, n_runs, device_counts, rows
+):
+    """Runs that do not divide the devices are padded to as many per device as the others, at
+    least two (3 runs on 8 devices train 16): each device's vmap has another size, the numbers
+    stay those of one device (the README's claim)."""
+    seen = []
+    chunk = train._train_chunk
+
+    def spy(state, *args, **kwargs):
+        seen.append([s.data.shape[0] for s in state.diverged.addressable_shards])
+        return chunk(state, *args, **kwargs)
+
+    monkeypatch.setattr(train, "_train_chunk", spy)
+    lrs, seeds = [0.1, 0.3, 1e5, 0.05, 0.2][:n_runs], [0]
+    results = []
+    for n, per_device in zip(device_counts, rows, strict=True):
+        seen.clear()
+        result = train.run_group(
+            digits, "linear", BATCH, 0.9, lrs, seeds, 4, 2, target_loss=1.5,
+            devices=jax.devices()[:n],
+        )  # fmt: skip
+        results.append(result)
+        assert seen[0] == [per_device] * n
+    for other in results[1:]:
+        for name in CURVES:
+            np.testing.assert_array_equal(getattr(other, name), getattr(results[0], name))
+        assert [r.as_record() | {"wall_seconds": 0} for r in other.runs] == [
+            r.as_record() | {"wall_seconds": 0} for r in results[0].runs
+        ]
+    assert len(results[0].runs) == n_runs
