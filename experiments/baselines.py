@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from experiments import data as datasets
 from experiments import models as model_zoo
-from experiments.cli import UsageError, add_out_argument, positive_int, seed_count
+from experiments.cli import UsageError, add_out_argument, locked_out, positive_int, seed_count
 from experiments.store import write_json
 from experiments.train import GroupResult, run_group
 
@@ -239,7 +239,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Validates the input, trains, writes DIR/baselines.json and prints the table."""
+    """Validates the input, takes DIR's lock (refused if another process holds it), trains, writes
+    DIR/baselines.json and prints the table."""
     models = [m.strip() for m in args.models.split(",")]
     unknown = [m for m in models if m not in model_zoo.MODELS]
     if unknown:
@@ -254,11 +255,12 @@ def run(args: argparse.Namespace) -> int:
     data = datasets.load_dataset(args.dataset)
     if BATCH_SIZE > data.n_train:
         raise UsageError(f"{args.dataset} has fewer than {BATCH_SIZE} training examples")
-    start = time.perf_counter()
-    results = run_baselines(models, steps=args.steps, seeds=args.seeds, data=data)
-    wall = time.perf_counter() - start
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / BASELINES_FILE, results)
+    with locked_out(out, [BASELINES_FILE]) as lock:  # refused before the training
+        start = time.perf_counter()
+        results = run_baselines(models, steps=args.steps, seeds=args.seeds, data=data)
+        wall = time.perf_counter() - start
+        lock.hold()  # a DIR made meanwhile by another process's command is refused
+        write_json(out / BASELINES_FILE, results)
     print(f"{args.dataset}: batch {BATCH_SIZE}, {args.steps} steps, {args.seeds} seed(s)")
     print(table(results))
     print(f"wall time {wall:.1f} s; wrote {out / BASELINES_FILE}")

@@ -195,6 +195,23 @@ def output_dir(text: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def locked_out(path: Path, writes: Sequence[str]) -> Iterator[Any]:
+    """The lock of ``path`` for a command that writes the files ``writes`` into it: an
+    :class:`experiments.store.DirectoryLock`, taken at once if ``path`` exists (a directory that
+    another process is writing, such as the main job's, is refused before the command's work),
+    else by its ``hold()``, which makes ``path``, before the first write. Another process's lock
+    is reported as :class:`UsageError`: one line, nothing written.
+    """
+    from experiments.store import DirectoryLock, StoreLockedError
+
+    try:
+        with DirectoryLock(path, writes, make=False) as lock:
+            yield lock
+    except StoreLockedError as e:
+        raise UsageError(str(e)) from None
+
+
 def add_out_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
     """Adds ``--out DIR`` (an :func:`output_dir`): required without a ``default``."""
     if default is None:

@@ -62,6 +62,7 @@ from experiments.cli import (
     exact_text,
     finite_float_list,
     int_in,
+    locked_out,
     positive_int,
     positive_int_list,
     usable_cores,
@@ -677,13 +678,16 @@ def run(args: argparse.Namespace) -> int:
     """The ``nqm`` subcommand: tunes, writes ``nqm.json`` and ``nqm.png``, prints a table.
 
     Raises:
-      UsageError: a repeated batch size or beta, or a beta outside [0, 1).
+      UsageError: a repeated batch size or beta, a beta outside [0, 1), or ``--out`` in use by
+        another process.
     """
     check_unique("--batch-sizes", args.batch_sizes)
     check_unique("--betas", args.betas)
     check_betas(args.betas)
-    rows = study(sorted(args.batch_sizes), args.betas, dim=args.dim, workers=args.workers)
-    write(rows, args.out)
+    with locked_out(args.out, ["nqm.json", "nqm.png"]) as lock:  # refused before the work
+        rows = study(sorted(args.batch_sizes), args.betas, dim=args.dim, workers=args.workers)
+        lock.hold()  # a DIR made meanwhile by another process's command is refused
+        write(rows, args.out)
     print(format_table(rows))
     print(f"wrote {pathlib.Path(args.out) / 'nqm.json'} and nqm.png")
     return 0

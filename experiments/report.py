@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -1611,7 +1612,8 @@ def _extra_sweep_parts(res: Results) -> list[str]:
 def build(out: str | Path) -> Path:
     """Writes ``DIR/report.md``, ``DIR/figures/*.png`` and ``DIR/verdicts.json``.
 
-    Everything is drawn and composed in memory first: an error on the way writes nothing.
+    Everything is drawn and composed in memory first: an error on the way writes nothing. Call it
+    holding :func:`locked`, as the ``report`` command and the main job do.
     """
     res = load(out)
     drawn: dict[str, io.BytesIO] = collections.defaultdict(io.BytesIO)  # figure name: its PNG
@@ -1791,6 +1793,29 @@ EXPORTED = EXPORTED_FILES + [
 ]  # fmt: skip
 
 
+# What build writes in DIR: the report, its verdicts and the figures it draws.
+WRITES = ["report.md", "verdicts.json", *EXPORTED[len(EXPORTED_FILES) :]]
+REPORT_LOCK = ".report.lock"
+
+
+def locked(out: str | Path, wait: bool = False):
+    """DIR's report lock (``DIR/.report.lock``, an :class:`experiments.store.DirectoryLock`; a
+    context manager), to hold while a report of DIR is built (and exported).
+
+    Two reports of one DIR at once (``report DIR`` while the main job writes its own at its end)
+    mixed their files, and the one that read the results first could replace the other's: the
+    main job's final report by one of its unfinished sweep. Not DIR's own lock (``DIR/.lock``),
+    which the main job holds throughout: ``report DIR`` while it runs shows the results so far.
+    The temporary files a killed report left are removed once it is held.
+
+    Raises:
+      experiments.store.StoreLockedError: if another process holds it (and not ``wait``).
+    """
+    from experiments.store import DirectoryLock
+
+    return DirectoryLock(out, WRITES, "wait for it", REPORT_LOCK, wait)
+
+
 def check_export(dest: str | Path, names: Sequence[str] = EXPORTED) -> None:
     """Raises ValueError if ``dest`` cannot take one of ``names`` (paths relative to it): a
     folder where the file goes, or a file where its folder goes."""
@@ -1864,17 +1889,28 @@ def run(args: argparse.Namespace) -> int:
             check_export(dest)
         except ValueError as e:
             raise UsageError(f"--export: {e}") from None
+    # Not for a DIR without a study: build refuses it, and the lock file would be left in a
+    # folder that is not this tool's.
+    from experiments.store import StoreLockedError
+    from experiments.study import STUDY_FILE
+
     try:
-        path = build(args.dir)
-    except (ValueError, zipfile.BadZipFile) as e:  # no study, or a corrupt one
+        held = locked(args.dir) if (Path(args.dir) / STUDY_FILE).is_file() else None
+    except StoreLockedError as e:  # another report of DIR is being written
         raise UsageError(str(e)) from None
-    copied = None
-    if args.export:
-        try:  # before anything is printed: a refusal is one error line and nothing else
-            copied = export(args.dir, args.export)
-        except ValueError as e:
-            raise UsageError(f"--export: {e}") from None
-    print(summary(args.dir))
+    with held or contextlib.nullcontext():
+        try:
+            path = build(args.dir)
+        except (ValueError, zipfile.BadZipFile) as e:  # no study, or a corrupt one
+            raise UsageError(str(e)) from None
+        copied = None
+        if args.export:
+            try:  # before anything is printed: a refusal is one error line and nothing else
+                copied = export(args.dir, args.export)
+            except ValueError as e:
+                raise UsageError(f"--export: {e}") from None
+        text = summary(args.dir)
+    print(text)
     print(f"report: {path}")
     if copied is not None:
         print(f"exported {len(copied)} files to {args.export}")

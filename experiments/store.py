@@ -11,8 +11,10 @@ Crash safety (``kill -9`` at any moment):
   lacks any record (training is deterministic) and appends only the missing records.
 
 One process writes a DIR at a time: :class:`ResultStore` holds an exclusive ``flock`` on
-``DIR/.lock`` and refuses to open a DIR that another process holds. Readers
-(:func:`read_runs`, :func:`load_curves`) take no lock.
+``DIR/.lock`` and refuses to open a DIR that another process holds; so do the main job and the
+other commands that write into a DIR (``quadratic``, ``nqm`` and ``baselines``, through
+:class:`DirectoryLock`). The report has a lock of its own (:func:`experiments.report.locked`).
+Readers (:func:`read_runs`, :func:`load_curves`) take no lock.
 """
 
 from __future__ import annotations
@@ -118,25 +120,129 @@ class CorruptStoreError(ValueError):
     """``runs.jsonl`` has a line, other than a torn last one, that is not a run's record."""
 
 
-def lock_directory(root: Path) -> int:
-    """Takes the exclusive ``flock`` on ``root/.lock``; returns its descriptor.
+ADVICE = "wait for it or use another --out"  # the end of StoreLockedError's message
+
+
+def lock_directory(
+    root: Path, advice: str = ADVICE, name: str = LOCK_FILE, wait: bool = False
+) -> int:
+    """Takes the exclusive ``flock`` on ``root/name`` (``root/.lock``); returns its descriptor.
 
     Closing the descriptor releases the lock, and so does the process's end, however it ends: a
-    killed writer leaves no stale lock behind.
+    killed writer leaves no stale lock behind. ``advice`` ends the error's message; with ``wait``,
+    another process's lock is waited for instead.
 
     Raises:
-      StoreLockedError: if another process holds it.
+      StoreLockedError: if another process holds it (and not ``wait``).
     """
-    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(root / name, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
         os.close(fd)
         raise StoreLockedError(
-            f"{str(root)!r} is in use by another process (it holds "
-            f"{str(root / LOCK_FILE)!r}); wait for it or use another --out."
+            f"{str(root)!r} is in use by another process (it holds {str(root / name)!r}); {advice}."
         ) from None
+    except BaseException:  # a Ctrl-C while waiting
+        os.close(fd)
+        raise
     return fd
+
+
+def remove_leftovers(root: Path, names: Iterable[str]) -> None:
+    """Removes the hidden temporary files of :func:`write_bytes` that a killed writer left beside
+    the files ``names`` (relative to ``root``): ``.NAME.*.tmp``, never read, never renamed into
+    place. Call it only holding ``root``'s lock: another writer's may be in use."""
+    for name in names:
+        path = root / name
+        for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+            leftover.unlink(missing_ok=True)
+
+
+class DirectoryLock:
+    """``root``'s lock (:func:`lock_directory`) held by a writer other than a :class:`ResultStore`
+    (the commands that write into a DIR, and the report under a lock of its own); use it as a
+    context manager.
+
+    Args:
+      root: The directory; made if missing, with its parents.
+      writes: The files (relative to ``root``) the writer writes: the temporary files that a killed
+        writer left beside them are removed once the lock is held (:func:`remove_leftovers`).
+      advice: The end of the error's message if the lock is held (:func:`lock_directory`).
+      name: The lock file's name in ``root``.
+      wait: Whether to wait for another process's lock instead of refusing.
+      make: Whether to make a missing ``root`` at once; if not, :meth:`hold` makes it and takes its
+        lock, before the first write (a writer killed before then leaves nothing behind).
+
+    If the block raises (an error, a Ctrl-C), what was made for the lock is removed again: the lock
+    file, and the directories if they are left empty; what the block wrote is kept.
+
+    Raises:
+      StoreLockedError: if another process holds the lock.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        writes: Iterable[str] = (),
+        advice: str = ADVICE,
+        name: str = LOCK_FILE,
+        wait: bool = False,
+        make: bool = True,
+    ):
+        self.root = Path(root)
+        self._writes, self._advice, self._name, self._wait = list(writes), advice, name, wait
+        self._lock: int | None = None
+        self._made: list[Path] = []
+        self._made_lock = False
+        if make or self.root.exists():
+            self.hold()
+
+    def hold(self) -> None:
+        """Takes the lock, making ``root`` if missing; nothing if it is held already.
+
+        Raises:
+          StoreLockedError: if another process holds the lock.
+        """
+        if self._lock is not None:
+            return
+        self._made = [p for p in (self.root, *self.root.parents) if not p.exists()]
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._made_lock = not (self.root / self._name).exists()
+        try:
+            self._lock = lock_directory(self.root, self._advice, self._name, self._wait)
+        except StoreLockedError:
+            raise  # the lock file is the other process's (and DIR is not empty)
+        except BaseException:
+            self._undo()
+            raise
+        try:
+            remove_leftovers(self.root, self._writes)
+        except BaseException:
+            self.__exit__(BaseException)
+            raise
+
+    def _undo(self) -> None:
+        if self._made_lock:
+            (self.root / self._name).unlink(missing_ok=True)
+        for path in self._made:  # the deepest first
+            try:
+                path.rmdir()
+            except OSError:  # no longer empty (or another process's now): kept
+                break
+
+    def __enter__(self) -> DirectoryLock:
+        return self
+
+    def __exit__(self, exc_type: object, *exc_info: object) -> None:
+        if self._lock is None:
+            return
+        try:
+            if exc_type is not None:
+                self._undo()  # removed while still held
+        finally:
+            os.close(self._lock)
+            self._lock = None
 
 
 def _parse_lines(data: bytes, path: Path) -> tuple[list[dict[str, Any]], int]:

@@ -462,7 +462,7 @@ class Study:
         """Removes the temporary files of ``write_json`` and ``write_bytes`` that a killed job
         left (hidden ``.NAME.*.tmp`` next to the JSON files and the two figures this job writes in
         DIR; never referenced). Not those of ``verdicts.json``, ``report.md`` and ``figures/``,
-        which the ``report`` command also writes, without the lock."""
+        which the report removes under its own lock (:func:`experiments.report.locked`)."""
         for name in (
             STUDY_FILE,
             "quadratic.json",
@@ -485,7 +485,8 @@ class Study:
         self.stage("baselines", self.baselines)
         from experiments import report
 
-        report.build(self.out)
+        with report.locked(self.out, wait=True):  # a `report DIR` of its own may be writing
+            report.build(self.out)
 
     def quadratic(self) -> None:
         from experiments import quadratic

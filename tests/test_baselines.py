@@ -57,7 +57,8 @@ def test_cli_writes_baselines_json(tmp_path, capsys, digits):
     assert _main([*argv, "--dataset", "digits", "--models", "linear"]) == 0
     written = json.loads((out / "baselines.json").read_text())
     _check_structure(written, ["linear"], SEEDS)
-    assert [p.name for p in out.iterdir()] == ["baselines.json"]  # no temporary file left
+    # No temporary file left; the lock file stays, as the main job's and a sweep's do.
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "baselines.json"]
     printed = capsys.readouterr().out
     assert "adam" in printed and "ema_sgd" in printed
     # The library entry point (seeds as a count or as the seeds) returns the same dict: training

@@ -1545,3 +1545,97 @@ def test_fuzzed_arguments_are_taken_or_refused_in_one_line(draws, tmp_path, monk
         spelled = [a.split("=")[0] for a in given if a.startswith("--") and a != "--"]
         parsers = [fuzz_parsers()[None], fuzz_parsers()[accepted[0].command]]
         assert all(any(o in p._option_string_actions for p in parsers) for o in spelled), argv
+
+
+# Each command that writes into DIR besides sweep (the store locks) and the main job, with the
+# smallest settings it takes.
+WRITERS = {
+    "quadratic": ["quadratic", "--steps", "2", "--seeds", "1"],
+    "nqm": ["nqm", "--batch-sizes", "4", "--betas", "0", "--dim", "1", "--workers", "1"],
+    "baselines": [
+        "baselines", "--dataset", "digits", "--models", "linear", "--steps", "1", "--seeds", "1",
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", sorted(WRITERS))
+def test_a_command_writing_into_a_locked_directory_is_refused(
+    command, tmp_path, capsys, monkeypatch
+):
+    # They wrote into DIR while the main job (or a sweep) held its lock, as into any other:
+    # results written behind the main job's back, and its clean-up of temporary files could
+    # remove theirs while they were being written. Refused before the work, not after it.
+    def work(*args, **kwargs):
+        raise AssertionError("worked before refusing the locked directory")
+
+    work_of = {"quadratic": "study", "nqm": "study", "baselines": "run_baselines"}
+    monkeypatch.setattr(importlib.import_module(f"experiments.{command}"), work_of[command], work)
+    (tmp_path / "keep.json").write_text("{}")
+    held = store.lock_directory(tmp_path)  # as another process writing DIR would
+    try:
+        code, captured = main_in_process([*WRITERS[command], "--out", str(tmp_path)], capsys)
+    finally:
+        os.close(held)
+    assert code == 2 and captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err.startswith("error: ")
+    assert "is in use by another process" in captured.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [store.LOCK_FILE, "keep.json"]
+
+
+@pytest.mark.parametrize("command", sorted(WRITERS))
+def test_a_command_holds_the_lock_while_it_runs(command, tmp_path, capsys, monkeypatch):
+    # Taken before the work (refused at once, not after it), held until the results are written,
+    # released at the end; the hidden temporary files a killed run of the command left (never
+    # read: nothing else removed them) are removed once it holds the lock.
+    out = tmp_path / "out"
+    out.mkdir()
+    name = {"quadratic": "quadratic.png", "nqm": "nqm.json", "baselines": "baselines.json"}
+    (out / f".{name[command]}.a1b2c3.tmp").write_bytes(b"half")
+    (out / "other.tmp").write_bytes(b"kept")
+    real = store.write_bytes
+    locked = []
+
+    def write_bytes(path, data):
+        with pytest.raises(store.StoreLockedError):
+            os.close(store.lock_directory(out))
+        locked.append(path)
+        real(path, data)
+
+    monkeypatch.setattr(store, "write_bytes", write_bytes)
+    code, captured = main_in_process([*WRITERS[command], "--out", str(out)], capsys)
+    assert code == 0, captured.err
+    assert locked
+    os.close(store.lock_directory(out))  # released
+    left = {p.name for p in out.iterdir()} - {store.LOCK_FILE}
+    assert sorted(left) == sorted({"other.tmp", f"{command}.json"} | (
+        set() if command == "baselines" else {f"{command}.png"}
+    ))  # fmt: skip
+
+
+@pytest.mark.parametrize("command", sorted(WRITERS))
+def test_a_new_directory_is_made_and_locked_only_to_write(command, tmp_path, capsys, monkeypatch):
+    # A DIR that does not exist yet is made only when the results are written: killed during
+    # the work (SIGKILL, SIGTERM), a command leaves nothing behind. If another process made and
+    # locked it meanwhile, the command is refused then, writing nothing.
+    out = tmp_path / "new" / "out"
+    module = importlib.import_module(f"experiments.{command}")
+    name = {"quadratic": "study", "nqm": "study", "baselines": "run_baselines"}[command]
+    work = getattr(module, name)
+    held = []
+
+    def other_process_meanwhile(*args, **kwargs):
+        assert not (tmp_path / "new").exists()
+        result = work(*args, **kwargs)
+        out.mkdir(parents=True)
+        held.append(store.lock_directory(out))
+        return result
+
+    monkeypatch.setattr(module, name, other_process_meanwhile)
+    try:
+        code, captured = main_in_process([*WRITERS[command], "--out", str(out)], capsys)
+    finally:
+        os.close(held.pop())
+    assert code == 2 and captured.out == ""  # after the work's progress bars, one error line:
+    assert captured.err.splitlines()[-1].startswith("error: ")
+    assert "is in use by another process" in captured.err.splitlines()[-1]
+    assert [p.name for p in out.iterdir()] == [store.LOCK_FILE]

@@ -119,6 +119,77 @@ def _one_error_line(capsys):
     return lines[0]
 
 
+def test_a_second_report_of_the_same_study_at_once_is_refused(tiny_study, capsys):
+    # Two reports of one DIR at once (`report DIR` while the main job writes its own, at its end)
+    # mixed their files, and the one that read the results first could replace the other's.
+    report_md = tiny_study / "report.md"
+    report_md.write_text("stale")
+    figure = tiny_study / "figures" / "best_lr.png"
+    before = figure.read_bytes()
+    figure.write_bytes(b"stale")
+    held = store.lock_directory(tiny_study, name=report.REPORT_LOCK)  # another report's
+    try:
+        assert cli.main(["report", str(tiny_study), "--export", str(tiny_study / "x")]) == 2
+    finally:
+        os.close(held)
+    line = _one_error_line(capsys)
+    assert "is in use by another process" in line and line.endswith("; wait for it.")
+    assert report_md.read_text() == "stale" and figure.read_bytes() == b"stale"  # not rebuilt
+    assert not (tiny_study / "x").exists()
+    assert cli.main(["report", str(tiny_study)]) == 0  # restores the fixture's report
+    assert figure.read_bytes() == before
+    capsys.readouterr()
+
+
+def test_a_report_while_the_main_job_runs_shows_the_results_so_far(tiny_study, capsys):
+    # DIR's own lock, which the main job holds throughout, is not the report's.
+    held = store.lock_directory(tiny_study)
+    try:
+        assert cli.main(["report", str(tiny_study)]) == 0
+    finally:
+        os.close(held)
+    assert "report:" in capsys.readouterr().out
+
+
+def test_the_main_job_waits_for_a_report_being_written(tiny_study, capsys, monkeypatch):
+    # Its own report, at its end, waits for the report command's to be written, then reads the
+    # results afresh: not refused at the end of the whole job, nor mixed with the other.
+    import threading
+
+    study.PRESETS["tiny"] = TINY
+    held = store.lock_directory(tiny_study, name=report.REPORT_LOCK)
+    released = threading.Event()
+
+    def release():
+        released.set()
+        os.close(held)
+
+    built = []
+    real = report.build
+    monkeypatch.setattr(report, "build", lambda out: built.append(released.is_set()) or real(out))
+    timer = threading.Timer(1.0, release)
+    timer.start()
+    try:
+        assert cli.main(["--out", str(tiny_study), "--preset", "tiny"]) == 0
+    finally:
+        timer.join()
+    assert built == [True]
+    capsys.readouterr()
+
+
+def test_the_report_removes_the_temporary_files_a_killed_report_left(tiny_study, capsys):
+    # kill -9 while report.md, verdicts.json or a figure was written left its hidden temporary
+    # file for good (the main job removed its stages' alone).
+    leftovers = [".report.md.a1b2c3.tmp", ".verdicts.json.x.tmp", "figures/.best_lr.png.y.tmp"]
+    for name in [*leftovers, "figures/keep.tmp"]:
+        (tiny_study / name).write_bytes(b"half")
+    assert cli.main(["report", str(tiny_study)]) == 0
+    capsys.readouterr()
+    assert not any((tiny_study / name).exists() for name in leftovers)
+    assert (tiny_study / "figures" / "keep.tmp").read_bytes() == b"half"
+    (tiny_study / "figures" / "keep.tmp").unlink()
+
+
 @pytest.mark.parametrize("where", ["a_file", "a_file/below"])
 def test_report_export_to_a_file_is_refused_before_anything_is_written(
     where, tiny_study, tmp_path, capsys
