@@ -1828,7 +1828,8 @@ def check_export(dest: str | Path, names: Sequence[str] = EXPORTED) -> None:
 
 
 def export(out: str | Path, dest: str | Path) -> list[Path]:
-    """Copies the report, its verdicts and its figures (not the raw results) to ``dest``.
+    """Copies the report, its verdicts and its figures (not the raw results) to ``dest``, each
+    file written whole (:func:`experiments.store.write_bytes`).
 
     The copy keeps the report's relative links, so ``dest/report.md`` shows its figures; the
     README's results come from such a copy.
@@ -1837,8 +1838,6 @@ def export(out: str | Path, dest: str | Path) -> list[Path]:
       ValueError: a folder in ``dest`` where a file goes, or a file where a folder goes (checked
         before anything is copied).
     """
-    import shutil
-
     out, dest = Path(out), Path(dest)
     names = EXPORTED_FILES + [
         f"{FIGURES_DIR}/{p.name}" for p in sorted((out / FIGURES_DIR).glob("*.png"))
@@ -1849,7 +1848,9 @@ def export(out: str | Path, dest: str | Path) -> list[Path]:
     copied = []
     for name in names:
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out / name, dest / name)
+        # Each file whole, as the report writes it: a crash or a full disk midway leaves the
+        # last export's file, not a torn one, and a reader of the old file keeps it whole.
+        write_bytes(dest / name, (out / name).read_bytes())
         copied.append(dest / name)
     return copied
 

@@ -1,6 +1,7 @@
 """The main job end to end at a tiny size, its resume, the report subcommand and bad input."""
 
 import dataclasses
+import errno
 import io
 import json
 import os
@@ -188,6 +189,34 @@ def test_the_report_removes_the_temporary_files_a_killed_report_left(tiny_study,
     assert not any((tiny_study / name).exists() for name in leftovers)
     assert (tiny_study / "figures" / "keep.tmp").read_bytes() == b"half"
     (tiny_study / "figures" / "keep.tmp").unlink()
+
+
+def test_report_export_replaces_each_file_whole(tiny_study, tmp_path, capsys, monkeypatch):
+    # Each file was copied into place (truncated, then written): a crash or a full disk midway
+    # left a torn report.md or figure in PATH, in place of the good one of the last export.
+    dest = tmp_path / "docs"
+    dest.mkdir()
+    (dest / "report.md").write_text("the last export")
+    reader = open(dest / "report.md")  # as a reader (a web server, an editor) holds it
+    try:
+        assert cli.main(["report", str(tiny_study), "--export", str(dest)]) == 0
+        assert reader.read() == "the last export"  # a new file took its place
+    finally:
+        reader.close()
+    assert (dest / "report.md").read_bytes() == (tiny_study / "report.md").read_bytes()
+    fsync = os.fsync
+
+    def full_in_dest(fd):  # PATH's disk is full (DIR's is not)
+        if str(dest) in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fsync(fd)
+
+    monkeypatch.setattr(store.os, "fsync", full_in_dest)
+    (dest / "report.md").write_text("the last export")
+    assert cli.main(["report", str(tiny_study), "--export", str(dest)]) == 2
+    assert "No space left on device" in _one_error_line(capsys)
+    assert (dest / "report.md").read_text() == "the last export"
+    assert not [p for p in dest.rglob("*.tmp")]
 
 
 @pytest.mark.parametrize("where", ["a_file", "a_file/below"])
