@@ -158,22 +158,34 @@ def test_the_main_job_waits_for_a_report_being_written(tiny_study, capsys, monke
     import threading
 
     study.PRESETS["tiny"] = TINY
-    held = store.lock_directory(tiny_study, name=report.REPORT_LOCK)
+    held = store.lock_directory(tiny_study, name=".report.lock")  # the report command's
     released = threading.Event()
 
     def release():
         released.set()
         os.close(held)
 
+    timer = threading.Timer(0.5, release)  # once the main job asks for the lock
+    lock_directory = store.lock_directory
+
+    def asked(*args, **kwargs):
+        if ".report.lock" in args or ".report.lock" in kwargs.values():
+            timer.start()
+        return lock_directory(*args, **kwargs)
+
+    monkeypatch.setattr(store, "lock_directory", asked)
     built = []
     real = report.build
     monkeypatch.setattr(report, "build", lambda out: built.append(released.is_set()) or real(out))
-    timer = threading.Timer(1.0, release)
-    timer.start()
     try:
         assert cli.main(["--out", str(tiny_study), "--preset", "tiny"]) == 0
     finally:
-        timer.join()
+        if timer.is_alive():
+            timer.join()
+        else:
+            timer.cancel()
+            if not released.is_set():
+                os.close(held)
     assert built == [True]
     capsys.readouterr()
 
