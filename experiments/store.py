@@ -135,18 +135,27 @@ def lock_directory(
     Raises:
       StoreLockedError: if another process holds it (and not ``wait``).
     """
-    fd = os.open(root / name, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except BlockingIOError:
+    while True:
+        fd = os.open(root / name, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            # A holder that made the file removes it when it fails (DirectoryLock, ResultStore):
+            # the lock of a file no longer in place is no lock, as a process that opens the
+            # new one gets it too. Then this one is taken afresh.
+            if os.path.samestat(os.fstat(fd), os.stat(root / name)):
+                return fd
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreLockedError(
+                f"{str(root)!r} is in use by another process (it holds {str(root / name)!r}); "
+                f"{advice}."
+            ) from None
+        except FileNotFoundError:
+            pass
+        except BaseException:  # a Ctrl-C while waiting
+            os.close(fd)
+            raise
         os.close(fd)
-        raise StoreLockedError(
-            f"{str(root)!r} is in use by another process (it holds {str(root / name)!r}); {advice}."
-        ) from None
-    except BaseException:  # a Ctrl-C while waiting
-        os.close(fd)
-        raise
-    return fd
 
 
 def remove_leftovers(root: Path, names: Iterable[str]) -> None:

@@ -367,3 +367,35 @@ def test_a_bool_curve_index_is_a_corrupt_record(tmp_path):
     runs.write_text("".join(json.dumps(r) + "\n" for r in (first, second)))
     with pytest.raises(store.CorruptStoreError, match="corrupt record on line 2 "):
         store.read_runs(tmp_path)
+
+
+def test_a_lock_waited_for_is_the_one_in_place_after_its_holder_removes_its_file(tmp_path):
+    # A holder that made the lock file removes it when its block fails (a Ctrl-C of `report DIR`):
+    # the main job, waiting with that file open, got the lock of a file no longer in DIR, and a
+    # second `report DIR` then made a new one and held it too: two reports of DIR at once.
+    import threading
+
+    opened = threading.Event()
+    flock = store.fcntl.flock
+
+    def flock_after_open(fd, operation):
+        opened.set()  # the waiter's descriptor is open on the holder's file
+        return flock(fd, operation)
+
+    held = store.DirectoryLock(tmp_path, name=".report.lock")
+    got = []
+    waiter = threading.Thread(
+        target=lambda: got.append(store.lock_directory(tmp_path, name=".report.lock", wait=True))
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(store.fcntl, "flock", flock_after_open)
+        waiter.start()
+        assert opened.wait(10)
+    with pytest.raises(KeyboardInterrupt), held:
+        raise KeyboardInterrupt
+    waiter.join(10)
+    try:
+        with pytest.raises(store.StoreLockedError):
+            os.close(store.lock_directory(tmp_path, name=".report.lock"))
+    finally:
+        os.close(got.pop())
