@@ -215,7 +215,10 @@ class DirectoryLock:
         """
         if self._lock is not None:
             return
-        self._made = [p for p in (self.root, *self.root.parents) if not p.exists()]
+        # Not a `..` of the path (`new/..` is new's parent): the folder before it is made instead.
+        self._made = [
+            p for p in (self.root, *self.root.parents) if p.name != ".." and not p.exists()
+        ]
         self.root.mkdir(parents=True, exist_ok=True)
         self._made_lock = not (self.root / self._name).exists()
         try:

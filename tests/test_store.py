@@ -399,3 +399,15 @@ def test_a_lock_waited_for_is_the_one_in_place_after_its_holder_removes_its_file
             os.close(store.lock_directory(tmp_path, name=".report.lock"))
     finally:
         os.close(got.pop())
+
+
+@pytest.mark.parametrize("root", ["new/../out", "new/deeper/../../out", "new/out"])
+def test_a_failed_lock_block_removes_the_directories_it_made(root, tmp_path, monkeypatch):
+    # DIR given with `..` (`--out new/../out`): mkdir made new/ and out/, and a failed block
+    # (a full disk, a Ctrl-C) removed out/ alone, stopping at new/.. (not empty: the parent).
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep").mkdir()
+    with pytest.raises(KeyboardInterrupt), store.DirectoryLock(root):
+        assert (tmp_path / "new").is_dir()
+        raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.iterdir()] == ["keep"]
