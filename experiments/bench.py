@@ -122,17 +122,18 @@ def _naive_loop(device: jax.Device) -> Callable[[int], None]:
 
 @functools.partial(jax.jit, static_argnames=("length", "batch_size"))
 def _matmul_chunk(kernels: dict, x: jax.Array, *, length: int, batch_size: int) -> dict:
-    """``length`` steps of only the MLP step's eight matmuls, for every run (axis 0 of the kernels).
+    """``length`` steps of only the MLP step's eight matmuls, for every run (axis 0 of the kernels
+    and of ``x``, each run's own data).
 
-    A step multiplies the next batch of ``x`` (in a fixed order) forward through the three kernels
-    (no bias, ReLU or loss: the logits stand in for their own gradient), back through the second
-    and third kernels, forms the three kernel gradients as the engine does
+    A step multiplies each run's next batch of its ``x`` (in a fixed order) forward through the
+    three kernels (no bias, ReLU or loss: the logits stand in for their own gradient), back
+    through the second and third kernels, forms the three kernel gradients as the engine does
     (:func:`experiments.models.kernel_gradient`) and moves each kernel by a millionth of its
     gradient, so that every step depends on the one before and none can be skipped.
     """
-    per_epoch = x.shape[0] // batch_size
+    per_epoch = x.shape[1] // batch_size
 
-    def one_run(k: dict, step: jax.Array) -> dict:
+    def one_run(k: dict, x: jax.Array, step: jax.Array) -> dict:
         xb = jax.lax.dynamic_slice_in_dim(x, (step % per_epoch) * batch_size, batch_size)
         h1 = xb @ k["hidden1"]
         h2 = h1 @ k["hidden2"]
@@ -144,7 +145,7 @@ def _matmul_chunk(kernels: dict, x: jax.Array, *, length: int, batch_size: int) 
 
     def body(carry, _):
         k, step = carry
-        return (jax.vmap(one_run, in_axes=(0, None))(k, step), step + 1), None
+        return (jax.vmap(one_run, in_axes=(0, 0, None))(k, x, step), step + 1), None
 
     return jax.lax.scan(body, (kernels, jnp.int32(0)), length=length)[0][0]
 
@@ -153,7 +154,14 @@ def _matmuls_only(state: train._RunState, x: jax.Array) -> Callable[[int], None]
     """A ``steps -> None`` runner of :func:`_matmul_chunk` on the engine's kernels and devices."""
     params = nnx.to_pure_dict(state.params)
     kernels = {name: layer["layer"]["kernel"] for name, layer in params.items()}
-    x = x.reshape(x.shape[0], -1)
+    # Each run its own batches, as each of the engine's runs draws its own order: one batch for
+    # all runs made the first layer's two products one matmul of every run's kernels at once.
+    x = np.asarray(x).reshape(x.shape[0], -1)
+    runs = len(kernels["out"])
+    x = jax.device_put(
+        np.stack([np.roll(x, -run * BATCH, axis=0) for run in range(runs)]),
+        kernels["out"].sharding,
+    )
 
     def run(steps: int) -> None:
         jax.block_until_ready(_matmul_chunk(kernels, x, length=steps, batch_size=BATCH))

@@ -1019,15 +1019,16 @@ def test_bench_matmuls_only_computes_the_steps_eight_products():
     rng = np.random.default_rng(0)
     shapes = {"hidden1": (6, 5), "hidden2": (5, 5), "out": (5, 3)}
     kernels = {k: rng.normal(size=(2, *shape)).astype(np.float32) for k, shape in shapes.items()}
-    # 2 batches of 4 and one example left over; large, so a step moves kernels well above rounding
-    x = (30 * rng.normal(size=(9, 6))).astype(np.float32)
+    # each run's own data: 2 batches of 4 and one example left over; large, so a step moves
+    # kernels well above rounding
+    x = (30 * rng.normal(size=(2, 9, 6))).astype(np.float32)
     got = bench._matmul_chunk(
         {k: jnp.asarray(v) for k, v in kernels.items()}, jnp.asarray(x), length=2, batch_size=4
     )
     for run in range(2):
         w = {k: v[run].astype(np.float64) for k, v in kernels.items()}
         for step in range(2):
-            xb = x[4 * step : 4 * step + 4].astype(np.float64)
+            xb = x[run, 4 * step : 4 * step + 4].astype(np.float64)
             h1 = xb @ w["hidden1"]
             h2 = h1 @ w["hidden2"]
             g3 = h2 @ w["out"]
@@ -1042,6 +1043,42 @@ def test_bench_matmuls_only_computes_the_steps_eight_products():
             w = moved
         for k in w:
             np.testing.assert_allclose(np.asarray(got[k][run]), w[k], rtol=1e-6, atol=1e-6)
+
+
+def test_bench_matmuls_only_multiplies_each_runs_own_batch():
+    """Each of the eight products is one per run, its batch dimension the runs, as in the engine,
+    where each run draws its own batches: with one batch for all runs, the first layer's forward
+    product and kernel gradient were each one matmul of every run's kernels at once
+    ([32, 40] x [40, 8 x 100]), a program other than the step's."""
+    import jax
+
+    from experiments import bench
+
+    _, state, _, (x, _) = bench._engine(8, bench.BATCH, jax.devices()[:1])
+    traced = []
+    real = bench._matmul_chunk
+
+    def traced_chunk(kernels, x, **kwargs):
+        traced.append(jax.make_jaxpr(functools.partial(real, **kwargs))(kernels, x))
+        return real(kernels, x, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench, "_matmul_chunk", traced_chunk)
+        bench._matmuls_only(state, x)(2)
+
+    def dots(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                yield eqn
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                yield from dots(sub)
+
+    found = list(dots(traced[0].jaxpr))
+    assert len(found) == 3 + 2 + 3 * 2  # kernel gradients: the CPU and the default branch
+    for eqn in found:
+        (_, batch) = eqn.params["dimension_numbers"]
+        assert batch == ((0,), (0,)), eqn
+        assert [v.aval.shape[0] for v in eqn.invars] == [8, 8], eqn
 
 
 @pytest.mark.parametrize(("n", "used"), [(1, 1), (2, 2), (3, 2), (4, 4), (6, 4), (8, 8), (16, 8)])
