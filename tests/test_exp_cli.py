@@ -2,6 +2,7 @@
 
 import argparse
 import contextlib
+import errno
 import functools
 import importlib
 import io
@@ -1679,3 +1680,25 @@ def test_a_new_directory_is_made_and_locked_only_to_write(command, tmp_path, cap
     assert captured.err.splitlines()[-1].startswith("error: ")
     assert "is in use by another process" in captured.err.splitlines()[-1]
     assert [p.name for p in out.iterdir()] == [store.LOCK_FILE]
+
+
+@pytest.mark.parametrize("stop", ["full disk", "Ctrl-C"])
+@pytest.mark.parametrize("command", sorted(WRITERS))
+def test_a_command_stopped_while_writing_a_new_directory_leaves_nothing(
+    command, stop, tmp_path, capsys, monkeypatch
+):
+    # The lock made DIR (and its missing parents) and DIR/.lock just before the first write; a
+    # write that fails, or a Ctrl-C then, must not leave them behind ("nothing was written").
+    out = tmp_path / "new" / "out"
+
+    def write_bytes(path, data):
+        if stop == "Ctrl-C":
+            raise KeyboardInterrupt
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "write_bytes", write_bytes)
+    code, captured = main_in_process([*WRITERS[command], "--out", str(out)], capsys)
+    assert (code, captured.out) == ((130, "") if stop == "Ctrl-C" else (2, ""))
+    last = captured.err.splitlines()[-1]  # after the work's progress bars
+    assert last.startswith("interrupted") if stop == "Ctrl-C" else "No space left" in last
+    assert [p.name for p in tmp_path.iterdir()] == []

@@ -1,5 +1,6 @@
 """Tests of experiments.store on hand-made groups: torn lines, leftovers, curve rows, duplicates."""
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -411,3 +412,59 @@ def test_a_failed_lock_block_removes_the_directories_it_made(root, tmp_path, mon
         assert (tmp_path / "new").is_dir()
         raise KeyboardInterrupt
     assert [p.name for p in tmp_path.iterdir()] == ["keep"]
+
+
+def _held(root):
+    """Whether another descriptor (as another process) is refused ``root``'s lock."""
+    try:
+        os.close(store.lock_directory(root))
+    except store.StoreLockedError:
+        return True
+    return False
+
+
+def test_a_directory_lock_makes_its_directory_and_removes_it_again_if_the_block_fails(tmp_path):
+    root = tmp_path / "new" / "out"
+    with pytest.raises(RuntimeError), store.DirectoryLock(root):
+        assert _held(root)
+        raise RuntimeError
+    assert [p.name for p in tmp_path.iterdir()] == []  # the lock file and both folders
+    # What the block wrote is kept, and so is the folder it is in; only the lock file goes.
+    with pytest.raises(RuntimeError), store.DirectoryLock(root):
+        (root / "results.json").write_text("{}")
+        raise RuntimeError
+    assert [p.name for p in root.iterdir()] == ["results.json"]
+    with store.DirectoryLock(root):
+        assert _held(root)
+    assert not _held(root)
+    assert sorted(p.name for p in root.iterdir()) == [store.LOCK_FILE, "results.json"]
+
+
+def test_a_failed_block_keeps_the_lock_file_it_did_not_make(tmp_path):
+    # DIR/.lock of an earlier job (another process may be waiting on it): not the lock's to remove.
+    os.close(store.lock_directory(tmp_path))
+    with pytest.raises(RuntimeError), store.DirectoryLock(tmp_path):
+        raise RuntimeError
+    assert [p.name for p in tmp_path.iterdir()] == [store.LOCK_FILE]
+
+
+@pytest.mark.parametrize("where", ["flock", "remove_leftovers"])
+def test_a_ctrl_c_while_a_directory_lock_is_taken_leaves_nothing(where, tmp_path, monkeypatch):
+    # A Ctrl-C while waiting for the lock (or an error while the leftovers are removed): the folder
+    # and the lock file it made are removed again, and the descriptor is closed, lock released.
+    root = tmp_path / "new"
+    lock_file = str(root / store.LOCK_FILE)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store.fcntl if where == "flock" else store, where, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        store.DirectoryLock(root, ["results.json"], wait=True)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == []
+    open_files = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the descriptor of the listing itself
+            open_files.append(os.readlink(f"/proc/self/fd/{fd}"))
+    assert not [f for f in open_files if f.startswith(lock_file)]
