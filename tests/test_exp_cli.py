@@ -1630,8 +1630,9 @@ def test_a_command_holds_the_lock_while_it_runs(command, tmp_path, capsys, monke
     # read: nothing else removed them) are removed once it holds the lock.
     out = tmp_path / "out"
     out.mkdir()
-    name = {"quadratic": "quadratic.png", "nqm": "nqm.json", "baselines": "baselines.json"}
-    (out / f".{name[command]}.a1b2c3.tmp").write_bytes(b"half")
+    names = {"quadratic": ["json", "png"], "nqm": ["json", "png"], "baselines": ["json"]}
+    for suffix in names[command]:  # each file the command writes
+        (out / f".{command}.{suffix}.a1b2c3.tmp").write_bytes(b"half")
     (out / "other.tmp").write_bytes(b"kept")
     real = store.write_bytes
     locked = []
