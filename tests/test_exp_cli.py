@@ -961,6 +961,9 @@ def test_bench_measures_every_contender(monkeypatch):
     results = bench.measure()
     rates = results["run_steps_per_s"]
     assert set(rates) == {"naive_loop", "scan", "scan_vmap", "torch_eager"}
+    if rates["torch_eager"] is not None:  # the same contenders (matmuls_only is apart)
+        assert set(results["speedup_vs_torch_eager"]) == set(rates)
+        assert set(results["speedup_vs_torch_eager_per_round"]) == set(rates)
     alone = results["matmuls_only"]
     assert alone["run_steps_per_s"] > 0
     if rates["torch_eager"] is None:
@@ -1011,8 +1014,9 @@ def test_bench_flops_count_the_eight_matmuls_of_a_step():
 
 
 def test_bench_matmuls_only_computes_the_steps_eight_products():
-    """Two steps of two runs against float64 NumPy: the forward products, the input gradients of
-    the 2nd and 3rd kernels, the kernel gradients, the update, and the next batch of data."""
+    """Three steps of two runs against float64 NumPy: the forward products, the input gradients of
+    the 2nd and 3rd kernels, the kernel gradients, the update, and the next batch of data (the
+    third step's is the first again: the data's 9 examples hold 2 whole batches of 4)."""
     import jax.numpy as jnp
 
     from experiments import bench
@@ -1024,12 +1028,12 @@ def test_bench_matmuls_only_computes_the_steps_eight_products():
     # kernels well above rounding
     x = (30 * rng.normal(size=(2, 9, 6))).astype(np.float32)
     got = bench._matmul_chunk(
-        {k: jnp.asarray(v) for k, v in kernels.items()}, jnp.asarray(x), length=2, batch_size=4
+        {k: jnp.asarray(v) for k, v in kernels.items()}, jnp.asarray(x), length=3, batch_size=4
     )
     for run in range(2):
         w = {k: v[run].astype(np.float64) for k, v in kernels.items()}
-        for step in range(2):
-            xb = x[run, 4 * step : 4 * step + 4].astype(np.float64)
+        for step in range(3):
+            xb = x[run, 4 * (step % 2) : 4 * (step % 2) + 4].astype(np.float64)
             h1 = xb @ w["hidden1"]
             h2 = h1 @ w["hidden2"]
             g3 = h2 @ w["out"]
@@ -1037,7 +1041,7 @@ def test_bench_matmuls_only_computes_the_steps_eight_products():
             g1 = g2 @ w["hidden2"].T
             grads = {"hidden1": xb.T @ g1, "hidden2": h1.T @ g2, "out": h2.T @ g3}
             moved = {k: w[k] - 1e-6 * grads[k] for k in w}
-            if step == 1:  # the change is the gradient's, not the rounding of the kernels
+            if step == 2:  # the change is the gradient's, not the rounding of the kernels
                 for k in w:
                     change = np.asarray(got[k][run], np.float64) - w[k]
                     np.testing.assert_allclose(change, moved[k] - w[k], rtol=1e-3)
@@ -1080,6 +1084,48 @@ def test_bench_matmuls_only_multiplies_each_runs_own_batch():
         (_, batch) = eqn.params["dimension_numbers"]
         assert batch == ((0,), (0,)), eqn
         assert [v.aval.shape[0] for v in eqn.invars] == [8, 8], eqn
+
+
+def test_bench_matmuls_only_runs_as_many_steps_of_every_run_as_it_is_timed_for(monkeypatch):
+    """The rate is VMAP_RUNS x steps / time: the runner must run all the engine's kernels (every
+    run, not one) for the steps asked, at the benchmark's batch size, on the flattened data."""
+    import types
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from experiments import bench, train
+
+    params, _ = train._init_seed(jnp.int32(0), model="mlp", input_shape=(40,), num_classes=10)
+    state = types.SimpleNamespace(params=jax.tree.map(lambda a: jnp.stack([a] * 8), params))
+    calls = []
+    monkeypatch.setattr(bench, "_matmul_chunk", lambda *a, **kw: calls.append((a, kw)) or a[0])
+    x = jnp.zeros((100, 40, 1))
+    bench._matmuls_only(state, x)(7)
+    [((kernels, got_x), kwargs)] = calls
+    expected = nnx.to_pure_dict(state.params)
+    assert kwargs == {"length": 7, "batch_size": bench.BATCH}
+    assert got_x.shape == (8, 100, 40)  # each run its own copy of the flattened data
+    assert sorted(kernels) == sorted(expected)
+    for name, layer in expected.items():
+        assert kernels[name].shape[0] == 8  # all the runs
+        np.testing.assert_array_equal(kernels[name], layer["layer"]["kernel"])
+
+
+@pytest.mark.parametrize("platform", ["cpu", "cuda"])
+def test_bench_matmuls_only_forms_the_kernel_gradients_as_the_engine_does(platform):
+    # On CPU the engine's kernel gradients multiply a materialized x^T (models.kernel_gradient):
+    # the bound it gives is for those products as XLA compiles them in the step, not other ones.
+    import jax.numpy as jnp
+
+    from experiments import bench
+
+    kernels = {k: jnp.ones((2, 4, 4)) for k in ("hidden1", "hidden2", "out")}
+    lowered = bench._matmul_chunk.trace(kernels, jnp.ones((2, 8, 4)), length=1, batch_size=4).lower(
+        lowering_platforms=(platform,)
+    )
+    assert lowered.as_text().count("optimization_barrier") == (3 if platform == "cpu" else 0)
 
 
 @pytest.mark.parametrize(("n", "used"), [(1, 1), (2, 2), (3, 2), (4, 4), (6, 4), (8, 8), (16, 8)])
