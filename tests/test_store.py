@@ -468,3 +468,15 @@ def test_a_ctrl_c_while_a_directory_lock_is_taken_leaves_nothing(where, tmp_path
         with contextlib.suppress(OSError):  # the descriptor of the listing itself
             open_files.append(os.readlink(f"/proc/self/fd/{fd}"))
     assert not [f for f in open_files if f.startswith(lock_file)]
+
+
+def test_a_lock_the_file_system_refuses_is_not_reported_as_another_processs(tmp_path, monkeypatch):
+    # flock fails on some network file systems (ENOLCK): that error, not "in use by another
+    # process; wait for it", which no waiting would cure.
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(store.fcntl, "flock", no_locks)
+    with pytest.raises(OSError, match="No locks available") as raised:
+        store.lock_directory(tmp_path)
+    assert not isinstance(raised.value, store.StoreLockedError)
