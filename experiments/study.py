@@ -484,8 +484,16 @@ class Study:
         self.stage("noise_scale", self.noise_scale)
         self.stage("baselines", self.baselines)
         from experiments import report
+        from experiments.store import StoreLockedError
 
-        with report.locked(self.out, wait=True):  # a `report DIR` of its own may be writing
+        try:
+            held = report.locked(self.out)
+        except (
+            StoreLockedError
+        ):  # a `report DIR` of its own is being written: said, then waited for
+            self._log(f"[report] waiting for another report of {self.out} to be written")
+            held = report.locked(self.out, wait=True)
+        with held:
             report.build(self.out)
 
     def quadratic(self) -> None:
