@@ -817,7 +817,13 @@ def verdict_noise(res: Results) -> dict:
          s.mean(s.batch_loss_oscillation), g.mean(g.batch_loss_oscillation))
         for _, s, g in triples
     ]  # fmt: skip
-    fixed_ok = bool(fixed) and all(bs > bg for *_, bs, bg in fixed)
+    # Beyond seed spread: every seed at B' below every seed at B (the means alone passed seeds
+    # that overlap). A diverged seed is NaN, which passes nothing.
+    calmer_at = [
+        s.batch_size for _, s, g in triples
+        if _all_below(g.batch_loss_oscillation, s.batch_loss_oscillation)
+    ]  # fmt: skip
+    fixed_ok = bool(fixed) and len(calmer_at) == len(fixed)
     sweep_ok = math.isfinite(rho) and rho < 0
     verdict = (
         SUPPORTED if fixed_ok and sweep_ok else PARTLY if fixed_ok or sweep_ok else NOT_SUPPORTED
@@ -838,6 +844,12 @@ def verdict_noise(res: Results) -> dict:
         f"{_fmt(bg)}; jitter of the full-train loss (loss units) {_fmt(fs)} -> {_fmt(fg)}"
         for b, g, fs, fg, bs, bg in fixed
     ]
+    if fixed:
+        lines.append(
+            "less batch-loss oscillation at B' than at B in every seed at B = "
+            + (", ".join(map(str, calmer_at)) or "none")
+            + f" (of B = {', '.join(str(b) for b, *_ in fixed)})"
+        )
     lines.append(
         f"SGD at each batch size's best lr: oscillation {_fmt(osc[0]) if osc else '-'} at B = "
         f"{sizes[0] if sizes else '-'} to {_fmt(osc[-1]) if osc else '-'} at B = "
@@ -849,9 +861,10 @@ def verdict_noise(res: Results) -> dict:
         "1. The loss oscillates from step to step because each mini-batch differs.",
         verdict,
         f"supported if, at one fixed lr, SGD with a {larger} has less batch-loss "
-        "oscillation at every B tested, and the oscillation at the tuned lr falls with B (rank "
-        "correlation < 0); partly if only one holds; not settled if neither could be measured "
-        "(no effective-batch test, or every SGD run of it diverged; fewer than 3 batch sizes). "
+        "oscillation at every B tested (every seed at B' below every seed at B), and the "
+        "oscillation at the tuned lr falls with B (rank correlation < 0); partly if only one "
+        "holds; not settled if neither could be measured (no effective-batch test, or every SGD "
+        "run of it diverged; fewer than 3 batch sizes). "
         "(The jitter of the full-train loss is reported, not judged: it depends on the loss "
         "level, which the batch size also changes.)",
         "; ".join(lines),
