@@ -1310,3 +1310,22 @@ def test_claim_1_fixed_lr_part_needs_every_large_batch_seed_below_every_small_ba
     )
     assert verdict["verdict"] == report.PARTLY
     assert "at B' than at B in every seed at B = 8 (of B = 8)" in verdict["evidence"]
+
+
+def test_effective_table_shows_the_seed_range_of_the_measures_the_verdicts_judge_per_seed():
+    # Claims 1 and 5 judge the batch-loss oscillation and the full-train-loss jitter seed by seed
+    # (every seed below every other seed), but the table showed their means alone: a reader could
+    # not see whether the seeds lay apart.
+    jitter = {(8, 0.9): 0.01, (8, 0.0): 0.05, (152, 0.0): 0.005}
+    res = _effective_results(jitter)
+    table = report._effective_table(res)
+    for _, s, _ in report.effective_triples(res):
+        low, high = min(s.full_loss_jitter), max(s.full_loss_jitter)
+        assert low < high  # the two seeds differ by 10%
+        cell = f"{report._fmt(s.mean(s.full_loss_jitter))} ({report._fmt(low)}-{report._fmt(high)})"
+        assert cell in table
+    assert "seed range" in table.splitlines()[0]
+    res.effective = [r for r in res.effective if r["seed"] == 0]
+    rows = report._effective_table(res).splitlines()[2:]
+    # One seed: the mean alone, no range.
+    assert all(re.fullmatch(r" [0-9.]+ ", cell) for row in rows for cell in row.split("|")[5:8])
