@@ -42,7 +42,14 @@ from tqdm import tqdm
 
 from experiments import data as datasets
 from experiments import models as model_zoo
-from experiments.cli import UsageError, add_out_argument, locked_out, positive_int, seed_count
+from experiments.cli import (
+    UsageError,
+    add_out_argument,
+    check_one_process,
+    locked_out,
+    positive_int,
+    seed_count,
+)
 from experiments.store import write_json
 from experiments.train import GroupResult, run_group
 
@@ -240,7 +247,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Validates the input, takes DIR's lock (refused if another process holds it), trains, writes
-    DIR/baselines.json and prints the table."""
+    DIR/baselines.json and prints the table. Refused in a multi-process JAX job: every process
+    would train (on all the job's devices) and write DIR."""
+    check_one_process("baselines")
     models = [m.strip() for m in args.models.split(",")]
     unknown = [m for m in models if m not in model_zoo.MODELS]
     if unknown:

@@ -162,6 +162,23 @@ def check_betas(values: Sequence[float]) -> None:
         raise UsageError(f"--betas must be in [0, 1), got {bad[0]}")
 
 
+def check_one_process(command: str, instead: str = "") -> None:
+    """Raises :class:`UsageError` in a multi-process JAX job, for a ``command`` that runs in one.
+
+    A multi-host TPU slice makes every process a part of one JAX job (so does
+    ``jax.distributed.initialize()``): each process would run the command, on a shared disk into
+    the same DIR. ``instead`` is added to "run it on one host" (another way to run it).
+    """
+    import jax
+
+    if jax.process_count() > 1:
+        raise UsageError(
+            f"{command} runs in one process, not in a {jax.process_count()}-process JAX job "
+            f"(a multi-host TPU slice, or after jax.distributed.initialize()): run it on one "
+            f"host{instead}"
+        )
+
+
 def output_dir(text: str) -> Path:
     """An argparse ``type``: a directory to write into, existing or to be created.
 

@@ -38,7 +38,14 @@ import numpy as np
 import optax
 
 import ema_momentum as emm
-from experiments.cli import add_out_argument, int_in, locked_out, non_negative_int, seed_count
+from experiments.cli import (
+    add_out_argument,
+    check_one_process,
+    int_in,
+    locked_out,
+    non_negative_int,
+    seed_count,
+)
 from experiments.store import write_json_and_figure
 
 HELP = "the course picture: SGD vs EMA momentum on a noisy ill-conditioned 2-D quadratic"
@@ -368,7 +375,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The ``quadratic`` subcommand: writes ``quadratic.json`` and ``quadratic.png``, holding the
-    lock of ``--out`` (another process writing there is refused) from before the work."""
+    lock of ``--out`` (another process writing there is refused) from before the work; refused
+    in a multi-process JAX job, where every process would compute it and write ``--out``."""
+    check_one_process("quadratic")
     with locked_out(args.out, ["quadratic.json", "quadratic.png"]) as lock:
         result = study(steps=args.steps, seed=args.seed, seeds=args.seeds)
         lock.hold()  # a DIR made meanwhile by another process's command is refused

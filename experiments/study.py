@@ -652,20 +652,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs (or resumes) the study; prints where the report is and its summary table."""
-    import jax
+    from experiments.cli import UsageError, check_one_process, output_dir
 
-    from experiments.cli import UsageError, output_dir
-
-    # A multi-host TPU slice makes every process a part of one JAX job (so does
-    # jax.distributed.initialize()). Each process would run the study, process 0 alone storing
-    # the sweep: the others then stop for want of its runs, and process 0 waits for them until
-    # JAX aborts the job. The sweep's grid runs over several processes with `sweep --distributed`.
-    if jax.process_count() > 1:
-        raise UsageError(
-            f"the main job runs in one process, not in a {jax.process_count()}-process JAX job "
-            "(a multi-host TPU slice, or after jax.distributed.initialize()): run it on one host, "
-            "or run its grid in every process with python -m experiments sweep --distributed"
-        )
+    # In a multi-process JAX job each process would run the study, process 0 alone storing the
+    # sweep: the others then stop for want of its runs, and process 0 waits for them until JAX
+    # aborts the job. The sweep's grid runs over several processes with `sweep --distributed`.
+    check_one_process(
+        "the main job",
+        ", or run its grid in every process with python -m experiments sweep --distributed",
+    )
     out = args.out
     if out is DEFAULT_OUT:  # left unchecked by argparse (see add_arguments)
         try:

@@ -303,6 +303,82 @@ def test_processes_given_different_data_are_stopped(tmp_path, env):
     assert not out.exists()
 
 
+# Process i of a 2-process job runs a command of python -m experiments: argv is port, i, then the
+# command's arguments (a multi-host TPU slice joins its hosts without being asked to).
+COMMAND_IN_A_JOB = """
+import sys
+import jax
+port, i = sys.argv[1], int(sys.argv[2])
+jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=i)
+from experiments import cli
+sys.exit(cli.main(sys.argv[3:]))
+"""
+
+
+def test_baselines_in_a_multi_process_job_is_refused_in_every_process(tmp_path, env):
+    """baselines trains on all devices, so every process of the job took part in its training;
+    where DIR existed, process 0 took its lock, process 1 was refused and exited, and process 0
+    waited for it in the training until JAX's timeout ended it with a traceback (2 minutes).
+    Like the main job, it now stops in every process before its work, writing nothing."""
+    out = tmp_path / "out"
+    out.mkdir()
+    env = env | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    port = str(free_port())
+    command = ["baselines", "--out", str(out), "--dataset", "digits", "--steps", "2"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", COMMAND_IN_A_JOB, port, str(i), *command],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        results = [(*proc.communicate(timeout=100), proc.returncode) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [code for *_, code in results] == [2, 2], results
+    for stdout, stderr, _ in results:
+        assert stdout == "" and "Traceback" not in stderr
+        assert stderr.splitlines()[-1] == (
+            "error: baselines runs in one process, not in a 2-process JAX job (a multi-host TPU "
+            "slice, or after jax.distributed.initialize()): run it on one host"
+        )
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "command, work", [("quadratic", "experiments.quadratic.study"),
+                      ("baselines", "experiments.baselines.run_baselines")]
+)  # fmt: skip
+def test_jax_commands_in_a_multi_process_job_are_refused_before_their_work(
+    command, work, tmp_path, capsys, monkeypatch
+):
+    """quadratic computes with JAX: in a multi-process job every process computed it and wrote
+    DIR (the same one, where the hosts share a disk: a process then found it locked by another
+    and exited with status 2 after its work). It runs in one process, as the main job and
+    baselines (above) do."""
+    import jax
+
+    def started(*args, **kwargs):
+        raise AssertionError("the work started")
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(work, started)
+    out = tmp_path / "out"
+    args = [command, "--out", str(out), "--steps", "2", "--dataset", "digits"]
+    assert cli.main(args[:5] if command == "quadratic" else args) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: {command} runs in one process, not in a 2-process JAX job (a multi-host TPU "
+        "slice, or after jax.distributed.initialize()): run it on one host\n"
+    )
+    assert not out.exists()
+
+
 def test_a_process_that_cannot_load_the_data_stops_the_job(tmp_path, env):
     """The data files are on process 0's disk only: process 1 says why it stops, process 0 that
     process 1 stopped."""
