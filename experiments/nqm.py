@@ -82,9 +82,12 @@ the learning rate is tuned for the fewest steps to an expected loss of 0.01.
 Zhang, Li, Nado, Martens, Sachdeva, Dahl, Shallue & Grosse, "Which Algorithmic Choices Matter at
 Which Batch Sizes? Insights From a Noisy Quadratic Model", NeurIPS 2019 (arXiv 1907.04164)."""
 DIMENSION = 10_000
-# The CLI's bound on d: tuning holds [3, 3, 21, d] float64 maps, about 4 kB per dimension and
-# worker (5 GB at 10^6, 100 times the paper's d); beyond it numpy ran out of memory.
+# The CLI's bound on d (100 times the paper's); beyond it numpy ran out of memory.
 MAX_DIMENSION = 10**6
+# Tuning holds [3, 3, 21, d] float64 maps and their temporaries: a worker's peak resident memory
+# grew by 13-14 kB per dimension at d = 10^3 to 3 * 10^4 (batch size 1; 9-10 kB at 64 and 65536),
+# so about 14 GB per worker at 10^6.
+MEMORY_PER_DIMENSION = 14_000  # bytes
 TARGET_LOSS = 0.01
 BATCH_SIZES = tuple(2**k for k in range(17))
 # The CLI's bound on a batch size: the closed form computes with B as a float64, exact below 2**53
@@ -663,7 +666,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         type=int_in(1, MAX_DIMENSION),
         default=DIMENSION,
-        help=f"dimension d, at most {MAX_DIMENSION:_} (default: {DIMENSION})",
+        help=f"dimension d, at most {MAX_DIMENSION:_} (default: {DIMENSION}); tuning takes "
+        f"about {MEMORY_PER_DIMENSION // 1000} kB of memory per dimension and worker",
     )
     parser.add_argument(
         "--workers",

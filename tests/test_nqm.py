@@ -375,6 +375,41 @@ def test_cli_refuses_a_dimension_beyond_memory(tmp_path, capsys):
     assert captured.err.startswith("error: argument --dim: ") and captured.err.count("\n") == 1
 
 
+# Peak resident memory of one worker's tuning at ``dim``, in a fresh process: batch size 1 (the
+# largest of the grid's; 65536 took about 25% less) and the default betas.
+# (VmHWM: getrusage's ru_maxrss keeps the high-water mark of the process that forked this one.)
+_MEMORY = """
+import re, sys
+from experiments import nqm
+def peak():
+    with open("/proc/self/status") as status:
+        return int(re.search(r"VmHWM:\\s*(\\d+) kB", status.read())[1]) * 1024
+dim = int(sys.argv[1])
+before = peak()
+nqm.study([1], nqm.BETAS, dim=dim, workers=1)
+print((peak() - before) / dim)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux's /proc measures it")
+def test_the_help_states_the_memory_a_worker_needs_per_dimension(capsys):
+    """A code comment said about 4 kB per dimension and worker (5 GB at --dim 1000000); a worker
+    took about 13.5 kB per dimension, and the help, with --workers one per core by default, did
+    not say it. The figure the help gives is the one measured (here at d = 10^4, about 0.13 GB)."""
+    from experiments import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["nqm", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    per_dim = nqm.MEMORY_PER_DIMENSION
+    assert f"about {per_dim // 1000} kB of memory per dimension and worker" in help_text
+    done = subprocess.run(
+        [sys.executable, "-c", _MEMORY, "10000"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert 0.7 * per_dim < float(done.stdout) < 1.1 * per_dim, done.stdout
+
+
 def test_ctrl_c_while_the_figure_is_drawn_writes_nothing(tmp_path, monkeypatch, capsys):
     # Drawing takes a second or so; nqm.json used to be written before it, so a Ctrl-C there left
     # it behind while the CLI said "nothing was written".
