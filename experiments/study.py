@@ -204,6 +204,7 @@ STAGE_VERSIONS = {
 # Stages whose results are run stores (resumed run by run): an older version cannot be redone
 # over them, since the stored runs would be reused, so such a study is refused.
 STORE_STAGES = ("sweep", "effective")
+STAGES = ("quadratic", "nqm", "sweep", "effective", "noise_scale", "baselines")  # in their order
 SWEEP_DIR = "sweep"
 EFFECTIVE_DIR = "effective"
 
@@ -475,14 +476,25 @@ class Study:
             for leftover in self.out.glob(f".{name}.*.tmp"):
                 leftover.unlink(missing_ok=True)
 
+    def plan(self) -> str:
+        """The line the job starts with: the preset, its stages in order (the sweep's with its
+        number of runs) and those recorded as done before."""
+        runs = sum(
+            len(call["batch_sizes"]) * len(call["betas"]) * len(call["lrs"]) * len(call["seeds"])
+            for _, call in self._run_sweeps("sweep")
+        )
+        stages = ", ".join(f"{name} ({runs} runs)" if name == "sweep" else name for name in STAGES)
+        done = [name for name in STAGES if name in self.meta["stages"]]
+        done_text = "all" if len(done) == len(STAGES) else ", ".join(done) or "none"
+        return (
+            f"[plan] preset {self.preset.name}: {stages}, then the report; done before: {done_text}"
+        )
+
     def _run_all(self) -> None:
         self._save()
-        self.stage("quadratic", self.quadratic)
-        self.stage("nqm", self.nqm)
-        self.stage("sweep", self.sweep)
-        self.stage("effective", self.effective)
-        self.stage("noise_scale", self.noise_scale)
-        self.stage("baselines", self.baselines)
+        self._log(self.plan())
+        for name in STAGES:
+            self.stage(name, getattr(self, name))
         from experiments import report
         from experiments.store import StoreLockedError
 

@@ -92,7 +92,28 @@ def test_rerun_resumes_without_training(tiny_study, capsys):
     assert cli.main(["--out", str(tiny_study), "--preset", "tiny"]) == 0
     assert (tiny_study / "sweep" / "runs.jsonl").read_bytes() == before
     assert json.loads((tiny_study / "study.json").read_text())["stages"] == stages
-    assert "done before, skipped" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "done before, skipped" in err
+    # The plan comes first; its sweep runs are those stored (the main model's and the extra's).
+    runs = len(store.read_runs(tiny_study / "sweep")) + len(
+        store.read_runs(tiny_study / "sweep_linear")
+    )
+    assert err.splitlines()[0] == (
+        f"[plan] preset tiny: quadratic, nqm, sweep ({runs} runs), effective, noise_scale, "
+        "baselines, then the report; done before: all"
+    )
+
+
+def test_the_plan_of_a_study_names_the_stages_done_before(tmp_path):
+    # The main job said nothing of its plan at its start: only each stage's line as it came.
+    job = study.Study(tmp_path, TINY)
+    runs = 2 * 2 * 2 * 5 * 2  # 2 models x 2 batch sizes x 2 betas x 5 lrs x 2 seeds
+    assert job.plan() == (
+        f"[plan] preset tiny: quadratic, nqm, sweep ({runs} runs), effective, noise_scale, "
+        "baselines, then the report; done before: none"
+    )
+    job.meta["stages"] = {"quadratic": {}, "sweep": {}}
+    assert job.plan().endswith("; done before: quadratic, sweep")
 
 
 def test_report_subcommand_rebuilds_identically(tiny_study, capsys):
