@@ -146,6 +146,16 @@ def free_port():
         return s.getsockname()[1]
 
 
+def communicate_all(procs, timeout):
+    """``(stdout, stderr, exit status)`` of each process; one still running after ``timeout``
+    seconds fails the test, and none is left running."""
+    try:
+        return [(*proc.communicate(timeout=timeout), proc.returncode) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+
+
 def sweep_on_two_processes(args, env, per_process=((), ()), devices=(2, 2), timeout=300):
     """Runs ``args`` (plus ``per_process[i]`` in process i) as a 2-process JAX job on this machine.
 
@@ -158,11 +168,26 @@ def sweep_on_two_processes(args, env, per_process=((), ()), devices=(2, 2), time
         start([*args, *job, "--process-id", str(i), *per_process[i]], env | flags[i])
         for i in range(2)
     ]
-    try:
-        return [(*proc.communicate(timeout=timeout), proc.returncode) for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
+    return communicate_all(procs, timeout)
+
+
+def script_on_two_processes(script, args, env, timeout=300):
+    """Runs ``python -c script PORT i *args`` in processes i = 0 and 1 (two CPU devices each), the
+    script joining them into one JAX job. Returns ``(stdout, stderr, exit status)`` per process.
+    """
+    env = env | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, port, str(i), *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    return communicate_all(procs, timeout)
 
 
 def test_sweep_over_two_processes_is_identical_to_one(reference, env, tmp_path):
@@ -280,23 +305,7 @@ def test_processes_given_different_data_are_stopped(tmp_path, env):
     data trained the runs on each one's devices on its own data, and process 0 recorded them
     all, with no error."""
     out = tmp_path / "out"
-    env = env | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    port = str(free_port())
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", DIFFERENT_DATA, port, str(i), str(out)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    try:
-        results = [(*proc.communicate(timeout=300), proc.returncode) for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
+    results = script_on_two_processes(DIFFERENT_DATA, [str(out)], env)
     assert [code for *_, code in results] == [3, 3], results
     for stdout, _, _ in results:
         assert stdout.splitlines()[-1].startswith("the processes of the job loaded different data")
@@ -322,24 +331,8 @@ def test_baselines_in_a_multi_process_job_is_refused_in_every_process(tmp_path, 
     Like the main job, it now stops in every process before its work, writing nothing."""
     out = tmp_path / "out"
     out.mkdir()
-    env = env | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    port = str(free_port())
     command = ["baselines", "--out", str(out), "--dataset", "digits", "--steps", "2"]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", COMMAND_IN_A_JOB, port, str(i), *command],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    try:
-        results = [(*proc.communicate(timeout=100), proc.returncode) for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
+    results = script_on_two_processes(COMMAND_IN_A_JOB, command, env, timeout=100)
     assert [code for *_, code in results] == [2, 2], results
     for stdout, stderr, _ in results:
         assert stdout == "" and "Traceback" not in stderr
