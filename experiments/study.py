@@ -464,17 +464,20 @@ class Study:
         left (hidden ``.NAME.*.tmp`` next to the JSON files and the two figures this job writes in
         DIR; never referenced). Not those of ``verdicts.json``, ``report.md`` and ``figures/``,
         which the report removes under its own lock (:func:`experiments.report.locked`)."""
-        for name in (
-            STUDY_FILE,
-            "quadratic.json",
-            "quadratic.png",
-            "nqm.json",
-            "nqm.png",
-            "noise_scale.json",
-            "baselines.json",
-        ):
-            for leftover in self.out.glob(f".{name}.*.tmp"):
-                leftover.unlink(missing_ok=True)
+        from experiments.store import remove_leftovers
+
+        remove_leftovers(
+            self.out,
+            [
+                STUDY_FILE,
+                "quadratic.json",
+                "quadratic.png",
+                "nqm.json",
+                "nqm.png",
+                "noise_scale.json",
+                "baselines.json",
+            ],
+        )
 
     def plan(self) -> str:
         """The line the job starts with: the preset, its stages in order (the sweep's with its
@@ -500,9 +503,7 @@ class Study:
 
         try:
             held = report.locked(self.out)
-        except (
-            StoreLockedError
-        ):  # a `report DIR` of its own is being written: said, then waited for
+        except StoreLockedError:  # a `report DIR` of its own is being written: said, waited for
             self._log(f"[report] waiting for another report of {self.out} to be written")
             held = report.locked(self.out, wait=True)
         with held:
